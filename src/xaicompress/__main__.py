@@ -1,0 +1,3 @@
+from xaicompress.cli import run
+
+run()

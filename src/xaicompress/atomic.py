@@ -1,0 +1,76 @@
+"""One atomic writer for every file the project writes.
+
+Write to a temporary file in the destination folder, fsync, then rename over the target,
+so an interrupted run never leaves a half-written file and an existing file is never
+damaged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from xaicompress.errors import XaiCompressError
+
+
+def check_writable(path: str | os.PathLike[str]) -> Path:
+    """Fail early, before any work, if `path` cannot be written."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise XaiCompressError(f"{p}: output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise XaiCompressError(f"{p}: output folder {parent} is not writable")
+    if p.is_dir():
+        raise XaiCompressError(f"{p}: is a folder, expected a file path")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file next to `path`; on success it replaces `path` atomically."""
+    if mode not in ("wb", "w"):
+        raise ValueError("atomic_open supports 'wb' and 'w'")
+    p = check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(p.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_figure(fig, path: str | os.PathLike[str], **kwargs) -> None:  # noqa: ANN001
+    """Save a matplotlib figure atomically (format taken from the suffix)."""
+    p = Path(path)
+    fmt = p.suffix.lstrip(".") or "png"
+    with atomic_open(p, "wb") as f:
+        fig.savefig(f, format=fmt, **kwargs)
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder if str(folder) else ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from xaicompress.checkpoint import check_data_fits, load_checkpoint
+from xaicompress.cli_app import JsonOpt, SeedOpt, app
+from xaicompress.data import load_dataset
+from xaicompress.metrics import evaluate
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint file.")],
+    data: Annotated[str | None, typer.Option("--data", help="Dataset spec (default: the "
+                                             "checkpoint's).")] = None,
+    as_json: JsonOpt = False,
+    seed: SeedOpt = 0,
+) -> None:
+    """Accuracy, parameters, non-zeros, MACs, bytes and CPU latency of a checkpoint."""
+    ckpt = load_checkpoint(checkpoint)
+    spec = data or ckpt.data or "mnist5k"
+    bundle = load_dataset(spec, seed=seed)
+    check_data_fits(ckpt, bundle.input_shape, bundle.num_classes, spec)
+    m = evaluate(ckpt, bundle.test)
+    if as_json:
+        print(json.dumps(m, indent=2))
+        return
+    t = Table(title=f"{checkpoint} on {spec}")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in m.items():
+        t.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+    Console().print(t)

@@ -1,0 +1,130 @@
+"""`DatasetBundle` and the shared normalisation helpers.
+
+All datasets hand out images already normalised per channel:
+``x = (pixel01 - mean) / std`` where `mean`/`std` are computed on the TRAIN split in
+[0, 1] pixel space, so a black image maps to ``-mean / std``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, TensorDataset
+
+
+@dataclass
+class DatasetBundle:
+    """Train/test datasets plus what a model and a report need to know about them.
+
+    Items of `train`/`test` are ``(x, y)``: `x` float32 (C, H, W) normalised, `y` int64 scalar.
+    """
+
+    spec: str
+    train: Dataset
+    test: Dataset
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: list[str]
+
+    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # view(-1, 1, 1) broadcasts over both (C, H, W) and (N, C, H, W).
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        mean = torch.tensor(self.mean, dtype=dtype, device=x.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=dtype, device=x.device).view(-1, 1, 1)
+        return mean, std
+
+    def pixel_to_input(self, x01: torch.Tensor) -> torch.Tensor:
+        """Map [0, 1] pixels (N, C, H, W) or (C, H, W) to normalised model input space."""
+        mean, std = self._stats(x01)
+        return (x01 - mean) / std
+
+    def input_to_pixel(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of `pixel_to_input`: normalised input (N, C, H, W) back to [0, 1] pixels."""
+        mean, std = self._stats(x)
+        return x * std + mean
+
+
+def channel_stats(x01: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of (N, C, H, W) pixels in [0, 1].
+
+    Accumulated in float64 so the result does not depend on summation order noise. A
+    constant channel gets std 1.0 so normalising it never divides by zero.
+    """
+    x = x01.transpose(0, 1).reshape(x01.shape[1], -1).double()
+    mean = x.mean(dim=1)
+    std = x.std(dim=1, unbiased=False)
+    return _finish_stats(mean.tolist(), std.tolist())
+
+
+def _finish_stats(
+    mean: Sequence[float], std: Sequence[float]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    std = [s if s > 1e-8 else 1.0 for s in std]
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def stats_from_sums(
+    total: np.ndarray, total_sq: np.ndarray, count: int
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean/std from running per-channel sums (used by the lazy folder dataset)."""
+    mean = total / count
+    var = np.maximum(total_sq / count - mean**2, 0.0)
+    return _finish_stats(mean.tolist(), np.sqrt(var).tolist())
+
+
+def resize_pixels(x01: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Resize (N, C, H, W) pixels to (N, C, size, size); no-op when `size` is None or equal."""
+    if size is None or tuple(x01.shape[-2:]) == (size, size):
+        return x01
+    out = F.interpolate(x01, size=(size, size), mode="bilinear", align_corners=False,
+                        antialias=True)
+    return out.clamp_(0.0, 1.0)
+
+
+def _own_float(x: torch.Tensor) -> torch.Tensor:
+    # Normalisation below works in place: never on the caller's float32 tensor.
+    y = x.float()
+    return y.clone() if y is x else y
+
+
+def tensor_bundle(
+    spec: str,
+    x_train01: torch.Tensor,
+    y_train: torch.Tensor,
+    x_test01: torch.Tensor,
+    y_test: torch.Tensor,
+    *,
+    num_classes: int,
+    classes: list[str],
+    image_size: int | None = None,
+) -> DatasetBundle:
+    """Build an in-memory bundle from float (N, C, H, W) pixels in [0, 1] and int labels.
+
+    Resizes (if asked), computes the train statistics and stores normalised float32
+    `TensorDataset`s, labels as int64.
+    """
+    x_train01 = resize_pixels(_own_float(x_train01), image_size)
+    x_test01 = resize_pixels(_own_float(x_test01), image_size)
+    mean, std = channel_stats(x_train01)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    # In place on the (fresh) float copies to keep peak memory at one copy per split.
+    x_train = x_train01.sub_(m).div_(s).contiguous()
+    x_test = x_test01.sub_(m).div_(s).contiguous()
+    c, h, w = x_train.shape[1:]
+    return DatasetBundle(
+        spec=spec,
+        train=TensorDataset(x_train, y_train.long()),
+        test=TensorDataset(x_test, y_test.long()),
+        input_shape=(int(c), int(h), int(w)),
+        num_classes=int(num_classes),
+        mean=mean,
+        std=std,
+        classes=list(classes),
+    )

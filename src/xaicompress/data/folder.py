@@ -1,0 +1,205 @@
+"""`folder:DIR[?size=N]`: an image-folder dataset, read lazily with Pillow.
+
+Layout: one sub-folder per class (searched recursively for image files)::
+
+    DIR/cat/001.jpg  DIR/dog/xyz.png ...                 -> stratified 80/20 split, seed 0
+    DIR/train/cat/... DIR/test/cat/...  (or DIR/val/...)  -> the given split
+
+Files with other extensions and hidden files are skipped. Images are converted to RGB, or
+to L when every (checked) image is grayscale, and resized (square, bilinear) to N x N
+(``?size=N``, else the `image_size` argument, else 32).
+
+Nothing is decoded into memory up front: `ImageFolderDataset.__getitem__` opens one file.
+At load time every file is checked with ``Image.verify`` (a seeded sample of 5,000 when
+there are more), and the normalisation mean/std come from at most 1,000 seeded-sampled
+training images. Class names are the sub-folder names, sorted.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from xaicompress.data.bundle import DatasetBundle, stats_from_sums
+from xaicompress.errors import XaiCompressError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff",
+                              ".webp", ".ppm", ".pgm", ".pbm"})
+GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+DEFAULT_SIZE = 32
+VERIFY_ALL_UP_TO = 5000
+STATS_SAMPLE = 1000
+SAMPLE_SEED = 0  # fixed, not the user's seed: normalisation must not change between runs
+
+
+def _open_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            # A huge image is not a user error here; decompression bombs are still refused.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise XaiCompressError(f"{path}: not a readable image ({e})") from e
+
+
+def load_image(path: Path, mode: str, size: int) -> np.ndarray:
+    """Decode one file to float32 (C, size, size) pixels in [0, 1]."""
+    from PIL import Image
+
+    img = _open_image(path)
+    try:
+        with img:
+            img = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+            arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    except XaiCompressError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated/corrupt files fail on decode
+        raise XaiCompressError(f"{path}: cannot decode image ({e})") from e
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+class ImageFolderDataset(Dataset):
+    """Lazy dataset of (x float32 (C, size, size) normalised, y int64 scalar) items."""
+
+    def __init__(self, files: list[Path], labels: list[int], mode: str, size: int,
+                 mean: tuple[float, ...] = (0.0,), std: tuple[float, ...] = (1.0,)) -> None:
+        self.files = list(files)
+        self.labels = list(labels)
+        self.mode = mode
+        self.size = size
+        self.set_normalisation(mean, std)
+
+    def set_normalisation(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
+        self.std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def pixels(self, i: int) -> np.ndarray:
+        """Un-normalised (C, size, size) pixels in [0, 1] of item `i`."""
+        return load_image(self.files[i], self.mode, self.size)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (self.pixels(i) - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.tensor(
+            self.labels[i], dtype=torch.int64)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    files = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).parts
+        if any(part.startswith(".") for part in rel):
+            continue  # hidden files and folders (.DS_Store, .ipynb_checkpoints)
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+            files.append(p)
+    return files
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[Path], list[int]]:
+    """(class names, files, labels) of a one-folder-per-class tree; `classes` fixes the names."""
+    dirs = _class_dirs(root)
+    if not dirs:
+        raise XaiCompressError(f"{root}: no class sub-folders; expected {root}/CLASS/IMAGE files")
+    names = [d.name for d in dirs]
+    if classes is None:
+        classes = names
+    index = {c: i for i, c in enumerate(classes)}
+    files: list[Path] = []
+    labels: list[int] = []
+    for d in dirs:
+        if d.name not in index:
+            raise XaiCompressError(f"{d}: class {d.name!r} is not one of the training classes")
+        found = _image_files(d)
+        if not found:
+            raise XaiCompressError(
+                f"{d}: class folder has no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+        files += found
+        labels += [index[d.name]] * len(found)
+    return classes, files, labels
+
+
+def _split(root: Path, files: list[Path], labels: list[int], num_classes: int):
+    """Stratified 80/20 split with random_state 0 (same as the embedded datasets)."""
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(labels, minlength=num_classes)
+    n_test = math.ceil(0.2 * len(files))
+    if counts.min() < 2 or n_test < num_classes or len(files) - n_test < num_classes:
+        raise XaiCompressError(
+            f"{root}: too few images for a stratified 80/20 split ({len(files)} images, "
+            f"{num_classes} classes, smallest class {int(counts.min())}); add images or "
+            f"provide {root}/train and {root}/test folders"
+        )
+    idx = np.arange(len(files))
+    tr, te = train_test_split(idx, test_size=0.2, stratify=labels, random_state=0)
+    return ([files[i] for i in tr], [labels[i] for i in tr],
+            [files[i] for i in te], [labels[i] for i in te])
+
+
+def _sample(n: int, k: int) -> np.ndarray:
+    if n <= k:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(SAMPLE_SEED).choice(n, size=k, replace=False))
+
+
+def _verify(files: list[Path]) -> bool:
+    """Image.verify every file (or a sample); True when all checked images are grayscale."""
+    all_gray = True
+    for i in _sample(len(files), VERIFY_ALL_UP_TO):
+        path = files[int(i)]
+        img = _open_image(path)
+        try:
+            with img:
+                all_gray &= img.mode in GRAY_MODES
+                img.verify()
+        except XaiCompressError:
+            raise
+        except Exception as e:  # noqa: BLE001 - verify raises many types on corrupt data
+            raise XaiCompressError(f"{path}: corrupt image ({e})") from e
+    return all_gray
+
+
+def load_folder(spec: str, root: Path, size: int | None = None) -> DatasetBundle:
+    """Lazy image-folder bundle; images (C, size, size), C = 3 (RGB) or 1 (all grayscale)."""
+    size = size or DEFAULT_SIZE
+    test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if (root / "train").is_dir() and test_dir is not None:
+        classes, tr_files, tr_labels = _scan(root / "train")
+        _, te_files, te_labels = _scan(test_dir, classes)
+    else:
+        classes, files, labels = _scan(root)
+        tr_files, tr_labels, te_files, te_labels = _split(root, files, labels, len(classes))
+    if len(classes) < 2:
+        raise XaiCompressError(f"{root}: found 1 class folder, need at least 2 classes")
+
+    mode = "L" if _verify(tr_files + te_files) else "RGB"
+    train = ImageFolderDataset(tr_files, tr_labels, mode, size)
+    test = ImageFolderDataset(te_files, te_labels, mode, size)
+
+    channels = 1 if mode == "L" else 3
+    total = np.zeros(channels)
+    total_sq = np.zeros(channels)
+    sample = _sample(len(train), STATS_SAMPLE)
+    for i in sample:
+        px = train.pixels(int(i)).astype(np.float64).reshape(channels, -1)
+        total += px.sum(axis=1)
+        total_sq += (px**2).sum(axis=1)
+    mean, std = stats_from_sums(total, total_sq, len(sample) * size * size)
+    train.set_normalisation(mean, std)
+    test.set_normalisation(mean, std)
+    return DatasetBundle(spec=spec, train=train, test=test, input_shape=(channels, size, size),
+                         num_classes=len(classes), mean=mean, std=std, classes=classes)

@@ -1,0 +1,108 @@
+"""Parse a `--data SPEC` string into a `DataSpec`.
+
+Grammar (whitespace around the whole spec is ignored, the kind is case-insensitive)::
+
+    SPEC    := KIND [ ":" PATH ] [ "?" OPTIONS ]
+    KIND    := mnist5k | digits | idx | cifar10 | cifar100 | folder
+    OPTIONS := KEY "=" VALUE { "&" KEY "=" VALUE }
+
+Examples: ``mnist5k``, ``digits``, ``idx:~/data/FashionMNIST``, ``cifar10:/data/cifar``,
+``folder:/data/flowers?size=64``.
+
+* ``mnist5k`` and ``digits`` are embedded and take no PATH; every other kind needs one.
+* The PATH is everything after the first colon (so ``folder:C:\\imgs`` works) up to the last
+  ``?`` that starts a well-formed option list.
+* Only one option exists: ``size=N`` (1..4096) resizes images to N x N (for ``folder`` the
+  default is 32; for in-memory kinds the native size is kept unless asked).
+
+Parsing never touches the filesystem: whether PATH exists is checked by `load_dataset`.
+Any malformed input raises `XaiCompressError`, never another exception type.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from xaicompress.errors import XaiCompressError
+
+KINDS_WITHOUT_PATH = ("mnist5k", "digits")
+KINDS_WITH_PATH = ("idx", "cifar10", "cifar100", "folder")
+KINDS = KINDS_WITHOUT_PATH + KINDS_WITH_PATH
+DEFAULT_SPEC = "mnist5k"
+
+MAX_IMAGE_SIZE = 4096
+_OPTION_RE = re.compile(r"[a-z_]+=[^&=]*(&[a-z_]+=[^&=]*)*")
+_EXPECTED = "expected mnist5k, digits, idx:DIR, cifar10:DIR, cifar100:DIR or folder:DIR[?size=N]"
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A parsed data spec: `kind`, `path` (None for embedded kinds) and typed `options`."""
+
+    kind: str
+    path: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        s = self.kind if self.path is None else f"{self.kind}:{self.path}"
+        if self.options:
+            s += "?" + "&".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return s
+
+
+def _bad(spec: str, why: str) -> XaiCompressError:
+    # repr() keeps control characters and odd whitespace visible on the one-line message.
+    return XaiCompressError(f"--data {spec!r}: {why}")
+
+
+def _parse_size(spec: str, value: str) -> int:
+    if not value.isascii() or not value.isdigit():
+        raise _bad(spec, f"option size={value!r} must be an integer in 1..{MAX_IMAGE_SIZE}")
+    size = int(value)
+    if not 1 <= size <= MAX_IMAGE_SIZE:
+        raise _bad(spec, f"option size={size} must be an integer in 1..{MAX_IMAGE_SIZE}")
+    return size
+
+
+def _parse_options(spec: str, text: str) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in text.split("&"):
+        key, _, value = pair.partition("=")
+        if key in options:
+            raise _bad(spec, f"option {key!r} given twice")
+        if key == "size":
+            options[key] = _parse_size(spec, value)
+        else:
+            raise _bad(spec, f"unknown option {key!r}; the only option is size=N")
+    return options
+
+
+def parse_data_spec(spec: str) -> DataSpec:
+    """Parse `spec` (see module docstring); raise `XaiCompressError` if it is invalid."""
+    if not isinstance(spec, str):
+        raise XaiCompressError(f"--data {spec!r}: expected a string, {_EXPECTED}")
+    text = spec.strip()
+    if not text:
+        raise _bad(spec, f"empty data spec; {_EXPECTED}")
+    if not text.isprintable():
+        raise _bad(spec, "contains control or non-printable characters")
+
+    options: dict[str, Any] = {}
+    head, qmark, tail = text.rpartition("?")
+    if qmark and _OPTION_RE.fullmatch(tail):
+        options = _parse_options(spec, tail)
+        text = head
+
+    kind, colon, path = text.partition(":")
+    kind = kind.strip().lower()
+    if kind not in KINDS:
+        raise _bad(spec, f"unknown data kind {kind!r}; {_EXPECTED}")
+    if kind in KINDS_WITHOUT_PATH:
+        if colon:
+            raise _bad(spec, f"{kind} is embedded and takes no path; use just {kind!r}")
+        return DataSpec(kind=kind, path=None, options=options)
+    if not path.strip():
+        raise _bad(spec, f"{kind} needs a folder: {kind}:DIR")
+    return DataSpec(kind=kind, path=path, options=options)

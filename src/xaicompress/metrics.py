@@ -1,0 +1,71 @@
+"""What `evaluate` reports: accuracy, parameters, non-zeros, MACs, bytes, latency."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from xaicompress.checkpoint import Checkpoint, count_nonzero, count_params, fp32_bytes
+from xaicompress.train import accuracy
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
+    """Multiply-accumulates of one forward pass of one image (Torch-Pruning's counter).
+
+    Counts dense MACs: unstructured sparsity does not reduce it (a dense runtime would not
+    skip the zeros); structured pruning does.
+    """
+    import torch_pruning as tp
+
+    was_training = model.training
+    model.eval()
+    macs, _ = tp.utils.count_ops_and_params(model, torch.zeros(1, *input_shape))
+    model.train(was_training)
+    return int(macs)
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], batch: int = 64,
+                    repeats: int = 30, warmup: int = 5) -> float:
+    """Median wall time in milliseconds of one forward pass of a batch on the CPU."""
+    model.eval()
+    x = torch.randn(batch, *input_shape)
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(x)
+        times.append((time.perf_counter() - t0) * 1000)
+    return float(statistics.median(times))
+
+
+def packed_size(ckpt: Checkpoint) -> int:
+    """Bytes of the model as deployed (the packed file), or fp32 bytes if no packer."""
+    try:
+        from xaicompress.export.packed import packed_bytes
+    except ImportError:
+        return fp32_bytes(ckpt.model)
+    return len(packed_bytes(ckpt))
+
+
+def evaluate(ckpt: Checkpoint, test_set: Dataset | None, *, latency: bool = True,
+             latency_repeats: int = 30) -> dict[str, Any]:
+    """The standard measurement dictionary of a checkpoint."""
+    model = ckpt.model
+    out: dict[str, Any] = {
+        "accuracy": accuracy(model, test_set) if test_set is not None else None,
+        "params": count_params(model),
+        "nonzero_params": count_nonzero(model),
+        "macs": count_macs(model, ckpt.spec.input_shape),
+        "fp32_bytes": fp32_bytes(model),
+        "size_bytes": packed_size(ckpt),
+    }
+    out["latency_ms"] = (measure_latency(model, ckpt.spec.input_shape, repeats=latency_repeats)
+                         if latency else None)
+    return out

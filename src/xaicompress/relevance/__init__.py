@@ -1,0 +1,8 @@
+"""Relevance criteria behind one interface: `get_criterion(spec).score(model, loader)`."""
+
+from xaicompress.relevance import classic  # noqa: F401  (register built-in criteria)
+from xaicompress.relevance.base import (Criterion, Relevance, get_criterion, list_criteria,
+                                        prunable_layers, register_criterion)
+
+__all__ = ["Criterion", "Relevance", "get_criterion", "list_criteria", "prunable_layers",
+           "register_criterion"]

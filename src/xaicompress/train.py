@@ -1,0 +1,144 @@
+"""Train, fine-tune and evaluate classifiers; deterministic for a given seed."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from xaicompress.data import make_loader
+from xaicompress.errors import XaiCompressError
+from xaicompress.progress import track
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(
+    model: nn.Module,
+    train_set: Dataset,
+    *,
+    epochs: float = 10,
+    lr: float | None = None,
+    optimizer: str = "adam",
+    batch_size: int = 64,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    after_step: Callable[[nn.Module], None] | None = None,
+    params: list[torch.nn.Parameter] | None = None,
+    description: str = "train",
+) -> nn.Module:
+    """Train `model` in place with a cosine schedule; returns it.
+
+    after_step: called after every optimizer step (e.g. to re-apply pruning masks).
+    params: the parameters to optimise (default: all that require grad).
+    epochs may be fractional (e.g. 0.5 trains on half an epoch of batches).
+    """
+    if epochs <= 0:
+        return model
+    seed_everything(seed)
+    loader = make_loader(train_set, batch_size, shuffle=True, seed=seed, drop_last=False)
+    steps_per_epoch = len(loader)
+    total = max(1, int(round(epochs * steps_per_epoch)))
+    params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr or 1e-3,
+                                                      weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=lr or 0.05, momentum=0.9, weight_decay=weight_decay,
+                              nesterov=True)
+    else:
+        raise XaiCompressError(f"--optimizer {optimizer!r}: expected 'adam' or 'sgd'")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    net = _maybe_ddp(model)
+    net.train()
+    step = 0
+    epoch = 0
+    with _progress(total, description) as advance:
+        while step < total:
+            if hasattr(loader.sampler, "set_epoch"):
+                loader.sampler.set_epoch(epoch)
+            for x, y in loader:
+                opt.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(net(x), y)
+                loss.backward()
+                opt.step()
+                sched.step()
+                if after_step is not None:
+                    after_step(model)
+                step += 1
+                advance()
+                if step >= total:
+                    break
+            epoch += 1
+    model.eval()
+    return model
+
+
+def _maybe_ddp(model: nn.Module) -> nn.Module:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return nn.parallel.DistributedDataParallel(model)
+    return model
+
+
+class _progress:
+    def __init__(self, total: int, description: str):
+        self.total, self.description = total, description
+
+    def __enter__(self) -> Callable[[], None]:
+        self._it = iter(track(range(self.total), self.description, self.total))
+        return lambda: next(self._it, None)
+
+    def __exit__(self, *exc: object) -> None:
+        for _ in self._it:  # drain so the bar closes cleanly
+            pass
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> tuple[torch.Tensor,
+                                                                                torch.Tensor]:
+    """Logits (N, K) and labels (N,) over the whole dataset, in order."""
+    model.eval()
+    outs, ys = [], []
+    # Evaluation always sees the whole set on every rank: no DistributedSampler here.
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        outs.append(model(x))
+        ys.append(y)
+    return torch.cat(outs), torch.cat(ys)
+
+
+def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float:
+    """Top-1 accuracy in percent."""
+    logits, y = predict(model, dataset, batch_size)
+    return float((logits.argmax(1) == y).float().mean() * 100)
+
+
+def train_checkpoint(model_name: str, data_spec: str, *, epochs: float = 10, seed: int = 0,
+                     optimizer: str = "adam", lr: float | None = None, batch_size: int = 64,
+                     model_kwargs: dict | None = None):  # noqa: ANN201 (Checkpoint)
+    """Build `model_name` for `data_spec`, train it, and return a Checkpoint."""
+    from xaicompress.checkpoint import Checkpoint, ModelSpec
+    from xaicompress.data import load_dataset
+
+    bundle = load_dataset(data_spec, seed=seed)
+    spec = ModelSpec(model_name, tuple(bundle.input_shape), bundle.num_classes,
+                     dict(model_kwargs or {}))
+    seed_everything(seed)
+    model = spec.build()
+    train(model, bundle.train, epochs=epochs, lr=lr, optimizer=optimizer,
+          batch_size=batch_size, seed=seed)
+    cfg = {"stage": "train", "epochs": epochs, "seed": seed, "optimizer": optimizer, "lr": lr,
+           "batch_size": batch_size}
+    ckpt = Checkpoint(model, spec, data_spec, history=[cfg])
+    ckpt.metrics = {"accuracy": accuracy(model, bundle.test)}
+    return ckpt

@@ -1,0 +1,21 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("XAICOMPRESS_NO_PROGRESS", "1")
+# Two cores on CI: keep intra-op threads predictable and results reproducible.
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run the real CLI in-process; returns (exit_code, stdout, stderr)."""
+    from xaicompress.cli import main
+
+    def _run(*args: str):
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run

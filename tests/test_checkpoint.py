@@ -1,0 +1,114 @@
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from xaicompress.checkpoint import Checkpoint, ModelSpec, load_checkpoint, save_checkpoint
+from xaicompress.errors import XaiCompressError
+from xaicompress.state import CompressionState
+
+
+def _ckpt(name="lenet5", shape=(1, 28, 28)):
+    torch.manual_seed(0)
+    spec = ModelSpec(name, shape, 10)
+    model = spec.build().eval()
+    return Checkpoint(model, spec, "mnist5k", history=[{"stage": "train"}], metrics={"a": 1.0})
+
+
+@pytest.mark.parametrize("name,shape", [("lenet5", (1, 28, 28)), ("lenet300", (1, 28, 28)),
+                                        ("vgg11", (3, 32, 32)), ("resnet20", (1, 28, 28))])
+def test_roundtrip_identical_outputs(tmp_path, name, shape):
+    ck = _ckpt(name, shape)
+    x = torch.randn(4, *shape)
+    p = save_checkpoint(ck, tmp_path / "m.safetensors")
+    back = load_checkpoint(p)
+    assert torch.equal(ck.model(x), back.model(x))
+    assert back.history == [{"stage": "train"}] and back.metrics == {"a": 1.0}
+    assert back.data == "mnist5k"
+
+
+def test_resized_layers_rebuild(tmp_path):
+    """A checkpoint whose layers were narrowed (as structured pruning does) reloads."""
+    import torch_pruning as tp
+
+    ck = _ckpt("resnet20", (1, 28, 28))
+    ex = torch.randn(1, 1, 28, 28)
+    dg = tp.DependencyGraph().build_dependency(ck.model, example_inputs=ex)
+    group = dg.get_pruning_group(ck.model.conv1, tp.prune_conv_out_channels, idxs=[0, 3, 5])
+    group.prune()
+    x = torch.randn(2, 1, 28, 28)
+    p = save_checkpoint(ck, tmp_path / "p.safetensors")
+    back = load_checkpoint(p)
+    assert back.model.conv1.out_channels == 13
+    assert torch.equal(ck.model(x), back.model(x))
+
+
+def test_compression_state_roundtrip(tmp_path):
+    ck = _ckpt()
+    w = ck.model.fc1.weight
+    mask = torch.rand(w.shape) > 0.5
+    st = CompressionState()
+    st.get("fc1").mask = mask
+    st.get("fc2").bits = 4
+    st.get("fc2").scale = ck.model.fc2.weight.detach().abs().amax(1) / 7
+    st.apply(ck.model)
+    ck.state = st
+    assert (ck.model.fc1.weight[~mask] == 0).all()
+    back = load_checkpoint(save_checkpoint(ck, tmp_path / "c.safetensors"))
+    assert torch.equal(back.state.layers["fc1"].mask, mask)
+    assert back.state.layers["fc2"].bits == 4
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(ck.model(x), back.model(x))
+
+
+def test_bad_files(tmp_path):
+    ck = _ckpt()
+    good = save_checkpoint(ck, tmp_path / "good.safetensors").read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(good[: len(good) // 2])
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 100)
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"a": 1}))
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    sd = {k: v.clone() for k, v in ck.model.state_dict().items()}
+    sd["fc1.weight"][0, 0] = float("nan")
+    from safetensors.torch import load_file
+    import json
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "good.safetensors"), "pt") as f:
+        meta = f.metadata()
+    save_file(sd, str(tmp_path / "nan.safetensors"), metadata=meta)
+    m2 = json.loads(meta["xaicompress"])
+    m2["model"]["name"] = "no_such_net"
+    save_file(load_file(str(tmp_path / "good.safetensors")), str(tmp_path / "unknown.safetensors"),
+              metadata={"xaicompress": json.dumps(m2)})
+    sd2 = load_file(str(tmp_path / "good.safetensors"))
+    sd2["fc1.weight"] = torch.zeros(3, 3)
+    save_file(sd2, str(tmp_path / "shape.safetensors"), metadata=meta)
+    cases = {"trunc": "truncated or corrupt", "garbage": "truncated or corrupt",
+             "empty": "truncated or corrupt", "foreign": "without xaicompress metadata",
+             "nan": "NaN or Inf", "unknown": "unknown model", "shape": "has shape"}
+    for stem, msg in cases.items():
+        with pytest.raises(XaiCompressError, match=msg) as ei:
+            load_checkpoint(tmp_path / f"{stem}.safetensors")
+        assert stem in str(ei.value)
+    with pytest.raises(XaiCompressError, match="refusing to unpickle"):
+        load_checkpoint(tmp_path / "evil.pt")
+    with pytest.raises(XaiCompressError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    ck = _ckpt()
+    p = save_checkpoint(ck, tmp_path / "m.safetensors")
+    before = p.read_bytes()
+    import xaicompress.checkpoint as cp
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(cp, "checkpoint_bytes", boom)
+    with pytest.raises(RuntimeError):
+        cp.save_checkpoint(ck, p)
+    assert p.read_bytes() == before
+    assert [f.name for f in tmp_path.iterdir()] == ["m.safetensors"]
