@@ -72,9 +72,10 @@ def test_bad_files(tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
     sd = {k: v.clone() for k, v in ck.model.state_dict().items()}
     sd["fc1.weight"][0, 0] = float("nan")
-    from safetensors.torch import load_file
     import json
+
     from safetensors import safe_open
+    from safetensors.torch import load_file
     with safe_open(str(tmp_path / "good.safetensors"), "pt") as f:
         meta = f.metadata()
     save_file(sd, str(tmp_path / "nan.safetensors"), metadata=meta)

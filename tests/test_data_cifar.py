@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from xaicompress.data import load_dataset
-from xaicompress.data.cifar import CIFAR100_CLASSES, CIFAR10_CLASSES
+from xaicompress.data.cifar import CIFAR10_CLASSES, CIFAR100_CLASSES
 from xaicompress.errors import XaiCompressError
 
 

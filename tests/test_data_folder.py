@@ -119,3 +119,8 @@ def test_folder_lazy_error_names_file(tmp_path: Path) -> None:
     with pytest.raises(XaiCompressError, match="not a readable image") as e:
         b.train[0]
     assert str(path) in str(e.value)
+
+
+def test_folder_train_without_test(tmp_path: Path) -> None:
+    make_images(tmp_path / "train", {"a": 3, "b": 3})
+    _expect(f"folder:{tmp_path}", tmp_path / "train", "without a matching")

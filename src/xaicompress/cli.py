@@ -12,6 +12,7 @@ import sys
 
 import typer
 from typer.exceptions import TyperException
+
 from xaicompress.cli_app import DEBUG, app
 from xaicompress.errors import XaiCompressError
 

@@ -142,3 +142,23 @@ def train_checkpoint(model_name: str, data_spec: str, *, epochs: float = 10, see
     ckpt = Checkpoint(model, spec, data_spec, history=[cfg])
     ckpt.metrics = {"accuracy": accuracy(model, bundle.test)}
     return ckpt
+
+
+def finetune_checkpoint(ckpt, train_set: Dataset, *, epochs: float = 1, lr: float | None = None,  # noqa: ANN001
+                        seed: int = 0, optimizer: str = "adam", batch_size: int = 64,
+                        description: str = "fine-tune"):  # noqa: ANN201
+    """Fine-tune a copy of `ckpt` keeping its compression constraints (masks, codebooks,
+    integer grids) by re-imposing them after every step. Returns the new Checkpoint.
+
+    Weight sharing and QAT have their own, better fine-tuning (centroid training, STE);
+    this projection is exact for pruning masks.
+    """
+    out = ckpt.copy()
+    if epochs <= 0:
+        return out
+    out.state.apply(out.model)
+    train(out.model, train_set, epochs=epochs, lr=lr if lr is not None else 5e-4, seed=seed,
+          optimizer=optimizer, batch_size=batch_size, after_step=out.state.apply,
+          description=description)
+    out.history.append({"stage": "finetune", "epochs": epochs, "seed": seed})
+    return out

@@ -21,7 +21,7 @@ def train_cmd(
     lr: Annotated[float | None, typer.Option("--lr", min=0)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
     seed: SeedOpt = 0,
-    out: Annotated[str, typer.Option("--out", help="Checkpoint file to write.")] = "model.safetensors",
+    out: Annotated[str, typer.Option("--out", help="Checkpoint to write.")] = "model.safetensors",
 ) -> None:
     """Train a model from scratch and save a checkpoint."""
     check_writable(out)

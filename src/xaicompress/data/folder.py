@@ -177,7 +177,13 @@ def load_folder(spec: str, root: Path, size: int | None = None) -> DatasetBundle
     """Lazy image-folder bundle; images (C, size, size), C = 3 (RGB) or 1 (all grayscale)."""
     size = size or DEFAULT_SIZE
     test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
-    if (root / "train").is_dir() and test_dir is not None:
+    if (root / "train").is_dir() != (test_dir is not None):
+        have, lack = ("train", "test/ or val/") if test_dir is None else (test_dir.name, "train/")
+        raise XaiCompressError(
+            f"{root / have}: split folder without a matching {lack} folder next to it; give "
+            f"both, or one folder per class with no split folders"
+        )
+    if test_dir is not None:
         classes, tr_files, tr_labels = _scan(root / "train")
         _, te_files, te_labels = _scan(test_dir, classes)
     else:

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from xaicompress.errors import XaiCompressError
 
@@ -125,3 +125,30 @@ def _parse_value(v: str) -> Any:
         except ValueError:
             pass
     return v
+
+
+def compute_relevance(model: nn.Module, criterion: Criterion, dataset: Dataset | None, *,
+                      samples: int = 512, batch_size: int = 128, seed: int = 0) -> Relevance:
+    """Score `model` with `criterion` on `samples` seeded-random items of `dataset`.
+
+    Data-free criteria ignore the dataset. Under torch.distributed the loader shards the
+    samples across ranks and the criterion reduces its sums (see relevance/deeplift.py).
+    """
+    from xaicompress.data import make_loader, subset
+
+    if not criterion.needs_data:
+        return criterion.score(model, None)
+    if dataset is None:
+        raise XaiCompressError(f"--criterion {criterion!r}: needs data, none given")
+    if samples < 1:
+        raise XaiCompressError(f"--samples {samples}: expected a positive number of samples")
+    loader = make_loader(subset(dataset, samples, seed=seed), batch_size, shuffle=False,
+                         seed=seed)
+    was_training = model.training
+    model.eval()
+    try:
+        rel = criterion.score(model, loader)
+    finally:
+        model.train(was_training)
+    rel.meta.setdefault("samples", min(samples, len(dataset)))  # type: ignore[arg-type]
+    return rel
