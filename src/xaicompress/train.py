@@ -35,12 +35,15 @@ def train(
     after_step: Callable[[nn.Module], None] | None = None,
     params: list[torch.nn.Parameter] | None = None,
     description: str = "train",
+    augment: int = 0,
 ) -> nn.Module:
     """Train `model` in place with a cosine schedule; returns it.
 
     after_step: called after every optimizer step (e.g. to re-apply pruning masks).
     params: the parameters to optimise (default: all that require grad).
     epochs may be fractional (e.g. 0.5 trains on half an epoch of batches).
+    augment: random translations of up to this many pixels (0 = none); a cheap regulariser
+        that matters on small training sets such as mnist5k's 4,000 images.
     """
     if epochs <= 0:
         return model
@@ -50,7 +53,7 @@ def train(
     total = max(1, int(round(epochs * steps_per_epoch)))
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     if optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr or 1e-3,
+        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=lr or 3e-3,
                                                       weight_decay=weight_decay)
     elif optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=lr or 0.05, momentum=0.9, weight_decay=weight_decay,
@@ -67,6 +70,8 @@ def train(
             if hasattr(loader.sampler, "set_epoch"):
                 loader.sampler.set_epoch(epoch)
             for x, y in loader:
+                if augment:
+                    x = random_shift(x, augment)
                 opt.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(net(x), y)
                 loss.backward()
@@ -81,6 +86,20 @@ def train(
             epoch += 1
     model.eval()
     return model
+
+
+def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Translate each image (N, C, H, W) by a random integer offset in [-s, s]^2, filling
+    with the image's own border value (the background after normalisation)."""
+    n, _, h, w = x.shape
+    pad = F.pad(x, (max_shift,) * 4, mode="replicate")
+    dy = torch.randint(0, 2 * max_shift + 1, (n,))
+    dx = torch.randint(0, 2 * max_shift + 1, (n,))
+    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
+    idx_n = torch.arange(n)[:, None, None, None]
+    idx_c = torch.arange(x.shape[1])[None, :, None, None]
+    return pad[idx_n, idx_c, rows, cols]
 
 
 def _maybe_ddp(model: nn.Module) -> nn.Module:
@@ -123,9 +142,9 @@ def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float
     return float((logits.argmax(1) == y).float().mean() * 100)
 
 
-def train_checkpoint(model_name: str, data_spec: str, *, epochs: float = 10, seed: int = 0,
+def train_checkpoint(model_name: str, data_spec: str, *, epochs: float = 15, seed: int = 0,
                      optimizer: str = "adam", lr: float | None = None, batch_size: int = 64,
-                     model_kwargs: dict | None = None):  # noqa: ANN201 (Checkpoint)
+                     model_kwargs: dict | None = None, augment: int = 2):  # noqa: ANN201
     """Build `model_name` for `data_spec`, train it, and return a Checkpoint."""
     from xaicompress.checkpoint import Checkpoint, ModelSpec
     from xaicompress.data import load_dataset
@@ -136,9 +155,9 @@ def train_checkpoint(model_name: str, data_spec: str, *, epochs: float = 10, see
     seed_everything(seed)
     model = spec.build()
     train(model, bundle.train, epochs=epochs, lr=lr, optimizer=optimizer,
-          batch_size=batch_size, seed=seed)
+          batch_size=batch_size, seed=seed, augment=augment)
     cfg = {"stage": "train", "epochs": epochs, "seed": seed, "optimizer": optimizer, "lr": lr,
-           "batch_size": batch_size}
+           "batch_size": batch_size, "augment": augment}
     ckpt = Checkpoint(model, spec, data_spec, history=[cfg])
     ckpt.metrics = {"accuracy": accuracy(model, bundle.test)}
     return ckpt

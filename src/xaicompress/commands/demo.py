@@ -16,7 +16,7 @@ from xaicompress.train import train_checkpoint
 @app.command("demo")
 def demo_cmd(
     seed: SeedOpt = 0,
-    epochs: Annotated[float, typer.Option("--epochs", min=0)] = 10,
+    epochs: Annotated[float, typer.Option("--epochs", min=0)] = 15,
 ) -> None:
     """Train LeNet-5 on the embedded MNIST digits and print its measurements."""
     t0 = time.perf_counter()

@@ -1,0 +1,42 @@
+"""Iterative pruning schedules (Yeom et al., *Pruning by Explaining*).
+
+K steps remove R/K of the *original* channels each (cumulative targets R/K, 2R/K, ..., R);
+between steps relevance is recomputed on the current, already pruned model and the model
+is fine-tuned. With a MACs target S, step k instead brings the MACs down by k*S/K of the
+original MACs.
+"""
+
+from __future__ import annotations
+
+from xaicompress.errors import XaiCompressError
+
+
+def cumulative_targets(total: float, steps: int) -> list[float]:
+    """[total*1/K, total*2/K, ..., total]: the target reached after each of K steps."""
+    if steps < 1:
+        raise XaiCompressError(f"--steps {steps}: expected a positive number of steps")
+    return [total * (k + 1) / steps for k in range(steps)]
+
+
+def check_ratio(value: float, option: str) -> float:
+    """A pruning ratio must lie in [0, 1)."""
+    v = float(value)
+    if not 0.0 <= v < 1.0:
+        raise XaiCompressError(f"{option} {value}: expected a fraction in [0, 1)")
+    return v
+
+
+def check_options(*, steps: int, finetune_epochs: float, samples: int) -> None:
+    """Validate the options every prune shares, naming the offending CLI option."""
+    if int(steps) != steps or steps < 1:
+        raise XaiCompressError(f"--steps {steps}: expected a positive integer")
+    if finetune_epochs < 0:
+        raise XaiCompressError(f"--finetune-epochs {finetune_epochs}: expected >= 0")
+    if int(samples) != samples or samples < 1:
+        raise XaiCompressError(f"--samples {samples}: expected a positive integer")
+
+
+def check_scope(scope: str) -> str:
+    if scope not in ("layer", "global"):
+        raise XaiCompressError(f"--scope {scope!r}: expected 'layer' or 'global'")
+    return scope

@@ -1,0 +1,1 @@
+"""Quantization: bit allocation, integer and codebook quantizers, bit packing."""
