@@ -8,6 +8,7 @@ damaged.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
 from collections.abc import Iterator
@@ -36,6 +37,11 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
     if mode not in ("wb", "w"):
         raise ValueError("atomic_open supports 'wb' and 'w'")
     p = check_writable(path)
+    if not _is_rank0():
+        # Under torchrun only rank 0 writes; the other ranks compute the same bytes and
+        # discard them, so every code path stays identical across ranks.
+        yield io.BytesIO() if "b" in mode else io.StringIO()
+        return
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
@@ -65,6 +71,12 @@ def atomic_save_figure(fig, path: str | os.PathLike[str], **kwargs) -> None:  # 
     fmt = p.suffix.lstrip(".") or "png"
     with atomic_open(p, "wb") as f:
         fig.savefig(f, format=fmt, **kwargs)
+
+
+def _is_rank0() -> bool:
+    from xaicompress.distributed import is_rank0
+
+    return is_rank0()
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -27,7 +27,11 @@ def _load_commands() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (tests call this directly)."""
     _load_commands()
+    from xaicompress.distributed import init_from_env, shutdown
+
+    started = False
     try:
+        started = init_from_env()
         app(args=argv, standalone_mode=False)
     except XaiCompressError as exc:
         if DEBUG["on"]:
@@ -46,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if started:
+            shutdown()
     return 0
 
 
