@@ -20,8 +20,9 @@ def train_cmd(
     optimizer: Annotated[str, typer.Option("--optimizer", help="adam or sgd")] = "adam",
     lr: Annotated[float | None, typer.Option("--lr", min=0)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 64,
-    augment: Annotated[int, typer.Option("--augment", min=0, help="Random shifts of up to N "
-                                         "pixels while training (0 = off).")] = 2,
+    augment: Annotated[int | None, typer.Option(
+        "--augment", min=0, help="Random shifts of up to N pixels while training (0 = off; "
+        "default: image height // 12).")] = None,
     seed: SeedOpt = 0,
     out: Annotated[str, typer.Option("--out", help="Checkpoint to write.")] = "model.safetensors",
 ) -> None:

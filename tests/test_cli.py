@@ -1,0 +1,49 @@
+import json
+
+from xaicompress.checkpoint import load_checkpoint
+
+
+def test_train_evaluate_roundtrip(tmp_path, run_cli):
+    out = tmp_path / "m.safetensors"
+    code, stdout, err = run_cli("train", "--model", "lenet5", "--data", "digits", "--epochs", "10",
+                                "--seed", "1", "--out", out)
+    assert code == 0, err
+    ck = load_checkpoint(out)
+    assert ck.data == "digits" and ck.history[0]["seed"] == 1
+    assert ck.metrics["accuracy"] > 80  # 10 epochs on 8x8 digits: far above chance (10%)
+    code, stdout, err = run_cli("evaluate", out, "--json")
+    assert code == 0, err
+    m = json.loads(stdout)
+    assert m["params"] == m["nonzero_params"] > 0
+    assert abs(m["accuracy"] - ck.metrics["accuracy"]) < 1e-6
+    assert m["macs"] > 0 and m["latency_ms"] > 0 and m["size_bytes"] > 0
+
+
+def test_same_seed_same_model(tmp_path, run_cli):
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    for p in (a, b):
+        assert run_cli("train", "--data", "digits", "--epochs", "1", "--seed", "3",
+                       "--out", p)[0] == 0
+    ma, mb = load_checkpoint(a).model.state_dict(), load_checkpoint(b).model.state_dict()
+    assert all(ma[k].equal(mb[k]) for k in ma)
+
+
+def test_user_errors_exit_2_one_line(tmp_path, run_cli):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a checkpoint at all")
+    cases = [
+        (("evaluate", bad), "bad.safetensors"),
+        (("evaluate", tmp_path / "missing.safetensors"), "missing.safetensors"),
+        (("train", "--model", "nosuchnet", "--out", tmp_path / "x.safetensors"), "nosuchnet"),
+        (("train", "--data", "idx:/no/such/dir", "--out", tmp_path / "x.safetensors"), "idx"),
+        (("train", "--out", tmp_path / "nodir" / "x.safetensors"), "does not exist"),
+        (("train", "--epochs", "-1"), "--epochs"),
+        (("train", "--bogus-option"), "bogus"),
+    ]
+    for args, needle in cases:
+        code, out, err = run_cli(*args)
+        assert code == 2, (args, err)
+        assert "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1, err
+        assert needle in err, (needle, err)
+    assert not (tmp_path / "x.safetensors").exists()
