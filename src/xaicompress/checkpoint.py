@@ -195,7 +195,10 @@ def checkpoint_from_bytes(raw: bytes, source: str = "checkpoint") -> Checkpoint:
         raise XaiCompressError(f"{source}: checkpoint format version {meta.get('version')} is "
                                f"newer than this xaicompress (supports {VERSION})")
 
-    model = spec.build()
+    try:
+        model = spec.build()
+    except XaiCompressError as exc:
+        raise XaiCompressError(f"{source}: cannot rebuild the model it names: {exc}") from exc
     apply_widths(model, meta.get("widths") or {}, source)
     comp = {k: v for k, v in tensors.items() if k.startswith("__xc__/")}
     weights = {k: v for k, v in tensors.items() if not k.startswith("__xc__/")}
@@ -225,6 +228,11 @@ def checkpoint_from_bytes(raw: bytes, source: str = "checkpoint") -> Checkpoint:
             if t is not None and tuple(t.shape) != tuple(w.shape):
                 raise XaiCompressError(f"{source}: {name}.{f} has shape {tuple(t.shape)}, "
                                        f"weight is {tuple(w.shape)}")
+    if any(lc.act_bits is not None for lc in state.layers.values()):
+        # Quantized activations live in forward hooks, not tensors: re-install them.
+        from xaicompress.quant.activations import install_activation_quant
+
+        install_activation_quant(model, state)
     return Checkpoint(model, spec, meta.get("data"), state, list(meta.get("history") or []),
                       dict(meta.get("metrics") or {}))
 
