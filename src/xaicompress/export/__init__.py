@@ -1,0 +1,1 @@
+"""Export: the packed model file (`export.packed`) and ONNX (`export.onnx`)."""

@@ -1,0 +1,402 @@
+"""Weight sharing: relevance-weighted k-means per layer (Han et al., Deep Compression).
+
+Every prunable layer's kept weights are clustered into k shared values (the codebook) with
+scikit-learn's `KMeans`, initialised linearly over [min, max] (found best by Deep
+Compression) and weighted by the criterion's per-weight scores, so the centroids sit where
+the weights that matter are. Weights already pruned (mask False) are left out of the
+clustering and stay exactly zero through the mask: a fixed zero, not a drifting cluster.
+
+With `avg_bits` the number of clusters per layer is chosen by the shared bit-allocation
+solver (`quant.allocate.allocate_bits`) from a table of relevance-weighted clustering
+errors, so the size budget goes where it lowers the weighted error most.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from xaicompress.checkpoint import Checkpoint
+from xaicompress.errors import XaiCompressError
+from xaicompress.progress import track
+from xaicompress.quant.packing import index_bits
+from xaicompress.relevance import Criterion, Relevance, compute_relevance, get_criterion
+from xaicompress.relevance.base import prunable_layers
+
+CODEBOOK_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+CODEBOOK_BITS = {"fp16": 16, "fp32": 32}
+MAX_CLUSTERS = 256
+#: the cluster counts `avg_bits` chooses from: k = 2^b, b = 1..8
+ALLOC_BITS = tuple(range(1, 9))
+# Why a floor: a weight with zero relevance must still be clustered (it is stored too), and
+# sklearn needs every cluster's total weight > 0 to compute its centroid.
+_WEIGHT_FLOOR = 1e-6
+
+
+# ------------------------------------------------------------------ one layer
+def round_to_dtype(x: np.ndarray, codebook_dtype: str) -> np.ndarray:
+    """Values (any shape) rounded to the nearest value the codebook dtype holds, as float32."""
+    t = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    return t.to(CODEBOOK_DTYPES[codebook_dtype]).float().numpy()
+
+
+def _nearest(centers: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Index (int64) of the nearest of sorted `centers` (k,) for every value (n,)."""
+    if len(centers) == 1:
+        return np.zeros(values.shape, dtype=np.int64)
+    c = centers.astype(np.float64)
+    mid = (c[1:] + c[:-1]) / 2
+    return np.searchsorted(mid, values.astype(np.float64), side="left").astype(np.int64)
+
+
+def cluster_weights(values: np.ndarray, sample_weight: np.ndarray, k: int, *,
+                    codebook_dtype: str = "fp16", seed: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster 1-D `values` (n,) into `k` shared values, weighted by `sample_weight` (n,).
+
+    Returns (codebook float32 (k',) sorted ascending, every entry exactly representable in
+    `codebook_dtype`; labels int64 (n,) with values ~ codebook[labels]). k' = k, or the
+    number of distinct values (after rounding to the codebook dtype) when there are fewer.
+    Every codebook entry is used by at least one value, so the layer holds exactly k' values.
+    """
+    v = np.asarray(values, dtype=np.float32).reshape(-1)
+    if v.size == 0:
+        return np.zeros(1, dtype=np.float32), np.zeros(0, dtype=np.int64)
+    vr = round_to_dtype(v, codebook_dtype)
+    distinct = np.unique(vr)
+    if len(distinct) <= k:
+        return distinct.astype(np.float32), _nearest(distinct, vr)
+    from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    sw = np.asarray(sample_weight, dtype=np.float64).reshape(-1)
+    init = np.linspace(float(v.min()), float(v.max()), k).reshape(-1, 1)
+    km = KMeans(n_clusters=k, init=init, n_init=1, random_state=seed)
+    # One thread: 1-D k-means gains little from OpenMP, which on a shared CPU spins and slows
+    # everything tenfold; and sums in one fixed order make the centroids independent of the
+    # machine's core count.
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
+        # Duplicate points: sklearn warns when it finds fewer distinct clusters; the repair
+        # below restores exactly k used values.
+        warnings.simplefilter("ignore")
+        km.fit(v.reshape(-1, 1).astype(np.float64), sample_weight=sw)
+    centers = np.unique(round_to_dtype(km.cluster_centers_.ravel(), codebook_dtype))
+    return _repair(centers, vr, sw, k)
+
+
+def _repair(centers: np.ndarray, vr: np.ndarray, sw: np.ndarray, k: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Make every one of k codebook entries used and distinct.
+
+    Rounding to fp16 can merge two centroids and k-means can leave a cluster empty; each
+    missing entry is refilled with the value whose weighted error is largest (it then sits
+    exactly on a centroid), as k-means++ would seed it.
+    """
+    for _ in range(4 * k):
+        labels = _nearest(centers, vr)
+        used = np.unique(labels)
+        if len(used) < len(centers):
+            centers = centers[used]
+            labels = _nearest(centers, vr)
+        if len(centers) >= k:
+            break
+        err = sw * (vr.astype(np.float64) - centers[labels]) ** 2
+        j = int(np.argmax(err))
+        if err[j] <= 0:
+            break
+        centers = np.unique(np.append(centers, vr[j]))
+    labels = _nearest(centers, vr)
+    return centers.astype(np.float32), labels
+
+
+def layer_sample_weights(rel: Relevance | None, name: str, shape: tuple[int, ...],
+                         keep: np.ndarray) -> np.ndarray:
+    """Per-weight |scores| of layer `name` at the kept positions (flat bool `keep`),
+    normalised to mean 1 over the layer's kept weights (uniform when none are known)."""
+    n = int(keep.sum())
+    if rel is None or name not in rel.weights:
+        return np.ones(n)
+    r = rel.weights[name].detach().float()
+    if tuple(r.shape) != tuple(shape):
+        raise XaiCompressError(f"relevance of layer {name!r} has shape {tuple(r.shape)}, the "
+                               f"weight is {tuple(shape)}")
+    r = np.abs(r.reshape(-1).numpy().astype(np.float64))[keep]
+    r = np.nan_to_num(r, nan=0.0, posinf=0.0)
+    mean = r.mean() if n else 0.0
+    if not mean > 0:
+        return np.ones(n)
+    r = r / mean
+    return np.maximum(r, _WEIGHT_FLOOR)
+
+
+# ----------------------------------------------------------------- the step
+def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
+                  clusters: int | Mapping[str, int] | None = None,
+                  avg_bits: float | None = None, finetune_epochs: float = 0,
+                  samples: int = 512, codebook_dtype: str = "fp16", seed: int = 0,
+                  finetune_lr: float | None = None,
+                  relevance: Relevance | None = None) -> Checkpoint:
+    """Share the weights of every Conv2d/Linear layer of a copy of `ckpt`.
+
+    criterion: weights the k-means (`none` = plain k-means); bundle: a DatasetBundle (its
+    train split scores relevance and fine-tunes) or a training Dataset.
+    clusters: k for every layer, or layer -> k; exclusive with `avg_bits` (B), which picks
+    k = 2^b per layer with `allocate_bits` under the size of B bits everywhere.
+    finetune_epochs: then train the centroids (`finetune_shared`, lr `finetune_lr`).
+    relevance: scores already computed by `criterion` on this model (skips scoring; lets a
+    caller share one model at several k without rescoring).
+    Result: `state.get(layer).codebook` float32 (k,), `.indices` int64 (weight shape), model
+    weights = codebook[indices] * mask. The input is not modified.
+    """
+    if (clusters is None) == (avg_bits is None):
+        raise XaiCompressError("weight sharing: give exactly one of --clusters K and "
+                               "--avg-bits B")
+    if codebook_dtype not in CODEBOOK_DTYPES:
+        raise XaiCompressError(f"--codebook {codebook_dtype!r}: expected fp16 or fp32")
+    if finetune_epochs < 0:
+        raise XaiCompressError(f"--finetune-epochs {finetune_epochs}: expected >= 0")
+    train_set: Dataset = getattr(bundle, "train", bundle)
+    crit = get_criterion(criterion) if isinstance(criterion, str) else criterion
+
+    out = ckpt.copy()
+    out.state.apply(out.model)
+    layers = prunable_layers(out.model)
+    ks = _requested_clusters(clusters, layers) if clusters is not None else None
+    for name in layers:
+        lc = out.state.layers.get(name)
+        if lc is not None and lc.bits is not None and lc.codebook is None:
+            raise XaiCompressError(f"layer {name!r} is integer-quantized ({lc.bits} bits); "
+                                   "share the weights of a float checkpoint instead")
+    # The bundle, when given, tells DeepLIFT the data's normalisation (its reference).
+    rel = relevance if relevance is not None else compute_relevance(
+        out.model, crit, bundle if hasattr(bundle, "train") else train_set, samples=samples,
+        seed=seed)
+
+    data = {}
+    for name, m in layers.items():
+        w = m.weight.detach().float().reshape(-1).numpy()
+        lc = out.state.layers.get(name)
+        keep = (lc.mask.reshape(-1).numpy().astype(bool) if lc is not None and
+                lc.mask is not None else np.ones(w.size, dtype=bool))
+        data[name] = (w[keep], layer_sample_weights(rel, name, tuple(m.weight.shape), keep),
+                      keep)
+
+    results: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    table: dict[str, Any] = {}
+    if ks is None:
+        assert avg_bits is not None
+        results, table = _allocate(data, float(avg_bits), codebook_dtype, seed)
+    else:
+        for name in track(list(layers), "k-means per layer"):
+            v, sw, _ = data[name]
+            results[name] = cluster_weights(v, sw, ks[name], codebook_dtype=codebook_dtype,
+                                            seed=seed)
+
+    chosen = {}
+    for name, m in layers.items():
+        codebook, labels = results[name]
+        keep = data[name][2]
+        idx = np.zeros(keep.size, dtype=np.int64)
+        idx[keep] = labels
+        lc = out.state.get(name)
+        lc.codebook = torch.from_numpy(codebook.astype(np.float32))
+        lc.indices = torch.from_numpy(idx).reshape(m.weight.shape)
+        lc.bits, lc.scale = None, None
+        chosen[name] = {"k": int(len(codebook)), "bits": index_bits(len(codebook)),
+                        "weights": int(keep.sum())}
+    out.state.apply(out.model)
+    out.history.append({"stage": "share", "criterion": repr(crit), "clusters": clusters
+                        if not isinstance(clusters, Mapping) else dict(clusters),
+                        "avg_bits": avg_bits, "layers": chosen, "samples": samples,
+                        "codebook_dtype": codebook_dtype, "seed": seed, **table})
+    if finetune_epochs > 0:
+        out = finetune_shared(out, train_set, epochs=finetune_epochs, lr=finetune_lr,
+                              seed=seed)
+    return out
+
+
+def _requested_clusters(clusters: int | Mapping[str, int], layers: Mapping[str, Any]
+                        ) -> dict[str, int]:
+    if isinstance(clusters, Mapping):
+        unknown = sorted(set(clusters) - set(layers))
+        if unknown:
+            raise XaiCompressError(f"--clusters names unknown layers {unknown[:3]}; the model's "
+                                   f"layers are {', '.join(layers)}")
+        ks = {name: int(clusters.get(name, 0)) for name in layers}
+        missing = [n for n, k in ks.items() if k == 0]
+        if missing:
+            raise XaiCompressError(f"--clusters gives no k for layers {missing[:3]}")
+    else:
+        ks = {name: clusters for name in layers}
+    for name, k in ks.items():
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not (
+                2 <= k <= MAX_CLUSTERS):
+            raise XaiCompressError(f"--clusters {k!r} (layer {name!r}): expected an integer "
+                                   f"from 2 to {MAX_CLUSTERS}")
+    return {n: int(k) for n, k in ks.items()}
+
+
+# ------------------------------------------------------------- bit allocation
+def codebook_cost(k: int, weights: int, codebook_dtype: str) -> float:
+    """Bits a shared layer takes: `weights` indices of ceil(log2 k) bits plus the codebook."""
+    return float(index_bits(k) * weights + k * CODEBOOK_BITS[codebook_dtype])
+
+
+def codebook_error_table(data: Mapping[str, tuple[np.ndarray, np.ndarray, Any]], *,
+                         codebook_dtype: str = "fp16", seed: int = 0,
+                         bits: tuple[int, ...] = ALLOC_BITS
+                         ) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]],
+                                    dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]]:
+    """errors[layer][b] = sum_w R_w (w - Q_k(w))^2 with k = 2^b clusters, and
+    costs[layer][b] = bits of the layer shared that way (indices + codebook).
+
+    data: layer -> (kept weights (n,), R (n,) normalised to mean 1, anything). With R = 1
+    (criterion none) the error is the plain squared error, so layers compete on their
+    squared errors and the criterion redistributes the weight within each layer.
+    Also returns the clusterings, keyed (layer, b), so the chosen ones need no second run.
+    """
+    errors: dict[str, dict[int, float]] = {}
+    costs: dict[str, dict[int, float]] = {}
+    found: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+    jobs = [(name, b) for name in data for b in bits]
+    for name, b in track(jobs, "k-means error table"):
+        v, sw, _ = data[name]
+        cb, labels = cluster_weights(v, sw, 2 ** b, codebook_dtype=codebook_dtype, seed=seed)
+        found[(name, b)] = (cb, labels)
+        q = cb[labels].astype(np.float64) if v.size else np.zeros(0)
+        errors.setdefault(name, {})[b] = float(np.sum(sw * (v.astype(np.float64) - q) ** 2))
+        costs.setdefault(name, {})[b] = codebook_cost(len(cb), v.size, codebook_dtype)
+    return errors, costs, found
+
+
+def avg_bits_budget(weights: Mapping[str, int], avg_bits: float, codebook_dtype: str) -> float:
+    """Bits of every layer shared with 2^B clusters: sum_l B n_l + 2^B codebook bits."""
+    if not math.isfinite(avg_bits) or not (min(ALLOC_BITS) <= avg_bits <= max(ALLOC_BITS)):
+        raise XaiCompressError(f"--avg-bits {avg_bits}: expected a number of bits from "
+                               f"{min(ALLOC_BITS)} to {max(ALLOC_BITS)}")
+    return float(sum(avg_bits * n + 2 ** avg_bits * CODEBOOK_BITS[codebook_dtype]
+                     for n in weights.values()))
+
+
+def _allocate(data: Mapping[str, tuple[np.ndarray, np.ndarray, Any]], avg_bits: float,
+              codebook_dtype: str, seed: int
+              ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
+    from xaicompress.quant.allocate import allocate_bits
+
+    budget = avg_bits_budget({n: d[0].size for n, d in data.items()}, avg_bits, codebook_dtype)
+    errors, costs, found = codebook_error_table(data, codebook_dtype=codebook_dtype, seed=seed)
+    picks = allocate_bits(errors, costs, budget)
+    results = {name: found[(name, b)] for name, b in picks.items()}
+    used = sum(costs[n][b] for n, b in picks.items())
+    return results, {"budget_bits": budget, "used_bits": used,
+                     "allocated_bits": {n: int(b) for n, b in picks.items()}}
+
+
+# ------------------------------------------------------------ fine-tuning
+class SharedWeight(torch.nn.Module):
+    """Parametrisation weight = codebook[indices] * mask.
+
+    codebook: trainable (k,); indices: int64 weight shape; mask: float weight shape.
+    Autograd's gather backward sums the gradients of a centroid's members, which is exactly
+    the centroid gradient of Deep Compression.
+    """
+
+    def __init__(self, codebook: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor):
+        super().__init__()
+        self.codebook = torch.nn.Parameter(codebook.detach().clone().float())
+        self.register_buffer("indices", indices.detach().clone().long())
+        self.register_buffer("mask", mask.detach().clone().float())
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:  # noqa: ARG002 (replaced)
+        return self.codebook[self.indices] * self.mask
+
+
+def codebook_dtype_of(codebook: torch.Tensor) -> str:
+    """'fp16' when every entry is exactly an fp16 value, else 'fp32'."""
+    c = codebook.float()
+    return "fp16" if bool(torch.equal(c.half().float(), c)) else "fp32"
+
+
+def centroid_lr(k: int) -> float:
+    """Default Adam learning rate of a k-entry codebook: 0.02 / k within [1e-3, 1e-2].
+
+    Why: with few clusters the centroids sit far apart and must move far to recover
+    accuracy in one epoch. Measured on lenet5 / mnist5k, 1 epoch (seed 0): k = 2 reached
+    92.4 % at 1e-2 vs 72.3 % at 5e-4; k = 4 97.4 % at 5e-3; k = 16 98.1 % at 2e-3 but 97.5 %
+    at 5e-3.
+    """
+    return float(min(1e-2, max(1e-3, 0.02 / max(1, k))))
+
+
+def finetune_shared(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1,
+                    lr: float | None = None, seed: int = 0, batch_size: int = 64
+                    ) -> Checkpoint:
+    """Train the centroids of every shared layer of a copy of `ckpt` (indices fixed).
+
+    Each centroid's gradient is the sum of its members' gradients (parametrisation weight
+    = codebook[indices] * mask); pruned weights stay zero; biases, BatchNorm and unshared
+    layers train normally (their masks / integer grids re-imposed after every step).
+    Centroids are rounded to their codebook dtype at the end so packing stays lossless.
+    lr: Adam learning rate of every parameter; default: `centroid_lr(k)` per codebook and
+    1e-3 for the other parameters.
+    """
+    from torch.nn.utils import parametrize
+
+    from xaicompress.state import CompressionState
+    from xaicompress.train import train
+
+    out = ckpt.copy()
+    if epochs <= 0:
+        return out
+    modules = dict(out.model.named_modules())
+    shared = {n: lc for n, lc in out.state.layers.items()
+              if lc.codebook is not None and lc.indices is not None}
+    if not shared:
+        raise XaiCompressError("codebook fine-tuning: the checkpoint has no shared layers; "
+                               "run weight sharing first")
+    out.state.apply(out.model)
+    dtypes = {n: codebook_dtype_of(lc.codebook) for n, lc in shared.items()}
+    for name, lc in shared.items():
+        w = modules[name].weight
+        mask = lc.mask if lc.mask is not None else torch.ones(w.shape, dtype=torch.bool)
+        parametrize.register_parametrization(modules[name], "weight",
+                                             SharedWeight(lc.codebook, lc.indices, mask))
+    others = CompressionState({n: lc for n, lc in out.state.layers.items() if n not in shared})
+    centroids = {f"{n}.parametrizations.weight.0.codebook": int(lc.codebook.numel())
+                 for n, lc in shared.items()}
+    groups: list[dict[str, Any]] = [{"params": [], "lr": lr if lr is not None else 1e-3}]
+    for n, p in out.model.named_parameters():
+        if n.endswith("parametrizations.weight.original"):
+            continue  # replaced by the codebook: never read, never trained
+        if n in centroids:
+            groups.append({"params": [p], "lr": lr if lr is not None else
+                           centroid_lr(centroids[n])})
+        else:
+            groups[0]["params"].append(p)
+    try:
+        train(out.model, train_set, epochs=epochs, lr=groups[0]["lr"], seed=seed,
+              batch_size=batch_size, params=groups, after_step=others.apply,  # type: ignore[arg-type]
+              description="codebook fine-tune")
+    finally:
+        new = {}
+        for name in shared:
+            p = modules[name].parametrizations.weight[0]
+            new[name] = p.codebook.detach().clone()
+            parametrize.remove_parametrizations(modules[name], "weight",
+                                                leave_parametrized=False)
+    for name, lc in shared.items():
+        cb = torch.from_numpy(round_to_dtype(new[name].numpy(), dtypes[name]))
+        if not torch.isfinite(cb).all():
+            raise XaiCompressError(f"codebook fine-tuning diverged on layer {name!r} (lr {lr}); "
+                                   "try a smaller --lr")
+        lc.codebook = cb
+    out.state.apply(out.model)
+    out.model.eval()
+    out.history.append({"stage": "finetune_shared", "epochs": epochs, "lr": lr, "seed": seed})
+    return out
