@@ -27,7 +27,8 @@ from torch.utils.data import Dataset
 
 from xaicompress.relevance.base import Relevance
 
-_OUT_FNS = (tp.pruner.function.prune_conv_out_channels, tp.pruner.function.prune_linear_out_channels)
+_OUT_FNS = (tp.pruner.function.prune_conv_out_channels,
+            tp.pruner.function.prune_linear_out_channels)
 
 
 def l1_normalise(t: Tensor) -> Tensor:

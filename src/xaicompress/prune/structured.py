@@ -1,0 +1,318 @@
+"""Structured pruning: remove whole filters / neurons for real, so the model is smaller and
+faster.
+
+Channels are removed with Torch-Pruning's `DependencyGraph`: pruning a conv's filters also
+prunes its BatchNorm, the next layers' input channels (through flatten as well) and every
+conv coupled to it by a residual addition. Each coupled *group* is scored by a
+`tp.importance.Importance`: `RelevanceImportance` (our criterion's unit scores; group rule in
+`prune/importance.py`: mean of the member layers' per-layer L1-normalised scores) or any
+Torch-Pruning importance (e.g. `GroupMagnitudeImportance`), through the same selection.
+
+Selection (per step, on group scores L1-normalised per group):
+  scope "layer":  every group keeps ``n0 - round(f * n0)`` of its n0 original channels;
+  scope "global": ``round(f * N0)`` of all N0 original channels are removed, the lowest
+                  normalised scores first, never leaving a group below `min_channels`;
+where f is the step's cumulative target (`schedule.cumulative_targets`) or, with
+`macs_ratio`, the smallest f (bisection) whose pruned model's MACs fall by the target.
+The classifier (last Linear with num_classes outputs) never loses outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from xaicompress.checkpoint import Checkpoint
+from xaicompress.errors import XaiCompressError
+from xaicompress.metrics import count_macs
+from xaicompress.progress import track
+from xaicompress.prune.importance import (
+    RelevanceImportance,
+    accumulate_gradients,
+    gradient_batches,
+    l1_normalise,
+    needs_gradients,
+)
+from xaicompress.prune.schedule import (
+    check_options,
+    check_ratio,
+    check_scope,
+    cumulative_targets,
+)
+from xaicompress.relevance.base import Criterion, compute_relevance, get_criterion
+from xaicompress.train import finetune_checkpoint
+
+CriterionLike = Criterion | str | tp.importance.Importance
+_ROOT_TYPES = [nn.Conv2d, nn.Linear]
+
+
+def classifier_layer(model: nn.Module, num_classes: int) -> nn.Module:
+    """The layer producing the logits: the last Linear with `num_classes` outputs (else the
+    last Conv2d with that many), whose outputs are never pruned."""
+    for kind in (nn.Linear, nn.Conv2d):
+        found = [m for m in model.modules() if isinstance(m, kind)
+                 and (m.out_features if kind is nn.Linear else m.out_channels) == num_classes]
+        if found:
+            return found[-1]
+    raise XaiCompressError(f"model: no Linear or Conv2d layer with {num_classes} outputs found; "
+                           "cannot tell which layer is the classifier")
+
+
+def _as_train_set(bundle_or_train_set: Any) -> Dataset:
+    return getattr(bundle_or_train_set, "train", bundle_or_train_set)
+
+
+def _build_graph(model: nn.Module, example: Tensor) -> tp.DependencyGraph:
+    # Tracing runs a forward pass: in train mode BatchNorm would update its running stats.
+    was_training = model.training
+    model.eval()
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    finally:
+        model.train(was_training)
+
+
+def _check_supported(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and m.groups > 1 and not (
+                m.groups == m.in_channels == m.out_channels):
+            raise XaiCompressError(f"model: layer {name!r} is a grouped convolution "
+                                   f"(groups={m.groups}); structured pruning supports plain and "
+                                   "depthwise convolutions only")
+
+
+def group_scores(model: nn.Module, importance: tp.importance.Importance, example: Tensor,
+                 ignored: list[nn.Module]) -> dict[str, Tensor]:
+    """Root layer name -> float32 (channels,) L1-normalised importance of every prunable
+    group of coupled channels (the classifier's outputs excluded)."""
+    graph = _build_graph(model, example)
+    names = {m: n for n, m in model.named_modules()}
+    out: dict[str, Tensor] = {}
+    for group in graph.get_all_groups(ignored_layers=list(ignored), root_module_types=_ROOT_TYPES):
+        imp = importance(group)
+        if imp is None:
+            continue
+        out[names[group[0].dep.target.module]] = l1_normalise(imp)
+    return out
+
+
+def plan_removal(scores: dict[str, Tensor], original: dict[str, int], fraction: float,
+                 scope: str, min_channels: int, norm: str = "l1") -> dict[str, list[int]]:
+    """Channel indices to remove from each group so that `fraction` of the original channels
+    are gone (per group in "layer" scope, in total in "global" scope).
+
+    scores are L1-normalised per group; in global scope `norm` "mean" compares them times
+    the group's channel count (a channel's score relative to its layer's mean), "l1" as is.
+    """
+    if scope == "global" and norm == "mean":
+        scores = {n: s * len(s) for n, s in scores.items()}
+    floors = {n: min(min_channels, len(s)) for n, s in scores.items()}
+    plan: dict[str, list[int]] = {}
+    if scope == "layer":
+        for name, s in scores.items():
+            n0 = original.get(name, len(s))
+            keep = max(floors[name], n0 - int(round(fraction * n0)))
+            n_remove = len(s) - keep
+            if n_remove > 0:
+                order = torch.sort(s, stable=True).indices
+                plan[name] = sorted(order[:n_remove].tolist())
+        return plan
+    total0 = sum(original.get(n, len(s)) for n, s in scores.items())
+    current = sum(len(s) for s in scores.values())
+    n_remove = current - (total0 - int(round(fraction * total0)))
+    if n_remove <= 0:
+        return plan
+    cand_scores, cand_owner, cand_idx = [], [], []
+    for gi, (name, s) in enumerate(scores.items()):
+        order = torch.sort(s, stable=True).indices[: len(s) - floors[name]]
+        cand_scores.append(s[order])
+        cand_owner.append(torch.full((len(order),), gi, dtype=torch.long))
+        cand_idx.append(order)
+    all_scores = torch.cat(cand_scores)
+    pick = torch.sort(all_scores, stable=True).indices[:n_remove]
+    owners, idxs = torch.cat(cand_owner)[pick], torch.cat(cand_idx)[pick]
+    names = list(scores)
+    for gi in owners.unique().tolist():
+        plan[names[gi]] = sorted(idxs[owners == gi].tolist())
+    return plan
+
+
+def apply_plan(model: nn.Module, plan: dict[str, list[int]], example: Tensor) -> None:
+    """Remove the planned channels (and everything coupled to them) from `model`, in place."""
+    if not plan:
+        return
+    graph = _build_graph(model, example)
+    modules = dict(model.named_modules())
+    for name, idxs in plan.items():
+        m = modules[name]
+        group = graph.get_pruning_group(m, graph.get_pruner_of_module(m).prune_out_channels,
+                                        idxs)
+        if not graph.check_pruning_group(group):
+            raise RuntimeError(f"pruning {name} would empty a layer")  # plan keeps >= 1
+        group.prune()
+
+
+def _channels(model: nn.Module, example: Tensor, ignored: list[nn.Module]) -> dict[str, int]:
+    graph = _build_graph(model, example)
+    names = {m: n for n, m in model.named_modules()}
+    return {names[g[0].dep.target.module]: len(g[0].idxs)
+            for g in graph.get_all_groups(ignored_layers=list(ignored),
+                                          root_module_types=_ROOT_TYPES)}
+
+
+def _importance(criterion: Criterion | tp.importance.Importance, model: nn.Module,
+                data: Any, samples: int, seed: int) -> tp.importance.Importance:
+    if isinstance(criterion, Criterion):
+        # a DatasetBundle also hands its normalisation to criteria (DeepLIFT's black image)
+        rel = compute_relevance(model, criterion, data, samples=samples, seed=seed)
+        return RelevanceImportance.from_relevance(model, rel)
+    if needs_gradients(criterion):
+        accumulate_gradients(model, gradient_batches(_as_train_set(data), samples, seed))
+    return criterion
+
+
+TP_IMPORTANCES = {
+    "tp:magnitude": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+    "tp:taylor": lambda: tp.importance.GroupTaylorImportance(),
+}
+
+
+def resolve_criterion(criterion: CriterionLike) -> Criterion | tp.importance.Importance:
+    """A criterion spec string (including Torch-Pruning's own group importances
+    "tp:magnitude" and "tp:taylor"), a `Criterion`, or a Torch-Pruning importance."""
+    if isinstance(criterion, str):
+        if criterion.strip() in TP_IMPORTANCES:
+            return TP_IMPORTANCES[criterion.strip()]()
+        return get_criterion(criterion)
+    if isinstance(criterion, (Criterion, tp.importance.Importance)):
+        return criterion
+    raise XaiCompressError(f"--criterion {criterion!r}: expected a criterion name, a Criterion "
+                           "or a torch_pruning Importance")
+
+
+def criterion_name(criterion: Criterion | tp.importance.Importance) -> str:
+    if isinstance(criterion, Criterion):
+        return repr(criterion)
+    return f"tp.{type(criterion).__name__}"
+
+
+def _fraction_for_macs(model: nn.Module, scores: dict[str, Tensor], original: dict[str, int],
+                       target_macs: float, lo: float, hi: float, scope: str, min_channels: int,
+                       norm: str, input_shape: tuple[int, int, int], example: Tensor) -> float:
+    """Smallest cumulative channel fraction in [lo, hi] whose pruned copy has MACs <= target
+    (bisection; MACs fall monotonically with the fraction)."""
+    def macs_at(f: float) -> int:
+        trial = copy.deepcopy(model)
+        apply_plan(trial, plan_removal(scores, original, f, scope, min_channels, norm), example)
+        return count_macs(trial, input_shape)
+
+    if macs_at(lo) <= target_macs:
+        return lo
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        if macs_at(mid) <= target_macs:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def prune_structured(
+    ckpt: Checkpoint,
+    criterion: CriterionLike,
+    bundle: Any,
+    *,
+    ratio: float = 0.5,
+    scope: str = "global",
+    steps: int = 1,
+    finetune_epochs: float = 0,
+    samples: int = 512,
+    macs_ratio: float | None = None,
+    min_channels: int = 1,
+    norm: str = "l1",
+    seed: int = 0,
+) -> Checkpoint:
+    """Remove `ratio` of the channels (filters / neurons) of `ckpt`, or enough to cut MACs by
+    `macs_ratio`, ranked by `criterion`, in `steps` steps with `finetune_epochs` epochs of
+    fine-tuning after each. Returns a new Checkpoint (the input is untouched) whose model is
+    physically smaller; inputs stay (N, C, H, W), outputs (N, num_classes).
+
+    bundle: a `DatasetBundle` (its train split is used) or a training `Dataset`; relevance
+    uses `samples` seeded-random items of it.
+    """
+    crit = resolve_criterion(criterion)
+    if norm not in ("mean", "l1"):
+        raise XaiCompressError(f"--norm {norm!r}: expected 'mean' or 'l1'")
+    check_options(steps=steps, finetune_epochs=finetune_epochs, samples=samples)
+    check_scope(scope)
+    if macs_ratio is None:
+        check_ratio(ratio, "--ratio")
+    else:
+        check_ratio(macs_ratio, "--macs-ratio")
+    if int(min_channels) != min_channels or min_channels < 1:
+        raise XaiCompressError(f"--min-channels {min_channels}: expected a positive integer")
+    busy = [n for n in ckpt.state.layers if n in ckpt.state]
+    if busy:
+        raise XaiCompressError(f"checkpoint: layers {busy[:3]} already carry masks/codebooks/"
+                               "bits; structured pruning must come before unstructured pruning "
+                               "and quantization")
+    model_in = ckpt.model
+    _check_supported(model_in)
+    train_set = _as_train_set(bundle)
+    out = ckpt.copy()
+    out.model.eval()
+    shape = tuple(ckpt.spec.input_shape)
+    example = torch.zeros(1, *shape)
+    ignored = [classifier_layer(out.model, ckpt.spec.num_classes)]
+    original = _channels(out.model, example, ignored)
+    macs0 = count_macs(out.model, shape)
+    targets = cumulative_targets(macs_ratio if macs_ratio is not None else ratio, steps)
+    names = {id(m): n for n, m in out.model.named_modules()}
+    ignored_names = [names[id(m)] for m in ignored]
+    if macs_ratio is not None:
+        smallest = copy.deepcopy(out.model)
+        floor_scores = {n: torch.ones(c) for n, c in original.items()}
+        apply_plan(smallest, plan_removal(floor_scores, original, 1.0, scope, min_channels, norm),
+                   example)
+        reachable = 1 - count_macs(smallest, shape) / macs0
+        if reachable < macs_ratio:
+            raise XaiCompressError(f"--macs-ratio {macs_ratio}: unreachable, pruning every layer "
+                                   f"to --min-channels {min_channels} cuts MACs by only "
+                                   f"{reachable:.3f}")
+    fraction = 0.0
+    step_log = []
+    for k in track(range(steps), "prune (structured)", steps):
+        model = out.model
+        ignored = [dict(model.named_modules())[n] for n in ignored_names]
+        imp = _importance(crit, model, bundle, samples, seed + k)
+        scores = group_scores(model, imp, example, ignored)
+        if needs_gradients(crit):
+            model.zero_grad(set_to_none=True)
+        if macs_ratio is not None:
+            fraction = _fraction_for_macs(model, scores, original, macs0 * (1 - targets[k]),
+                                          fraction, 1.0, scope, min_channels, norm, shape,
+                                          example)
+        else:
+            fraction = targets[k]
+        apply_plan(model, plan_removal(scores, original, fraction, scope, min_channels, norm),
+                   example)
+        step_log.append({"fraction": round(fraction, 6), "macs": count_macs(model, shape)})
+        if finetune_epochs > 0:
+            out = finetune_checkpoint(out, train_set, epochs=finetune_epochs, seed=seed + k,
+                                      description=f"fine-tune step {k + 1}/{steps}")
+            out.history.pop()  # recorded once, below, as part of this step
+    final = _channels(out.model, example, ignored)
+    out.model.eval()
+    out.history.append({
+        "stage": "prune_structured", "criterion": criterion_name(crit), "ratio": ratio,
+        "scope": scope, "steps": steps, "finetune_epochs": finetune_epochs, "samples": samples,
+        "macs_ratio": macs_ratio, "min_channels": min_channels, "norm": norm, "seed": seed,
+        "channels": {n: [original[n], final.get(n, 0)] for n in original},
+        "macs_before": macs0, "macs_after": count_macs(out.model, shape), "schedule": step_log,
+    })
+    return out

@@ -1,0 +1,167 @@
+"""Unstructured pruning: zero individual weights chosen by a criterion's per-weight scores.
+
+The mask of every pruned layer goes to ``ckpt.state.get(layer).mask`` (bool, weight shape,
+True = kept) and the model's weights are zeroed there; `finetune_checkpoint` re-imposes the
+mask after every optimizer step, so pruned weights stay exactly zero. Biases are kept.
+
+Selection: scope "layer" removes `ratio` of each selected layer's weights, lowest scores
+first; scope "global" removes `ratio` of all selected weights, ranked on per-layer
+L1-normalised scores (`norm="l1"`; "mean" ranks scores relative to their layer's mean,
+"none" raw scores), never emptying a layer (one weight is kept at least). Weights an
+earlier mask already removed are counted as removed, so `ratio` is the target sparsity of
+the selected layers. Storage is accounted as deployed: positions in the cheaper of a bitmap
+or relative indices (`prune/sparse.py`), plus one value per kept weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from xaicompress.checkpoint import Checkpoint
+from xaicompress.errors import XaiCompressError
+from xaicompress.prune.importance import l1_normalise
+from xaicompress.prune.schedule import check_options, check_ratio, check_scope
+from xaicompress.prune.sparse import position_bits
+from xaicompress.relevance.base import Criterion, Relevance, compute_relevance, get_criterion
+from xaicompress.train import finetune_checkpoint
+
+LAYER_KINDS = {"fc": (nn.Linear,), "conv": (nn.Conv2d,), "all": (nn.Linear, nn.Conv2d)}
+
+
+def select_layers(model: nn.Module, layers: str) -> list[str]:
+    """Names of the Conv2d / Linear layers that `layers` ("fc", "conv" or "all") selects."""
+    if layers not in LAYER_KINDS:
+        raise XaiCompressError(f"--layers {layers!r}: expected one of fc, conv, all")
+    names = [n for n, m in model.named_modules() if isinstance(m, LAYER_KINDS[layers])]
+    if not names:
+        raise XaiCompressError(f"--layers {layers}: the model has no such layers")
+    return names
+
+
+def weight_masks(scores: dict[str, Tensor], prior: dict[str, Tensor | None], ratio: float,
+                 scope: str) -> dict[str, Tensor]:
+    """Boolean keep-masks (weight shape) removing `ratio` of the weights, lowest scores first.
+
+    scores: layer -> float weight-shaped scores (higher = keep); already L1-normalised per
+    layer when scope is "global". prior: layer -> existing mask or None (its removed weights
+    stay removed and count towards `ratio`).
+    """
+    def ranked(name: str) -> Tensor:
+        s = scores[name].detach().float().reshape(-1).clone()
+        if prior.get(name) is not None:
+            s[~prior[name].reshape(-1)] = -float("inf")
+        return s
+
+    masks: dict[str, Tensor] = {}
+    if scope == "layer":
+        for name, s0 in scores.items():
+            s = ranked(name)
+            n_remove = min(int(round(ratio * s.numel())), s.numel() - 1)
+            keep = torch.ones(s.numel(), dtype=torch.bool)
+            keep[torch.sort(s, stable=True).indices[:n_remove]] = False
+            masks[name] = keep.reshape(s0.shape)
+        return masks
+    flat = {n: ranked(n) for n in scores}
+    # Each layer's best weight is exempt, so no layer is ever emptied.
+    best = {n: int(torch.argmax(torch.nan_to_num(s, neginf=-1e30))) for n, s in flat.items()}
+    cand, owner, index = [], [], []
+    for li, (name, s) in enumerate(flat.items()):
+        idx = torch.arange(s.numel())
+        idx = idx[idx != best[name]]
+        cand.append(s[idx])
+        owner.append(torch.full((idx.numel(),), li, dtype=torch.long))
+        index.append(idx)
+    total = sum(s.numel() for s in flat.values())
+    n_remove = min(int(round(ratio * total)), total - len(flat))
+    pick = torch.sort(torch.cat(cand), stable=True).indices[:n_remove]
+    owners, idxs = torch.cat(owner)[pick], torch.cat(index)[pick]
+    for li, (name, s) in enumerate(flat.items()):
+        keep = torch.ones(s.numel(), dtype=torch.bool)
+        keep[idxs[owners == li]] = False
+        masks[name] = keep.reshape(scores[name].shape)
+    return masks
+
+
+def prune_unstructured(
+    ckpt: Checkpoint,
+    criterion: Criterion | str,
+    bundle: Any,
+    *,
+    ratio: float = 0.9,
+    layers: str = "fc",
+    scope: str = "layer",
+    finetune_epochs: float = 0,
+    samples: int = 512,
+    norm: str = "l1",
+    seed: int = 0,
+) -> Checkpoint:
+    """Zero `ratio` of the weights of the selected layers ("fc", "conv" or "all"), ranked by
+    `criterion`'s per-weight scores, then fine-tune `finetune_epochs` epochs with the masks
+    held. Returns a new Checkpoint (input untouched) with masks in its state.
+
+    bundle: a `DatasetBundle` (train split used) or a training `Dataset`.
+    norm (global scope): "l1" ranks per-layer L1-normalised scores, "mean" scores relative to
+    their layer's mean (L1-normalised times the layer's weight count), "none" raw scores
+    (classic global magnitude pruning with the l1 criterion).
+    """
+    if norm not in ("l1", "mean", "none"):
+        raise XaiCompressError(f"--norm {norm!r}: expected 'l1', 'mean' or 'none'")
+    crit = get_criterion(criterion) if isinstance(criterion, str) else criterion
+    if not isinstance(crit, Criterion):
+        raise XaiCompressError(f"--criterion {criterion!r}: unstructured pruning needs an "
+                               "xaicompress criterion (per-weight scores)")
+    check_ratio(ratio, "--ratio")
+    check_scope(scope)
+    check_options(steps=1, finetune_epochs=finetune_epochs, samples=samples)
+    train_set = getattr(bundle, "train", bundle)
+    out = ckpt.copy()
+    model = out.model
+    names = select_layers(model, layers)
+    rel: Relevance = compute_relevance(model, crit, bundle, samples=samples, seed=seed)
+    missing = [n for n in names if n not in rel.weights]
+    if missing:
+        raise XaiCompressError(f"--criterion {crit!r}: gave no weight scores for layers "
+                               f"{missing[:3]}")
+    scores = {n: rel.weights[n].float() for n in names}
+    if scope == "global" and norm != "none":
+        scores = {n: l1_normalise(s).reshape(s.shape) * (s.numel() if norm == "mean" else 1)
+                  for n, s in scores.items()}
+    prior = {n: out.state.layers[n].mask if n in out.state.layers else None for n in names}
+    masks = weight_masks(scores, prior, ratio, scope)
+    for name, mask in masks.items():
+        out.state.get(name).mask = mask
+    out.state.apply(model)
+    if finetune_epochs > 0:
+        out = finetune_checkpoint(out, train_set, epochs=finetune_epochs, seed=seed,
+                                  description="fine-tune (masks held)")
+        out.history.pop()  # recorded below, as part of this step
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    out.history.append({
+        "stage": "prune_unstructured", "criterion": repr(crit), "ratio": ratio,
+        "layers": layers, "scope": scope, "norm": norm, "finetune_epochs": finetune_epochs,
+        "samples": samples, "seed": seed, "sparsity": 1 - kept / total,
+        "per_layer": {n: round(1 - float(m.float().mean()), 6) for n, m in masks.items()},
+    })
+    return out
+
+
+def sparse_bytes(ckpt: Checkpoint, value_bits: int = 32) -> int:
+    """Bytes of the model with masked weights stored sparsely (positions in the cheaper of
+    bitmap / relative indices, `value_bits` per kept weight) and every other parameter and
+    buffer dense at `value_bits`."""
+    modules = dict(ckpt.model.named_modules())
+    bits = 0
+    sparse_params = set()
+    for name, lc in ckpt.state.layers.items():
+        if lc.mask is None or name not in modules:
+            continue
+        sparse_params.add(id(modules[name].weight))
+        bits += position_bits(lc.mask) + int(lc.mask.sum()) * value_bits
+    for p in ckpt.model.parameters():
+        if id(p) not in sparse_params:
+            bits += p.numel() * value_bits
+    return (bits + 7) // 8
