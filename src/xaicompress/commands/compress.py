@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import json
+import os
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from xaicompress.cli_app import JsonOpt, app
+from xaicompress.pipeline import load_config, run_pipeline
+from xaicompress.report import summary_table
+
+ConfigOpt = Annotated[str, typer.Option("--config", help="Pipeline config (YAML), e.g. "
+                                        "configs/lenet5-mnist.yaml.")]
+SeedOverride = Annotated[int | None, typer.Option("--seed", min=0, help="Random seed "
+                                                  "(default: the config's); same seed, same "
+                                                  "numbers.")]
+
+
+def _echo(msg: str) -> None:
+    from xaicompress.progress import console
+
+    if not os.environ.get("XAICOMPRESS_NO_PROGRESS"):
+        console.print(f"[dim]{msg}[/dim]")
+
+
+@app.command("compress")
+def compress_cmd(
+    config: ConfigOpt,
+    out: Annotated[str, typer.Option("--out", help="Output folder (created; its parent must "
+                                     "exist). Finished stages are cached in OUT/cache.")],
+    seed: SeedOverride = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a config's stages (cached) and write the packed model, ONNX and a report."""
+    cfg = load_config(config)
+    if seed is not None:
+        cfg = cfg.with_seed(seed)
+    res = run_pipeline(cfg, out, echo=_echo)
+    if as_json:
+        print(json.dumps(res.report, indent=2))
+        return
+    # Piped output has no terminal width: give the table room instead of wrapping cells.
+    con = Console() if Console().is_terminal else Console(width=140)
+    con.print(summary_table(res.report))
+    done = sum(not c for c in res.cached)
+    con.print(f"{done} step(s) computed, {len(res.cached) - done} from cache, "
+              f"{res.seconds:.1f} s -> {res.out_dir}/ (report.md, report.json, "
+              f"{', '.join(p.name for k, p in res.files.items() if k in ('packed', 'onnx'))})")

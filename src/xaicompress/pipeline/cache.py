@@ -1,0 +1,80 @@
+"""The stage cache: every finished stage's checkpoint kept under OUT/cache/, keyed by what
+produced it, so a rerun skips finished stages and an interrupted run resumes.
+
+Key of stage i = sha256(key of stage i-1, the config of stage i, its seed, the package
+version); key of the baseline = sha256(model or input-checkpoint bytes, data spec, training
+options, seed, package version). A key thus covers the config of the stage and of every
+stage before it, and the input. Entries are written atomically (a killed run leaves either
+the whole file or none) and carry their measurements, so a cached rerun reports the very
+same numbers. A damaged entry is treated as missing and recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from xaicompress import __version__
+from xaicompress.atomic import atomic_write_bytes
+from xaicompress.checkpoint import Checkpoint, checkpoint_bytes, checkpoint_from_bytes
+from xaicompress.errors import XaiCompressError
+
+#: bump when the meaning of a cache entry changes
+CACHE_FORMAT = 1
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 hex of the canonical JSON of `obj` (sorted keys, no whitespace)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def file_hash(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def baseline_key(source: dict[str, Any], data: str, train: dict[str, Any], seed: int) -> str:
+    return stable_hash({"format": CACHE_FORMAT, "version": __version__, "source": source,
+                        "data": data, "train": train, "seed": seed})
+
+
+def stage_key(previous: str, stage: dict[str, Any], seed: int) -> str:
+    return stable_hash({"format": CACHE_FORMAT, "version": __version__, "previous": previous,
+                        "stage": stage, "seed": seed})
+
+
+class StageCache:
+    """Checkpoints by key in one folder (`OUT/cache` by default; `compare` shares one)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def path(self, key: str, label: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)[:40]
+        return self.folder / f"{safe}-{key[:20]}.safetensors"
+
+    def load(self, key: str, label: str) -> Checkpoint | None:
+        """The cached checkpoint, or None when absent or unreadable (then recomputed)."""
+        p = self.path(key, label)
+        if not p.is_file():
+            return None
+        try:
+            ckpt = checkpoint_from_bytes(p.read_bytes(), str(p))
+        except (XaiCompressError, OSError):
+            return None
+        if ckpt.metrics.get("pipeline", {}).get("key") != key:
+            return None
+        return ckpt
+
+    def save(self, ckpt: Checkpoint, key: str, label: str) -> bytes:
+        """Write `ckpt` atomically under `key`; returns the bytes written."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        raw = checkpoint_bytes(ckpt)
+        atomic_write_bytes(self.path(key, label), raw)
+        return raw

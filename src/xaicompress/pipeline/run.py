@@ -1,0 +1,221 @@
+"""`compress`: take a model and data through the configured stages, cache every stage,
+write the packed file, ONNX, the final checkpoint, report.json / report.md and plots.
+
+Determinism: the baseline trains with the config seed; stage i (0-based) runs with seed
+`stage_seed(seed, i)`; each stage starts from the checkpoint *as stored in the cache*, so
+an interrupted run resumed from its cache computes exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xaicompress.atomic import check_writable
+from xaicompress.checkpoint import Checkpoint, check_data_fits, load_checkpoint, save_checkpoint
+from xaicompress.data import DatasetBundle, load_dataset
+from xaicompress.errors import XaiCompressError
+from xaicompress.export.packed import packed_bytes
+from xaicompress.metrics import evaluate
+from xaicompress.pipeline.cache import StageCache, baseline_key, file_hash, stage_key
+from xaicompress.pipeline.config import PipelineConfig
+from xaicompress.pipeline.stages import run_stage
+from xaicompress.progress import track
+
+PACKED_NAME = "model.xcpk"  # the packed format's magic is b"XCPK"
+ONNX_NAME = "model.onnx"
+CHECKPOINT_NAME = "model.safetensors"
+IDENTITY_FIDELITY = {"cosine": 1.0, "top10_overlap": 1.0, "agreement": 100.0}
+
+
+def stage_seed(seed: int, index: int) -> int:
+    """Seed of stage `index` (0-based): distinct per stage and per config seed."""
+    return seed * 1000 + index + 1
+
+
+@dataclass
+class PipelineResult:
+    """What `run_pipeline` produced: the report dict, the checkpoints, the files written and
+    which steps came from the cache (baseline first, then one flag per stage)."""
+
+    out_dir: Path
+    report: dict[str, Any]
+    baseline: Checkpoint
+    final: Checkpoint
+    cached: list[bool]
+    files: dict[str, Path] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def prepare_out_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """Create the output folder (its parent must exist) and check it is writable."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise XaiCompressError(f"--out {out}: exists and is not a folder")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise XaiCompressError(f"--out {out}: parent folder {parent} does not exist")
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise XaiCompressError(f"--out {out}: cannot create folder ({exc.strerror})") from None
+    check_writable(out / "report.json")
+    return out
+
+
+def _source(config: PipelineConfig) -> dict[str, Any]:
+    if config.checkpoint is not None:
+        p = Path(config.checkpoint)
+        if not p.is_file():
+            raise XaiCompressError(f"checkpoint {p}: file does not exist")
+        return {"checkpoint_sha256": file_hash(p)}
+    assert config.model is not None
+    return {"model": config.model.name, "kwargs": config.model.kwargs}
+
+
+def _make_baseline(config: PipelineConfig, bundle: DatasetBundle) -> Checkpoint:
+    """The user's checkpoint, or a model trained like `xaicompress train` (on the bundle
+    already loaded: loading a dataset twice is slow)."""
+    if config.checkpoint is not None:
+        ckpt = load_checkpoint(config.checkpoint)
+        check_data_fits(ckpt, bundle.input_shape, bundle.num_classes, config.data)
+        return ckpt
+    from xaicompress.checkpoint import ModelSpec
+    from xaicompress.train import accuracy, seed_everything, train
+
+    assert config.model is not None
+    t = config.train
+    spec = ModelSpec(config.model.name, tuple(bundle.input_shape), bundle.num_classes,
+                     dict(config.model.kwargs))
+    seed_everything(config.seed)
+    model = spec.build()
+    train(model, bundle.train, epochs=t.epochs, lr=t.lr, optimizer=t.optimizer,
+          batch_size=t.batch_size, seed=config.seed, augment=t.augment)
+    history = [{"stage": "train", "epochs": t.epochs, "seed": config.seed,
+                "optimizer": t.optimizer, "lr": t.lr, "batch_size": t.batch_size,
+                "augment": t.augment}]
+    return Checkpoint(model, spec, config.data, history=history,
+                      metrics={"accuracy": accuracy(model, bundle.test)})
+
+
+def _measure(ckpt: Checkpoint, bundle: DatasetBundle, config: PipelineConfig, *, key: str,
+             name: str, kind: str, criterion: str | None, seconds: float,
+             fidelity: dict[str, Any]) -> Checkpoint:
+    ckpt.metrics = {}
+    m = evaluate(ckpt, bundle.test, latency_repeats=config.report.latency_repeats)
+    m["size_bytes"] = len(packed_bytes(deployable(ckpt)))
+    ckpt.metrics = {"accuracy": m["accuracy"], "pipeline": {
+        "key": key, "name": name, "type": kind, "criterion": criterion,
+        "seconds": round(seconds, 3), "eval": m, "fidelity": fidelity}}
+    return ckpt
+
+
+def deployable(ckpt: Checkpoint) -> Checkpoint:
+    """What goes into the packed file: the model and its compression state, without the
+    pipeline's bookkeeping (metrics, stage history), which stays in model.safetensors and
+    report.json. Sizes reported per stage are of this same file."""
+    lean = ckpt.copy()
+    lean.metrics, lean.history = {}, []
+    return lean
+
+
+def _store(cache: StageCache, ckpt: Checkpoint, key: str, label: str) -> Checkpoint:
+    from xaicompress.checkpoint import checkpoint_from_bytes
+
+    raw = cache.save(ckpt, key, label)
+    # Continue from the stored bytes, exactly what a resumed run would load.
+    return checkpoint_from_bytes(raw, str(cache.path(key, label)))
+
+
+def run_pipeline(config: PipelineConfig, out_dir: str | os.PathLike[str], *,
+                 cache_dir: str | os.PathLike[str] | None = None, plots: bool = True,
+                 echo: Callable[[str], None] | None = None) -> PipelineResult:
+    """Run `config` into `out_dir` and return the result (see module docstring).
+
+    cache_dir: where stage checkpoints are kept (default OUT/cache); `compare` shares one
+    across criteria so the baseline of a seed is trained once.
+    echo: called with one line per step (e.g. print), for a terminal log.
+    """
+    from xaicompress.report.fidelity import FidelityProbe
+    from xaicompress.report.report import write_outputs
+
+    say = echo or (lambda _msg: None)
+    t_start = time.perf_counter()
+    out = prepare_out_dir(out_dir)
+    cache = StageCache(cache_dir if cache_dir is not None else out / "cache")
+    bundle = load_dataset(config.data, seed=config.seed)
+    source = _source(config)
+    key = baseline_key(source, config.data,
+                       config.train.model_dump(mode="json") if config.model else {},
+                       config.seed)
+    label = "00-baseline"
+    baseline = cache.load(key, label)
+    cached = [baseline is not None]
+    if baseline is None:
+        say("baseline: " + ("loading checkpoint" if config.checkpoint else "training"))
+        t0 = time.perf_counter()
+        base = _make_baseline(config, bundle)
+        base = _measure(base, bundle, config, key=key, name="baseline", kind="baseline",
+                        criterion=None, seconds=time.perf_counter() - t0,
+                        fidelity=dict(IDENTITY_FIDELITY, samples=0))
+        baseline = _store(cache, base, key, label)
+    else:
+        say("baseline: cached")
+
+    probe: FidelityProbe | None = None
+    steps: list[Checkpoint] = []
+    ckpt = baseline
+    n = len(config.stages)
+    for i, st in enumerate(track(config.stages, "compress", total=n)):
+        seed_i = stage_seed(config.seed, i)
+        key = stage_key(key, st.model_dump(mode="json"), seed_i)
+        label = f"{i + 1:02d}-{st.type}"
+        hit = cache.load(key, label)
+        cached.append(hit is not None)
+        if hit is None:
+            say(f"stage {i + 1}/{n} {st.label()}: running")
+            t0 = time.perf_counter()
+            new = run_stage(ckpt, bundle, st, seed_i)
+            seconds = time.perf_counter() - t0
+            if probe is None:
+                probe = FidelityProbe.build(baseline.model, bundle,
+                                            config.report.fidelity_samples, seed=config.seed)
+            fid = probe.measure(new.model)
+            new = _measure(new, bundle, config, key=key, name=st.label(), kind=st.type,
+                           criterion=getattr(st, "criterion", None), seconds=seconds,
+                           fidelity=fid)
+            hit = _store(cache, new, key, label)
+        else:
+            say(f"stage {i + 1}/{n} {st.label()}: cached")
+        steps.append(hit)
+        ckpt = hit
+
+    files = write_outputs(config, out, baseline, steps, bundle, plots=plots)
+    from xaicompress.report.report import load_report
+
+    report = load_report(files["report_json"])
+    return PipelineResult(out, report, baseline, ckpt, cached, files,
+                          time.perf_counter() - t_start)
+
+
+def export_final(final: Checkpoint, out: Path, config: PipelineConfig) -> dict[str, Path]:
+    """Write the final checkpoint, the packed file and ONNX into `out`; returns their paths."""
+    files: dict[str, Path] = {}
+    lean = deployable(final)
+    if config.export.packed:
+        from xaicompress.export.packed import write_packed
+
+        files["packed"] = write_packed(lean, out / PACKED_NAME)
+    if config.export.onnx:
+        from xaicompress.export.onnx import export_onnx
+
+        files["onnx"] = Path(export_onnx(lean, out / ONNX_NAME))
+    full = final.copy()
+    pipe = full.metrics.get("pipeline", {})
+    full.metrics = dict(pipe.get("eval", {}))
+    files["checkpoint"] = save_checkpoint(full, out / CHECKPOINT_NAME)
+    return files

@@ -1,0 +1,243 @@
+"""report.json, report.md and the terminal summary of a `compress` run.
+
+report.json (all sizes in bytes, accuracy in %, latency in ms for a batch of 64 on CPU):
+  baseline / final       accuracy, params, nonzero_params, macs, size_bytes, fp32_bytes,
+                         latency_ms (final.size_bytes = bytes of the packed file on disk)
+  stages                 per stage: the same plus name, type, criterion, seconds, fidelity
+  compression_ratio      baseline fp32 bytes / packed file bytes on disk
+  accuracy_drop          baseline accuracy - final accuracy, in points
+  fidelity               final (cosine, top10_overlap, agreement) and per_stage
+  layers                 per Conv2d/Linear: units [original, kept], sparsity, bits, clusters
+  files, config, title, version
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from xaicompress import __version__
+from xaicompress.atomic import atomic_write_text
+from xaicompress.checkpoint import Checkpoint, layer_widths
+from xaicompress.data import DatasetBundle
+from xaicompress.errors import XaiCompressError
+
+METRIC_KEYS = ("accuracy", "params", "nonzero_params", "macs", "size_bytes", "fp32_bytes",
+               "latency_ms")
+PLOT_NAMES = {"stages": "stages.png", "layers": "layers.png", "heatmaps": "heatmaps.png"}
+
+
+def _metrics(ckpt: Checkpoint) -> dict[str, Any]:
+    pipe = ckpt.metrics.get("pipeline")
+    if not pipe:
+        raise XaiCompressError("checkpoint: carries no pipeline measurements")
+    return {k: pipe["eval"].get(k) for k in METRIC_KEYS}
+
+
+def layer_summary(baseline: Checkpoint, final: Checkpoint) -> dict[str, dict[str, Any]]:
+    """Per prunable layer of the final model: output units kept, sparsity, bits, clusters."""
+    from torch import nn
+
+    from xaicompress.quant.packing import index_bits
+
+    before = layer_widths(baseline.model)
+    out: dict[str, dict[str, Any]] = {}
+    for name, m in final.model.named_modules():
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            continue
+        lc = final.state.layers.get(name)
+        w = m.weight.detach()
+        if lc is not None and lc.mask is not None:
+            sparsity = 1 - float(lc.mask.float().mean())
+        else:
+            sparsity = float((w == 0).float().mean())
+        clusters = int(len(lc.codebook)) if lc is not None and lc.codebook is not None else None
+        bits = (index_bits(clusters) if clusters is not None else
+                lc.bits if lc is not None and lc.bits is not None else 32)
+        out[name] = {"units": [before.get(name, {}).get("out", w.shape[0]), int(w.shape[0])],
+                     "weights": int(w.numel()), "sparsity": round(sparsity, 6),
+                     "bits": int(bits), "clusters": clusters}
+    return out
+
+
+def build_report(config: Any, baseline: Checkpoint, steps: list[Checkpoint],
+                 packed_size: int, files: dict[str, Path]) -> dict[str, Any]:
+    """The report dict (see module docstring) from the measured checkpoints."""
+    base = _metrics(baseline)
+    base["seconds"] = baseline.metrics["pipeline"]["seconds"]
+    stages = []
+    for ck in steps:
+        p = ck.metrics["pipeline"]
+        stages.append({"name": p["name"], "type": p["type"], "criterion": p["criterion"],
+                       "seconds": p["seconds"], **_metrics(ck), "fidelity": p["fidelity"]})
+    last = steps[-1] if steps else baseline
+    final = _metrics(last)
+    final["size_bytes"] = int(packed_size)
+    fid_final = (dict(last.metrics["pipeline"]["fidelity"]) if steps else
+                 {"cosine": 1.0, "top10_overlap": 1.0, "agreement": 100.0})
+    return {
+        "title": config.title(),
+        "version": __version__,
+        "seed": config.seed,
+        "data": config.data,
+        "baseline": base,
+        "stages": stages,
+        "final": final,
+        "compression_ratio": round(base["fp32_bytes"] / max(1, packed_size), 4),
+        "accuracy_drop": round(base["accuracy"] - final["accuracy"], 4),
+        "fidelity": {
+            "method": "input-space DeepLIFT maps of the original vs the compressed model on "
+                      "test images, both explaining the original's predicted class; "
+                      "agreement = % of test images with the same predicted class",
+            "final": fid_final,
+            "per_stage": [{"name": s["name"], **s["fidelity"]} for s in stages],
+        },
+        "layers": layer_summary(baseline, last),
+        "files": {k: v.name for k, v in files.items()},
+        "config": config.model_dump(mode="json"),
+    }
+
+
+def write_outputs(config: Any, out: Path, baseline: Checkpoint, steps: list[Checkpoint],
+                  bundle: DatasetBundle, *, plots: bool = True) -> dict[str, Path]:
+    """Export the final model, then write report.json, report.md and the plots into `out`."""
+    from xaicompress.pipeline.run import export_final
+
+    final = steps[-1] if steps else baseline
+    files = export_final(final, out, config)
+    if "packed" in files:
+        packed_size = files["packed"].stat().st_size
+    else:
+        from xaicompress.export.packed import packed_bytes
+        from xaicompress.pipeline.run import deployable
+
+        packed_size = len(packed_bytes(deployable(final)))
+    if plots:
+        from xaicompress.report import plots as P
+
+        files["plot_stages"] = out / PLOT_NAMES["stages"]
+        files["plot_layers"] = out / PLOT_NAMES["layers"]
+        report = build_report(config, baseline, steps, packed_size, files)
+        P.plot_stages(report, files["plot_stages"])
+        P.plot_layers(report["layers"], files["plot_layers"])
+        if config.report.heatmaps > 0:
+            files["plot_heatmaps"] = out / PLOT_NAMES["heatmaps"]
+            P.plot_heatmaps(baseline.model, final.model, bundle, config.report.heatmaps,
+                            files["plot_heatmaps"], seed=config.seed)
+    files["report_json"] = out / "report.json"
+    files["report_md"] = out / "report.md"
+    report = build_report(config, baseline, steps, packed_size, files)
+    atomic_write_text(files["report_json"], json.dumps(report, indent=2) + "\n")
+    atomic_write_text(files["report_md"], report_markdown(report))
+    return files
+
+
+def load_report(path: str | Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise XaiCompressError(f"{path}: cannot read report ({exc})") from None
+
+
+# ------------------------------------------------------------------ formatting
+def kb(n: float | None) -> str:
+    return "-" if n is None else f"{n / 1024:.1f}"
+
+
+def _fmt_int(n: Any) -> str:
+    return "-" if n is None else f"{int(n):,}"
+
+
+def _rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Baseline, every stage, and the final packed model as uniform rows."""
+    fp32 = report["baseline"]["fp32_bytes"]
+    rows = [{"step": "baseline", "criterion": "-", **report["baseline"],
+             "fidelity": {"cosine": 1.0, "top10_overlap": 1.0, "agreement": 100.0}}]
+    rows += [{"step": s["name"], **s} for s in report["stages"]]
+    rows.append({"step": "final (packed file)", "criterion": "-", **report["final"],
+                 "seconds": None, "fidelity": report["fidelity"]["final"]})
+    for r in rows:
+        r["ratio"] = fp32 / max(1, r["size_bytes"])
+    return rows
+
+
+def _short(n: Any) -> str:
+    """12345 -> '12.3k', 435850 -> '436k', 1.2e6 -> '1.20M' (compact table cells)."""
+    if n is None:
+        return "-"
+    n = float(n)
+    if n >= 1e6:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1e4:
+        return f"{n / 1e3:.0f}k"
+    return f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
+
+
+def summary_table(report: dict[str, Any]) -> Table:
+    """One rich table: accuracy, size, ratio, non-zeros, MACs and fidelity per step."""
+    t = Table(title=f"{report['title']}: {report['compression_ratio']:.1f}x smaller, "
+                    f"accuracy {report['final']['accuracy']:.2f}% "
+                    f"({-report['accuracy_drop']:+.2f} pt)")
+    cols = ("step", "criterion", "acc %", "KB", "x", "non-0", "MACs", "ms", "cos", "top10",
+            "agree", "s")
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("step", "criterion") else "right")
+    for r in _rows(report):
+        f = r["fidelity"]
+        t.add_row(r["step"].replace(" (packed file)", ""), str(r.get("criterion") or "-"),
+                  f"{r['accuracy']:.2f}", kb(r["size_bytes"]), f"{r['ratio']:.1f}",
+                  _short(r["nonzero_params"]), _short(r["macs"]),
+                  "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.1f}",
+                  f"{f['cosine']:.3f}", f"{f['top10_overlap']:.2f}", f"{f['agreement']:.1f}",
+                  "-" if r.get("seconds") is None else f"{r['seconds']:.0f}")
+    return t
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """report.md: the headline, the per-step table, fidelity, the layers and the plots."""
+    b, f = report["baseline"], report["final"]
+    fid = report["fidelity"]["final"]
+    lines = [f"# {report['title']}", "",
+             f"**{report['compression_ratio']:.1f}x smaller**: {kb(b['fp32_bytes'])} KB of fp32 "
+             f"weights -> {kb(f['size_bytes'])} KB packed file "
+             f"(`{report['files'].get('packed', '-')}`). "
+             f"Accuracy {b['accuracy']:.2f}% -> {f['accuracy']:.2f}% "
+             f"({-report['accuracy_drop']:+.2f} pt). MACs {_fmt_int(b['macs'])} -> "
+             f"{_fmt_int(f['macs'])}. Explanations: cosine {fid['cosine']:.3f}, top-10% "
+             f"overlap {fid['top10_overlap']:.3f}, same prediction on {fid['agreement']:.1f}% "
+             "of the test images.", "",
+             f"Data `{report['data']}`, seed {report['seed']}, xaicompress {report['version']}.",
+             "", "## Steps", "",
+             "| step | criterion | accuracy % | size KB | x smaller | params | non-zero | MACs "
+             "| latency ms | cosine | top-10% | agree % | seconds |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in _rows(report):
+        fd = r["fidelity"]
+        lat = "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}"
+        sec = "-" if r.get("seconds") is None else f"{r['seconds']:.1f}"
+        lines.append(f"| {r['step']} | {r.get('criterion') or '-'} | {r['accuracy']:.2f} | "
+                     f"{kb(r['size_bytes'])} | {r['ratio']:.1f} | {_fmt_int(r['params'])} | "
+                     f"{_fmt_int(r['nonzero_params'])} | {_fmt_int(r['macs'])} | {lat} | "
+                     f"{fd['cosine']:.3f} | {fd['top10_overlap']:.3f} | {fd['agreement']:.1f} "
+                     f"| {sec} |")
+    lines += ["", "Size = bytes of the packed file as it would be written at that step; "
+              "x smaller = baseline fp32 bytes / size. Latency: median of a batch of 64 on CPU.",
+              "", "## Explanation fidelity", "", report["fidelity"]["method"] + ".", "",
+              "## Layers of the final model", "",
+              "| layer | units kept | weights | sparsity % | bits | clusters |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for name, lay in report["layers"].items():
+        u0, u1 = lay["units"]
+        lines.append(f"| {name} | {u1}/{u0} | {lay['weights']:,} | {lay['sparsity'] * 100:.1f} "
+                     f"| {lay['bits']} | {lay['clusters'] or '-'} |")
+    plots = [(k, v) for k, v in report["files"].items() if k.startswith("plot_")]
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{k.removeprefix('plot_')}]({v})" for k, v in plots]
+    lines += ["", "## Files", ""]
+    lines += [f"- `{v}` ({k})" for k, v in report["files"].items() if not k.startswith("plot_")]
+    return "\n".join(lines) + "\n"
+
