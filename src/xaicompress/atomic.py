@@ -43,6 +43,8 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
         yield io.BytesIO() if "b" in mode else io.StringIO()
         return
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent or ".")
+    # mkstemp creates 0600; give the file the permissions a plain open() would.
+    os.chmod(tmp, 0o666 & ~_umask())
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
@@ -71,6 +73,12 @@ def atomic_save_figure(fig, path: str | os.PathLike[str], **kwargs) -> None:  # 
     fmt = p.suffix.lstrip(".") or "png"
     with atomic_open(p, "wb") as f:
         fig.savefig(f, format=fmt, **kwargs)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _is_rank0() -> bool:

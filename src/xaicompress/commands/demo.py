@@ -13,15 +13,14 @@ DEMO_CONFIG = "lenet5-mnist.yaml"
 
 
 def demo_config_path() -> Path:
-    """configs/lenet5-mnist.yaml of the source tree this package runs from."""
+    """The shipped configs/lenet5-mnist.yaml (package data, so wheels have it too)."""
     import xaicompress
 
-    for base in Path(xaicompress.__file__).resolve().parents:
-        cand = base / "configs" / DEMO_CONFIG
-        if cand.is_file():
-            return cand
-    raise XaiCompressError(f"demo: cannot find configs/{DEMO_CONFIG} next to the xaicompress "
-                           "sources; run from a clone or pass --config")
+    cand = Path(xaicompress.__file__).resolve().parent / "configs" / DEMO_CONFIG
+    if not cand.is_file():
+        raise XaiCompressError(f"demo: the shipped config {cand} is missing; reinstall "
+                               "xaicompress or pass --config")
+    return cand
 
 
 @app.command("demo")
