@@ -60,7 +60,21 @@ class StageCache:
         return self.folder / f"{safe}-{key[:20]}.safetensors"
 
     def load(self, key: str, label: str) -> Checkpoint | None:
-        """The cached checkpoint, or None when absent or unreadable (then recomputed)."""
+        """The cached checkpoint, or None when absent or unreadable (then recomputed).
+
+        Under torchrun rank 0 decides and every rank follows, so all ranks run the same
+        stages (their collectives must line up); OUT must be on a filesystem all ranks see.
+        """
+        from xaicompress.distributed import broadcast_object, is_distributed, is_rank0
+
+        if not is_distributed():
+            return self._load(key, label)
+        mine = self._load(key, label) if is_rank0() else None
+        if not broadcast_object(mine is not None):
+            return None
+        return mine if mine is not None else self._load(key, label)
+
+    def _load(self, key: str, label: str) -> Checkpoint | None:
         p = self.path(key, label)
         if not p.is_file():
             return None

@@ -195,7 +195,10 @@ def run_pipeline(config: PipelineConfig, out_dir: str | os.PathLike[str], *,
         ckpt = hit
 
     files = write_outputs(config, out, baseline, steps, bundle, plots=plots)
+    from xaicompress.distributed import barrier
     from xaicompress.report.report import load_report
+
+    barrier()  # only rank 0 writes; the others read its report once it is there
 
     report = load_report(files["report_json"])
     return PipelineResult(out, report, baseline, ckpt, cached, files,
