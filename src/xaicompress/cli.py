@@ -7,6 +7,7 @@ a traceback is shown only with `--debug`.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -27,11 +28,14 @@ def _load_commands() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (tests call this directly)."""
     _load_commands()
-    from xaicompress.distributed import init_from_env, shutdown
+    from xaicompress.distributed import init_from_env, is_rank0, shutdown
 
     started = False
     try:
         started = init_from_env()
+        if started and not is_rank0():
+            # Under torchrun one terminal report is enough: rank 0's.
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         app(args=argv, standalone_mode=False)
     except XaiCompressError as exc:
         if DEBUG["on"]:

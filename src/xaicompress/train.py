@@ -49,7 +49,12 @@ def train(
     if epochs <= 0:
         return model
     seed_everything(seed)
-    loader = make_loader(train_set, batch_size, shuffle=True, seed=seed, drop_last=False)
+    from xaicompress.distributed import world_size
+
+    # batch_size is the global batch: under torchrun each of N ranks takes 1/N of it, so
+    # a distributed run makes the same number of steps with the same effective batch.
+    loader = make_loader(train_set, max(1, batch_size // world_size()), shuffle=True,
+                         seed=seed, drop_last=False)
     steps_per_epoch = len(loader)
     total = max(1, int(round(epochs * steps_per_epoch)))
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]

@@ -194,11 +194,14 @@ def run_pipeline(config: PipelineConfig, out_dir: str | os.PathLike[str], *,
         steps.append(hit)
         ckpt = hit
 
-    files = write_outputs(config, out, baseline, steps, bundle, plots=plots)
-    from xaicompress.distributed import barrier
+    from xaicompress.distributed import broadcast_object, is_rank0
     from xaicompress.report.report import load_report
 
-    barrier()  # only rank 0 writes; the others read its report once it is there
+    # Only rank 0 writes the outputs (no collectives in there); the others wait for its
+    # list of files and read its report.
+    files = write_outputs(config, out, baseline, steps, bundle, plots=plots) if is_rank0() \
+        else None
+    files = broadcast_object(files)
 
     report = load_report(files["report_json"])
     return PipelineResult(out, report, baseline, ckpt, cached, files,
