@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from xaicompress.errors import XaiCompressError
+
+if TYPE_CHECKING:
+    from xaicompress.data import DatasetBundle
 
 
 def prunable_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -127,15 +130,30 @@ def _parse_value(v: str) -> Any:
     return v
 
 
-def compute_relevance(model: nn.Module, criterion: Criterion, dataset: Dataset | None, *,
-                      samples: int = 512, batch_size: int = 128, seed: int = 0) -> Relevance:
+def compute_relevance(model: nn.Module, criterion: Criterion,
+                      dataset: Dataset | DatasetBundle | None, *,
+                      samples: int = 512, batch_size: int = 128, seed: int = 0,
+                      pixel_mean: tuple[float, ...] | None = None,
+                      pixel_std: tuple[float, ...] | None = None) -> Relevance:
     """Score `model` with `criterion` on `samples` seeded-random items of `dataset`.
 
-    Data-free criteria ignore the dataset. Under torch.distributed the loader shards the
-    samples across ranks and the criterion reduces its sums (see relevance/deeplift.py).
+    `dataset` is a Dataset of (x, y) or a DatasetBundle (its train split is scored and its
+    normalisation is handed to criteria that use it, e.g. DeepLIFT's black `zeros`
+    reference); `pixel_mean`/`pixel_std` give that normalisation explicitly. A criterion
+    whose options already set them keeps its own. Data-free criteria ignore the dataset.
+    Under torch.distributed the loader shards the samples across ranks and the criterion
+    reduces its sums (see relevance/distributed.py).
     """
-    from xaicompress.data import make_loader, subset
+    from xaicompress.data import DatasetBundle, make_loader, subset
 
+    if isinstance(dataset, DatasetBundle):
+        pixel_mean = pixel_mean if pixel_mean is not None else dataset.mean
+        pixel_std = pixel_std if pixel_std is not None else dataset.std
+        dataset = dataset.train
+    if (pixel_mean is not None and getattr(criterion, "accepts_normalisation", False)
+            and criterion.options.get("pixel_mean") is None):
+        criterion = type(criterion)(**{**criterion.options, "pixel_mean": tuple(pixel_mean),
+                                       "pixel_std": tuple(pixel_std or ())})
     if not criterion.needs_data:
         return criterion.score(model, None)
     if dataset is None:

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from xaicompress.checkpoint import check_data_fits, load_checkpoint
+from xaicompress.cli_app import SeedOpt, app
+from xaicompress.data import load_dataset
+from xaicompress.relevance.explain import explain_checkpoint
+
+
+@app.command("explain")
+def explain_cmd(
+    checkpoint: Annotated[str, typer.Argument(help="Checkpoint file.")],
+    data: Annotated[str | None, typer.Option("--data", help="Dataset spec (default: the "
+                                             "checkpoint's).")] = None,
+    criterion: Annotated[str, typer.Option(
+        "--criterion", help="name[:key=value,...], e.g. deeplift:reference=mean,target=pred,"
+        "aggregate=signed or deeplift:reference=samples:8")] = "deeplift",
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Training images "
+                                         "scored.")] = 512,
+    images: Annotated[int, typer.Option("--images", min=0, help="Test images shown as "
+                                        "heatmaps.")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 128,
+    seed: SeedOpt = 0,
+    out: Annotated[str, typer.Option("--out", help="Output folder.")] = "explain",
+) -> None:
+    """Relevance of every unit and weight: scores (safetensors), bar plots, heatmaps."""
+    from xaicompress.relevance import get_criterion
+
+    crit = get_criterion(criterion)  # a bad spec fails before any loading
+    ckpt = load_checkpoint(checkpoint)
+    spec = data or ckpt.data or "mnist5k"
+    bundle = load_dataset(spec, seed=seed)
+    check_data_fits(ckpt, bundle.input_shape, bundle.num_classes, spec)
+    result = explain_checkpoint(ckpt, bundle, out, criterion=crit, samples=samples, seed=seed,
+                                images=images, batch_size=batch_size)
+    meta = result.relevance.meta
+    line = f"{criterion} on {meta.get('samples')} samples of {spec}"
+    if "convergence_delta_rel" in meta:
+        line += f", convergence delta {meta['convergence_delta_rel']:.1e} (relative)"
+    Console().print(f"{line} -> {out}/ ({len(result.files)} files)")

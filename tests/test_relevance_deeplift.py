@@ -1,0 +1,173 @@
+"""DeepLIFT engine: Captum agreement layer by layer, summation-to-delta, options."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from xaicompress.errors import XaiCompressError
+from xaicompress.models import create_model
+from xaicompress.relevance import compute_relevance, get_criterion, prunable_layers
+from xaicompress.relevance.deeplift import layer_attributions
+
+MODELS = [("lenet5", (1, 28, 28), {}), ("vgg11", (3, 32, 32), {"width": 0.25}),
+          ("resnet20", (3, 32, 32), {})]
+
+
+def _model(name, shape, kw, seed=0):
+    torch.manual_seed(seed)
+    m = create_model(name, shape, 10, **kw)
+    for mod in m.modules():  # non-trivial eval-mode BatchNorm
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.2, 0.2)
+            mod.running_var.uniform_(0.5, 1.5)
+            mod.weight.data.uniform_(0.5, 1.5)
+            mod.bias.data.uniform_(-0.1, 0.1)
+    return m.double().eval()
+
+
+@pytest.mark.parametrize("name,shape,kw", MODELS)
+def test_summation_to_delta(name, shape, kw):
+    # float64: untrained networks have output differences near float32 rounding
+    m = _model(name, shape, kw)
+    x = torch.randn(8, *shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ref = torch.full((1, *shape), -0.4, dtype=torch.float64)
+    layers, res = layer_attributions(m, x, ref, torch.arange(8) % 10)
+    with torch.no_grad():
+        df = (m(x) - m(ref))[torch.arange(8), torch.arange(8) % 10]
+    assert torch.allclose(res.delta_f, df, rtol=1e-9, atol=1e-12)
+    assert float(res.delta.abs().max()) <= 1e-4 * float(df.abs().mean())
+    # a layer every path crosses carries the whole output difference too
+    first = next(iter(layers))
+    total = layers[first].flatten(1).sum(1)
+    assert torch.allclose(total, df, rtol=1e-4, atol=1e-4 * float(df.abs().mean()))
+
+
+def _loader(shape=(1, 28, 28), n=40, batch=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=batch)
+
+
+def test_criterion_shapes_keys_and_batch_independence():
+    m = _model("lenet5", (1, 28, 28), {}).float()
+    crit = get_criterion("deeplift", pixel_mean=(0.13,), pixel_std=(0.31,))
+    a = crit.score(m, _loader(batch=16))
+    b = crit.score(m, _loader(batch=7))
+    for name, layer in prunable_layers(m).items():
+        assert a.units[name].shape == (layer.weight.shape[0],)
+        assert a.weights[name].shape == layer.weight.shape
+        assert (a.units[name] >= 0).all() and a.units[name].sum() > 0
+        torch.testing.assert_close(a.units[name], b.units[name], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(a.weights[name], b.weights[name], rtol=1e-4, atol=1e-8)
+    assert a.meta["samples"] == 40 and a.meta["convergence_delta_rel"] < 1e-4
+    assert a.meta["reference"] == "zeros" and a.meta["unreached_layers"] == []
+
+
+def test_unit_and_weight_relevance_match_definition():
+    """Per-weight contribution m_z * w * dx summed over positions, mean |.| over samples."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(3 * 5 * 5, 4)).double().eval()
+    x = torch.randn(5, 2, 5, 5, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 0])
+    ref = torch.zeros(1, 2, 5, 5, dtype=torch.float64)
+    rel = get_criterion("deeplift", pixel_mean=(0.0, 0.0), pixel_std=(1.0, 1.0)).score(
+        m.float(), DataLoader(TensorDataset(x.float(), y), batch_size=2))
+    m = m.double()
+    layers, _ = layer_attributions(m, x, ref, y)
+    units = layers["0"].flatten(2).sum(2).abs().mean(0)
+    torch.testing.assert_close(rel.units["0"].double(), units, rtol=1e-4, atol=1e-7)
+    # brute force per sample: multiplier of conv output m = C / dz where dz != 0
+    conv = m[0]
+    with torch.no_grad():
+        dz = conv(x) - conv(ref)
+    mult = layers["0"] / dz
+    expect = torch.zeros_like(conv.weight)
+    for n in range(5):
+        per = torch.zeros_like(conv.weight)
+        xp = torch.nn.functional.pad(x[n] - ref[0], (1, 1, 1, 1))
+        for i in range(5):
+            for j in range(5):
+                patch = xp[:, i:i + 3, j:j + 3]
+                per += mult[n, :, i, j].view(3, 1, 1, 1) * conv.weight * patch
+        expect += per.abs()
+    torch.testing.assert_close(rel.weights["0"].double(), expect / 5, rtol=1e-4, atol=1e-7)
+
+
+def test_reference_and_target_options():
+    m = _model("lenet5", (1, 28, 28), {}).float()
+    loader = _loader(n=10, batch=5)
+    norm = {"pixel_mean": (0.13,), "pixel_std": (0.31,)}
+    base = get_criterion("deeplift", **norm).score(m, loader)
+    for spec in ("deeplift:reference=mean", "deeplift:reference=blur,sigma=2",
+                 "deeplift:reference=samples:3", "deeplift:reference=samples3",
+                 "deeplift:target=pred", "deeplift:target=all", "deeplift:target=4",
+                 "deeplift:aggregate=signed", "deeplift:normalise=true"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # every run converges: no warning
+            rel = get_criterion(spec, **norm).score(m, loader)
+        assert set(rel.units) == set(base.units)
+        assert not torch.allclose(rel.units["conv2"], base.units["conv2"]), spec
+    assert get_criterion("deeplift:reference=samples:3").score(m, loader).meta[
+        "references_per_sample"] == 3
+    signed = get_criterion("deeplift:aggregate=signed", **norm).score(m, loader)
+    assert (signed.units["fc2"] < 0).any()
+    tensor_ref = get_criterion("deeplift", reference=torch.full((1, 28, 28), -0.13 / 0.31))
+    torch.testing.assert_close(tensor_ref.score(m, loader).units["conv1"],
+                               base.units["conv1"])
+
+
+def test_zeros_is_black_pixel_image_via_bundle():
+    from xaicompress.data import load_dataset
+
+    bundle = load_dataset("digits")
+    m = create_model("lenet5", bundle.input_shape, 10).eval()
+    via_bundle = compute_relevance(m, get_criterion("deeplift"), bundle, samples=16)
+    black = bundle.pixel_to_input(torch.zeros(1, *bundle.input_shape))[0]
+    explicit = compute_relevance(m, get_criterion("deeplift", reference=black), bundle.train,
+                                 samples=16)
+    torch.testing.assert_close(via_bundle.units["conv2"], explicit.units["conv2"])
+    assert via_bundle.meta["normalised_reference"] is True
+    with pytest.warns(UserWarning, match="normalisation unknown"):
+        compute_relevance(m, get_criterion("deeplift"), bundle.train, samples=8)
+
+
+def test_convergence_warning_and_bad_options():
+    m = _model("lenet5", (1, 28, 28), {}).float()
+    with pytest.warns(UserWarning, match="convergence delta"):
+        get_criterion("deeplift:tolerance=1e-30", pixel_mean=(0.1,), pixel_std=(0.3,)).score(
+            m, _loader(n=8))
+    for spec, word in [("deeplift:reference=purple", "reference"),
+                       ("deeplift:target=best", "target"),
+                       ("deeplift:aggregate=max", "aggregate"),
+                       ("deeplift:reference=samples0", "samples"),
+                       ("deeplift:colour=red", "colour")]:
+        with pytest.raises(XaiCompressError, match=word):
+            get_criterion(spec)
+    with pytest.raises(XaiCompressError, match="pixel_std"):
+        get_criterion("deeplift", pixel_mean=(0.1,))
+    with pytest.raises(XaiCompressError, match="pixel_mean"):
+        get_criterion("deeplift", pixel_mean=(0.1, 0.2), pixel_std=(0.3, 0.3)).score(
+            m, _loader(n=4))
+    with pytest.raises(XaiCompressError, match="needs data"):
+        get_criterion("deeplift").score(m, None)
+
+
+def test_relevance_is_deterministic_and_leaves_model_untouched():
+    m = _model("vgg11", (3, 32, 32), {"width": 0.25}).float()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    loader = _loader((3, 32, 32), n=6, batch=3)
+    # untrained float32 vgg: |f(x) - f(ref)| ~ 1e-5, so rounding alone exceeds 1e-4 relative
+    c = get_criterion("deeplift:reference=samples2,tolerance=1e-2", pixel_mean=(0.5,) * 3,
+                      pixel_std=(0.25,) * 3)
+    a, b = c.score(m, loader), c.score(m, loader)
+    for k in a.units:
+        assert torch.equal(a.units[k], b.units[k]) and torch.equal(a.weights[k], b.weights[k])
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert all(p.requires_grad for p in m.parameters())
+    assert not hasattr(m, "graph")
