@@ -6,7 +6,7 @@
     python benchmarks/reproduce.py --only pipeline --seeds 0,1,2
 
 Steps:
- 1. run benchmarks/{relevance_speed,pruning,weight_sharing,mixed_precision}.py as
+ 1. run benchmarks/{training,relevance_speed,pruning,weight_sharing,mixed_precision}.py as
     subprocesses (each with its own --seeds format, --quick passed through; a missing
     script is reported, not fatal);
  2. run configs/{lenet5,lenet300,resnet20}-mnist.yaml through `run_pipeline` for every seed
@@ -55,6 +55,7 @@ def _seeds_list(seeds: list[int]) -> list[str]:
 
 # Each script's own --seeds format (they were written by different people).
 BENCHMARKS = {
+    "training": _seeds_comma,
     "relevance_speed": _seeds_comma,
     "pruning": _seeds_count,
     "weight_sharing": _seeds_list,
