@@ -1,0 +1,170 @@
+"""ONNX export of any checkpoint xaicompress writes (plain, pruned, masked, shared, quantized).
+
+The graph has a dynamic batch dimension (input "input" (N, C, H, W) -> output "logits"
+(N, classes)). Pruned, masked and weight-shared layers export their effective float weights.
+An integer-quantized layer exports its weight as an int8 initializer feeding a per-channel
+DequantizeLinear (axis 0) into the Conv / Gemm, and layers with quantized activations get a
+QuantizeLinear / DequantizeLinear pair (int8, zero point 0; plus a Clip below 8 bits) on their
+input: what the in-memory model computes, so ONNX Runtime reproduces it.
+
+We use the TorchScript exporter (`dynamo=False`): it runs offline and lets a small
+`torch.autograd.Function` emit the Q/DQ nodes directly through its `symbolic`, so no graph
+surgery by initializer names (which the exporter may rename or fold) is needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from xaicompress.atomic import atomic_write_bytes, check_writable
+from xaicompress.checkpoint import Checkpoint
+from xaicompress.errors import XaiCompressError
+from xaicompress.quant.activations import act_range, fake_quant_activation, remove_activation_quant
+
+OPSET = 17
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
+class _Dequantize(torch.autograd.Function):
+    """q int8 (out, ...) * scale (out,) -> float weight; exported as DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, scale: Tensor) -> Tensor:  # noqa: ARG004
+        return q.float() * scale.reshape(-1, *([1] * (q.dim() - 1)))
+
+    @staticmethod
+    def symbolic(g: Any, q: Any, scale: Any) -> Any:
+        shape = q.type().sizes()
+        zp = g.op("Constant", value_t=torch.zeros(shape[0], dtype=torch.int8))
+        return g.op("DequantizeLinear", q, scale, zp, axis_i=0)
+
+
+class _FakeQuantAct(torch.autograd.Function):
+    """Activation fake quantization; exported as QuantizeLinear -> DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: Tensor, lo: Tensor, hi: Tensor,  # noqa: ARG004
+                bits: int) -> Tensor:
+        return fake_quant_activation(x, scale, bits)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, scale: Any, lo: Any, hi: Any, bits: int) -> Any:
+        zp = g.op("Constant", value_t=torch.zeros((), dtype=torch.int8))
+        q = g.op("QuantizeLinear", x, scale, zp)
+        out = g.op("DequantizeLinear", q, scale, zp)
+        if bits < 8:
+            # int8 saturation is wider than b bits: clip to the b-bit grid, exactly as
+            # clamp(round(x/s), lo, hi) * s does (lo, hi are the float32 products q * s).
+            out = g.op("Clip", out, lo, hi)
+        return out
+
+
+class _QuantLayer(nn.Module):
+    """A Conv2d / Linear whose weight is int8 + per-channel scale, and/or whose input is
+    fake-quantized. Same outputs as the original layer with the state applied."""
+
+    def __init__(self, inner: nn.Module, bits: int | None, scale: Tensor | None,
+                 act_bits: int | None, act_scale: Tensor | None) -> None:
+        super().__init__()
+        self.inner = inner
+        self.act_bits = act_bits
+        if act_bits is not None and act_scale is not None:
+            s = act_scale.detach().float().reshape(()).clone()
+            lo, hi = act_range(act_bits)
+            self.register_buffer("act_scale", s)
+            self.register_buffer("act_lo", torch.tensor(float(lo)) * s)
+            self.register_buffer("act_hi", torch.tensor(float(hi)) * s)
+        self.quantized = bits is not None and scale is not None
+        if self.quantized:
+            w = inner.weight.detach().float()
+            s = scale.detach().float()
+            qmax = 2 ** (bits - 1) - 1  # type: ignore[operator]
+            q = torch.clamp(torch.round(w / s.reshape(-1, *([1] * (w.dim() - 1)))), -qmax, qmax)
+            self.register_buffer("qweight", q.to(torch.int8))
+            self.register_buffer("wscale", s.clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.act_bits is not None:
+            x = _FakeQuantAct.apply(x, self.act_scale, self.act_lo, self.act_hi,
+                                    self.act_bits)
+        w = _Dequantize.apply(self.qweight, self.wscale) if self.quantized else self.inner.weight
+        if isinstance(self.inner, nn.Conv2d):
+            return self.inner._conv_forward(x, w, self.inner.bias)
+        return nn.functional.linear(x, w, self.inner.bias)
+
+
+def export_model(ckpt: Checkpoint) -> nn.Module:
+    """A copy of `ckpt.model` ready for export: effective weights, Q/DQ layers, no hooks."""
+    model = copy.deepcopy(ckpt.model)
+    remove_activation_quant(model)
+    ckpt.state.apply(model)
+    modules = dict(model.named_modules())
+    for name, lc in ckpt.state.layers.items():
+        wants_int = lc.bits is not None and lc.scale is not None and lc.codebook is None
+        if not wants_int and lc.act_bits is None:
+            continue
+        m = modules.get(name)
+        if not isinstance(m, (nn.Conv2d, nn.Linear)):
+            raise XaiCompressError(f"ONNX export: quantized layer {name!r} is "
+                                   f"{type(m).__name__}, expected Conv2d or Linear")
+        new = _QuantLayer(m, lc.bits if wants_int else None, lc.scale if wants_int else None,
+                          lc.act_bits, lc.act_scale)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, attr, new)
+    return model.eval()
+
+
+def onnx_bytes(ckpt: Checkpoint, *, opset: int = OPSET) -> bytes:
+    """The serialised ONNX model of `ckpt` (checked with `onnx.checker`)."""
+    import onnx
+
+    model = export_model(ckpt)
+    dummy = torch.zeros(2, *ckpt.spec.input_shape)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of dynamo but still supported.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (dummy,), buf, dynamo=False, opset_version=opset,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          do_constant_folding=True)
+    proto = onnx.load_from_string(buf.getvalue())
+    proto.producer_name = "xaicompress"
+    onnx.checker.check_model(proto)
+    return proto.SerializeToString()
+
+
+def export_onnx(ckpt: Checkpoint, path: str | os.PathLike[str], *, opset: int = OPSET) -> Path:
+    """Write `ckpt` as ONNX to `path` atomically (nothing partial on failure)."""
+    check_writable(path)
+    atomic_write_bytes(path, onnx_bytes(ckpt, opset=opset))
+    return Path(path)
+
+
+def onnx_predict(path: str | os.PathLike[str], x: Tensor, batch_size: int = 256, *,
+                 optimize: bool = False) -> Tensor:
+    """Logits (N, classes) of the ONNX model at `path` on x (N, C, H, W), in ONNX Runtime.
+
+    optimize=False runs the graph as written (float Conv/Gemm on dequantized weights), which
+    reproduces PyTorch; optimize=True lets ORT fuse Q/DQ pairs into integer kernels
+    (QLinearConv, ...), which round intermediate results differently.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    outs = [torch.from_numpy(sess.run(None, {INPUT_NAME: x[i:i + batch_size].numpy()})[0])
+            for i in range(0, len(x), batch_size)]
+    return torch.cat(outs)

@@ -1,0 +1,65 @@
+"""Quantization-aware training with a straight-through estimator (STE).
+
+While training, every quantized layer's weight is a parametrization of a latent float
+weight: W = m * (W_lat + (Q(W_lat) - W_lat).detach()), Q the layer's fixed per-channel grid
+(bits, scale) and m its pruning mask. The forward pass sees the quantized weights, the
+gradient reaches the latent weights unchanged (pruned ones get none). Afterwards the latent
+weights are projected once more onto the grid, so the state's scales and the model's
+effective weights agree exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.utils.data import Dataset
+
+from xaicompress.checkpoint import Checkpoint
+from xaicompress.quant.activations import install_activation_quant
+from xaicompress.state import LayerCompression, effective_weight
+
+
+class STEQuant(nn.Module):
+    """Parametrization: latent weight (out, ...) -> quantized weight with an STE gradient."""
+
+    def __init__(self, bits: int, scale: Tensor, mask: Tensor | None) -> None:
+        super().__init__()
+        self.lc = LayerCompression(bits=bits, scale=scale.detach().clone(),
+                                   mask=None if mask is None else mask.detach().clone())
+
+    def forward(self, w: Tensor) -> Tensor:
+        q = effective_weight(w.detach(), self.lc)
+        out = w + (q - w).detach()
+        if self.lc.mask is not None:
+            out = out * self.lc.mask.to(w.dtype)
+        return out
+
+
+def qat_train(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1, lr: float = 1e-4,
+              seed: int = 0, batch_size: int = 64) -> Checkpoint:
+    """Train `ckpt` IN PLACE with the STE on its quantized layers; returns it.
+
+    Activation quantizers installed on the model stay active (with their own STE).
+    """
+    from xaicompress.train import train
+
+    modules = dict(ckpt.model.named_modules())
+    quantized = {n: lc for n, lc in ckpt.state.layers.items()
+                 if lc.bits is not None and lc.scale is not None}
+    for name, lc in quantized.items():
+        parametrize.register_parametrization(modules[name], "weight",
+                                             STEQuant(lc.bits, lc.scale, lc.mask))
+    try:
+        train(ckpt.model, train_set, epochs=epochs, lr=lr, seed=seed, batch_size=batch_size,
+              description="QAT")
+    finally:
+        for name in quantized:
+            # Keep the latent float weights; the state re-derives the quantized ones from them.
+            parametrize.remove_parametrizations(modules[name], "weight",
+                                                leave_parametrized=False)
+    with torch.no_grad():
+        ckpt.state.apply(ckpt.model)
+    install_activation_quant(ckpt.model, ckpt.state)
+    ckpt.model.eval()
+    return ckpt
