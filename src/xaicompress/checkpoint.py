@@ -228,11 +228,7 @@ def checkpoint_from_bytes(raw: bytes, source: str = "checkpoint") -> Checkpoint:
             if t is not None and tuple(t.shape) != tuple(w.shape):
                 raise XaiCompressError(f"{source}: {name}.{f} has shape {tuple(t.shape)}, "
                                        f"weight is {tuple(w.shape)}")
-    if any(lc.act_bits is not None for lc in state.layers.values()):
-        # Quantized activations live in forward hooks, not tensors: re-install them.
-        from xaicompress.quant.activations import install_activation_quant
-
-        install_activation_quant(model, state)
+    state.install_hooks(model)
     return Checkpoint(model, spec, meta.get("data"), state, list(meta.get("history") or []),
                       dict(meta.get("metrics") or {}))
 

@@ -96,6 +96,14 @@ class CompressionState:
                 setattr(st.get(name), f, v)
         return st
 
+    def install_hooks(self, model: nn.Module) -> None:
+        """Re-create what lives in forward hooks rather than tensors (quantized
+        activations) on a freshly loaded `model`. Every loader calls this."""
+        if any(lc.act_bits is not None for lc in self.layers.values()):
+            from xaicompress.quant.activations import install_activation_quant
+
+            install_activation_quant(model, self)
+
     def apply(self, model: nn.Module) -> None:
         """Write the effective weights implied by the state into `model`, in place."""
         modules = dict(model.named_modules())

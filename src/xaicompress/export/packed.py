@@ -322,6 +322,7 @@ def packed_from_bytes(raw: bytes, source: str = "packed file") -> Checkpoint:
                                "last tensor (corrupt packed file)")
     model.load_state_dict(tensors, strict=True)
     model.eval()
+    state.install_hooks(model)
     return Checkpoint(model, spec, header.get("data"), state,
                       list(header.get("history") or []), dict(header.get("metrics") or {}))
 
