@@ -28,6 +28,34 @@ def _data(fn):
     return lambda good, d: fn(d)
 
 
+TINY_STAGE = {"type": "prune_structured", "criterion": "l1", "ratio": 0.5}
+
+
+def _config(**changes):
+    """A YAML config file that is valid except for `changes` (None deletes a key)."""
+    import yaml
+
+    def make(good: Path, d: Path) -> Path:
+        cfg = {"model": "lenet5", "data": "mnist5k", "train": {"epochs": 0.05},
+               "stages": [dict(TINY_STAGE)]}
+        for k, v in changes.items():
+            cfg[k] = v
+        p = d / "bad_config.yaml"
+        p.write_text(yaml.safe_dump(cfg))
+        return p
+
+    return make
+
+
+def _raw_config(text: str):
+    def make(good: Path, d: Path) -> Path:
+        p = d / "bad_config.yaml"
+        p.write_text(text)
+        return p
+
+    return make
+
+
 CKPT_MAKERS = {
     "truncated-ckpt": makers.truncated,
     "corrupt-header-ckpt": makers.corrupted_header,
@@ -81,6 +109,63 @@ CASES: list[Case] = [
     Case("out-parent-is-file", ("train", "--epochs", "0.01", "--out", "{ckpt}/m.safetensors"),
          "does not exist"),
     Case("out-is-folder", ("train", "--epochs", "0.01", "--out", "{dir}"), "is a folder"),
+    # the compression commands' options
+    Case("explain-truncated-ckpt", ("explain", "{bad}", "--out", "{dir}/expl"),
+         "{badname}", makers.truncated),
+    Case("prune-ratio-above-1", ("prune", "{ckpt}", "--structured", "--ratio", "1.5",
+                                 "--out", "{out}"), "--ratio"),
+    Case("prune-ratio-negative", ("prune", "{ckpt}", "--unstructured", "--ratio", "-0.2",
+                                  "--out", "{out}"), "--ratio"),
+    Case("prune-unknown-criterion", ("prune", "{ckpt}", "--structured", "--ratio", "0.5",
+                                     "--criterion", "shapley", "--out", "{out}"), "shapley"),
+    Case("prune-pickle-ckpt", ("prune", "{bad}", "--structured", "--ratio", "0.5",
+                               "--out", "{out}"), "{badname}", makers.pickle_payload),
+    Case("prune-data-does-not-fit", ("prune", "{ckpt}", "--structured", "--ratio", "0.5",
+                                     "--data", "digits", "--out", "{out}"), "digits"),
+    Case("share-zero-clusters", ("share", "{ckpt}", "--clusters", "0", "--criterion", "none",
+                                 "--out", "{out}"), "--clusters"),
+    Case("share-negative-bits", ("share", "{ckpt}", "--avg-bits", "-1", "--criterion", "none",
+                                 "--out", "{out}"), "--avg-bits"),
+    Case("quantize-zero-bits", ("quantize", "{ckpt}", "--avg-bits", "0", "--criterion", "none",
+                                "--out", "{out}"), "--avg-bits"),
+    Case("quantize-budget-too-small", ("quantize", "{ckpt}", "--size-kb", "0.5",
+                                       "--criterion", "none", "--out", "{out}"), "--size-kb"),
+    Case("quantize-nan-ckpt", ("quantize", "{bad}", "--avg-bits", "4", "--out", "{out}"),
+         "{badname}", makers.nan_weights),
+    Case("export-unknown-format", ("export", "{ckpt}", "--format", "tflite",
+                                   "--out", "{dir}/m.onnx"), "tflite"),
+    Case("export-corrupt-ckpt", ("export", "{bad}", "--format", "onnx", "--out", "{dir}/m.onnx"),
+         "{badname}", makers.corrupted_header),
+    # pipeline configs
+    Case("config-unknown-key", ("compress", "--config", "{bad}", "--out", "{dir}/run"),
+         "colour", _config(colour="blue")),
+    Case("config-wrong-type", ("compress", "--config", "{bad}", "--out", "{dir}/run"),
+         "train", _config(train={"epochs": "many"})),
+    Case("config-ratio-out-of-range", ("compress", "--config", "{bad}", "--out", "{dir}/run"),
+         "ratio", _config(stages=[{**TINY_STAGE, "ratio": 1.0}])),
+    Case("config-zero-bits", ("compress", "--config", "{bad}", "--out", "{dir}/run"),
+         "avg_bits", _config(stages=[{"type": "quantize", "criterion": "none",
+                                      "avg_bits": 0}])),
+    Case("config-negative-clusters", ("compress", "--config", "{bad}", "--out", "{dir}/run"),
+         "clusters", _config(stages=[{"type": "share", "criterion": "none",
+                                      "clusters": -4}])),
+    Case("config-budget-too-small", ("compress", "--config", "{bad}", "--out", "{dir}/run"),
+         "size", _config(stages=[{"type": "quantize", "criterion": "none",
+                                  "size_kb": 0.2}])),
+    Case("config-not-yaml", ("compress", "--config", "{bad}", "--out", "{dir}/run"),
+         "bad_config.yaml", _raw_config("model: [unclosed\n  - : :")),
+    Case("config-not-a-mapping", ("compress", "--config", "{bad}", "--out", "{dir}/run"),
+         "bad_config.yaml", _raw_config("- just\n- a list\n")),
+    Case("config-model-not-importable", ("compress", "--config", "{bad}", "--out",
+                                         "{dir}/run"), "nowhere_pkg",
+         _config(model="nowhere_pkg.nets:build")),
+    Case("config-missing-file", ("compress", "--config", "{dir}/nope.yaml", "--out",
+                                 "{dir}/run"), "nope.yaml"),
+    Case("compare-unknown-criterion", ("compare", "--config", "{bad}", "--criteria",
+                                       "l1,oracle", "--seeds", "0", "--out", "{dir}/cmp"),
+         "oracle", _config()),
+    Case("compare-bad-seeds", ("compare", "--config", "{bad}", "--seeds", "zero",
+                               "--out", "{dir}/cmp"), "--seeds", _config()),
 ]
 
 

@@ -77,6 +77,35 @@ def _source(config: PipelineConfig) -> dict[str, Any]:
     return {"model": config.model.name, "kwargs": config.model.kwargs}
 
 
+def preflight(config: PipelineConfig, bundle: DatasetBundle) -> None:
+    """Refuse budgets no model can meet before anything is trained or written.
+
+    A `quantize` stage's `size_kb` must at least hold what is never quantized (biases,
+    norms, one scale per channel); only structured pruning before it can shrink that, so
+    the check is exact until such a stage appears.
+    """
+    from xaicompress.checkpoint import ModelSpec
+    from xaicompress.quant.integer import fixed_bytes, quantizable_layers
+
+    if config.checkpoint is not None:
+        return  # its size is known only after loading it; the stage itself will check
+    assert config.model is not None
+    spec = ModelSpec(config.model.name, tuple(bundle.input_shape), bundle.num_classes,
+                     dict(config.model.kwargs))
+    probe: Checkpoint | None = None
+    for i, st in enumerate(config.stages):
+        if st.type == "prune_structured":
+            return
+        size_kb = getattr(st, "size_kb", None)
+        if st.type == "quantize" and size_kb is not None:
+            probe = probe or Checkpoint(spec.build(), spec)
+            floor = fixed_bytes(probe, quantizable_layers(probe))
+            if size_kb * 1024 < floor:
+                raise XaiCompressError(
+                    f"stages[{i}].size_kb: {size_kb} KiB is smaller than the smallest possible "
+                    f"model; its unquantized parts alone take {floor / 1024:.2f} KiB")
+
+
 def _make_baseline(config: PipelineConfig, bundle: DatasetBundle) -> Checkpoint:
     """The user's checkpoint, or a model trained like `xaicompress train` (on the bundle
     already loaded: loading a dataset twice is slow)."""
@@ -148,6 +177,7 @@ def run_pipeline(config: PipelineConfig, out_dir: str | os.PathLike[str], *,
     out = prepare_out_dir(out_dir)
     cache = StageCache(cache_dir if cache_dir is not None else out / "cache")
     bundle = load_dataset(config.data, seed=config.seed)
+    preflight(config, bundle)
     source = _source(config)
     key = baseline_key(source, config.data,
                        config.train.model_dump(mode="json") if config.model else {},
