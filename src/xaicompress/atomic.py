@@ -75,6 +75,19 @@ def atomic_save_figure(fig, path: str | os.PathLike[str], **kwargs) -> None:  # 
         fig.savefig(f, format=fmt, **kwargs)
 
 
+def remove_stale_temps(folder: str | os.PathLike[str]) -> int:
+    """Delete temporary files that a killed run left in `folder` (a SIGKILL gives the
+    writer no chance to clean up); returns how many were removed."""
+    if not _is_rank0():
+        return 0
+    n = 0
+    for p in Path(folder).glob(".*.tmp"):
+        with contextlib.suppress(OSError):
+            p.unlink()
+            n += 1
+    return n
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -64,6 +64,10 @@ def prepare_out_dir(out_dir: str | os.PathLike[str]) -> Path:
     except OSError as exc:
         raise XaiCompressError(f"--out {out}: cannot create folder ({exc.strerror})") from None
     check_writable(out / "report.json")
+    from xaicompress.atomic import remove_stale_temps
+
+    for folder in (out, out / "cache"):
+        remove_stale_temps(folder)
     return out
 
 
