@@ -12,8 +12,11 @@ from xaicompress.errors import XaiCompressError
 from xaicompress.export.packed import load_packed, packed_report
 from xaicompress.quant.codebook import (
     SharedWeight,
+    centroid_lr,
     cluster_weights,
     finetune_shared,
+    initial_centroids,
+    layer_sample_weights,
     share_weights,
 )
 from xaicompress.relevance import Criterion, Relevance, prunable_layers
@@ -170,6 +173,7 @@ def test_finetuning_trains_centroids_and_keeps_outputs_consistent(tmp_path):
         assert torch.equal(lc.indices, sh.state.get(name).indices)
     # no parametrisation is left behind and the packed file reproduces the model
     assert not any("parametrizations" in k for k in ft.model.state_dict())
+    assert all(p.requires_grad for p in ft.model.parameters())  # trainable for later stages
     from xaicompress.export.packed import write_packed
 
     write_packed(ft, tmp_path / "ft.xcpk")
@@ -246,3 +250,82 @@ def test_share_cli(run_cli, tmp_path):
     code, _, err = run_cli("share", src, "--data", "mnist5k", "--criterion", "none",
                            "--clusters", "4", "--out", tmp_path / "no" / "x.safetensors")
     assert code == 2 and "does not exist" in err
+
+
+@pytest.mark.parametrize("init", ["linear", "quantile", "kmeans++"])
+def test_initialisations_give_k_sorted_centroids_in_range(init):
+    rng = np.random.default_rng(0)
+    # skewed: a dense bulk near 0 and a thin tail up to 5
+    v = np.concatenate([rng.normal(0, 0.1, 900), rng.uniform(1, 5, 100)]).astype(np.float32)
+    sw = np.ones(v.size)
+    c0 = initial_centroids(v, sw, 4, init, seed=0)
+    assert c0.shape == (4,) and np.all(np.diff(c0) >= 0)
+    assert v.min() <= c0.min() and c0.max() <= v.max()
+    if init == "linear":
+        assert np.allclose(c0, np.linspace(v.min(), v.max(), 4))
+    if init == "quantile":
+        assert (np.abs(c0) < 0.5).sum() >= 3  # density init puts most centroids in the bulk
+    assert np.array_equal(c0, initial_centroids(v, sw, 4, init, seed=0))
+    cb, labels = cluster_weights(v, sw, 4, codebook_dtype="fp32", init=init)
+    assert cb.shape == (4,) and len(np.unique(labels)) == 4
+
+
+def test_sample_weight_shaping():
+    keep = np.ones(6, dtype=bool)
+    r = torch.tensor([[0.0, 1.0, 2.0], [3.0, 4.0, 50.0]])
+    rel = Relevance("x", {"l": r.sum(1)}, {"l": r})
+    w1 = layer_sample_weights(rel, "l", (2, 3), keep)
+    assert np.isclose(w1.mean(), 1.0) and np.isclose(w1[5] / w1[4], 12.5)
+    half = layer_sample_weights(rel, "l", (2, 3), keep, power=0.5)
+    assert np.isclose(half.mean(), 1.0) and np.isclose(half[5] / half[4], 12.5 ** 0.5)
+    assert np.allclose(layer_sample_weights(rel, "l", (2, 3), keep, mix=1.0), 1.0)
+    mixed = layer_sample_weights(rel, "l", (2, 3), keep, mix=0.5)
+    assert np.allclose(mixed, 0.5 * w1 + 0.5, atol=1e-6)
+    assert np.allclose(layer_sample_weights(None, "l", (2, 3), keep), 1.0)
+
+
+def test_centroid_lr_follows_the_layer_spread():
+    w = torch.randn(50, 20, generator=torch.Generator().manual_seed(0))
+    mask = torch.rand(50, 20, generator=torch.Generator().manual_seed(1)) > 0.5
+    assert np.isclose(centroid_lr(10 * w, mask), 10 * centroid_lr(w, mask), rtol=1e-5)
+    assert np.isclose(centroid_lr(w, None, scale=0.1), 0.1 * float(w.std()), rtol=1e-5)
+
+
+def test_keep_best_never_returns_a_worse_training_loss():
+    sh = share_weights(_ckpt(), "none", None, clusters=4)
+    data = _data()
+    x, y = data.tensors
+
+    def loss(ck):
+        with torch.no_grad():
+            return float(F.cross_entropy(ck.model(x), y))
+
+    # A learning rate of 50 wrecks every parameter; the start state is kept instead.
+    ft = finetune_shared(sh, data, epochs=1, lr=50.0, clip=None)
+    h = ft.history[-1]
+    assert h["kept_step"] == 0 and loss(ft) <= loss(sh) + 1e-6
+    wild = finetune_shared(sh, data, epochs=1, lr=50.0, clip=None, keep_best=False)
+    assert not loss(wild) <= loss(sh)  # without the guard it is worse (or NaN -> error)
+    good = finetune_shared(sh, data, epochs=2)
+    h = good.history[-1]
+    assert len(h["train_loss"]) == 3  # start, after epoch 1, after epoch 2
+    assert h["kept_step"] > 0 and loss(good) < loss(sh)
+    # the state kept is the best one seen (up to the final fp16 rounding of the codebooks)
+    assert np.isclose(loss(good), min(h["train_loss"]), rtol=1e-2)
+
+
+def test_sharing_and_finetuning_option_errors():
+    ck = _ckpt()
+    with pytest.raises(XaiCompressError, match="--init"):
+        share_weights(ck, "none", None, clusters=4, init="random")
+    with pytest.raises(XaiCompressError, match="power"):
+        share_weights(ck, "l1", None, clusters=4, weight_power=0)
+    with pytest.raises(XaiCompressError, match="mix"):
+        share_weights(ck, "l1", None, clusters=4, uniform_mix=1.5)
+    sh = share_weights(ck, "none", None, clusters=4)
+    with pytest.raises(XaiCompressError, match="--lr"):
+        finetune_shared(sh, _data(), lr=-1.0)
+    with pytest.raises(XaiCompressError, match="other_lr"):
+        finetune_shared(sh, _data(), other_lr=float("nan"))
+    with pytest.raises(XaiCompressError, match="fc1"):
+        finetune_shared(sh, _data(), centroid_lrs={"fc1": 0.0})

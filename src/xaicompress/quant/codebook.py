@@ -2,9 +2,10 @@
 
 Every prunable layer's kept weights are clustered into k shared values (the codebook) with
 scikit-learn's `KMeans`, initialised linearly over [min, max] (found best by Deep
-Compression) and weighted by the criterion's per-weight scores, so the centroids sit where
-the weights that matter are. Weights already pruned (mask False) are left out of the
-clustering and stay exactly zero through the mask: a fixed zero, not a drifting cluster.
+Compression) and weighted by the square root of the criterion's per-weight scores
+(`WEIGHT_POWER`), so the centroids sit where the weights that matter are. Weights already
+pruned (mask False) are left out of the clustering and stay exactly zero through the mask:
+a fixed zero, not a drifting cluster.
 
 With `avg_bits` the number of clusters per layer is chosen by the shared bit-allocation
 solver (`quant.allocate.allocate_bits`) from a table of relevance-weighted clustering
@@ -32,6 +33,15 @@ from xaicompress.relevance.base import prunable_layers
 CODEBOOK_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 CODEBOOK_BITS = {"fp16": 16, "fp32": 32}
 MAX_CLUSTERS = 256
+#: default exponent of the per-weight relevance before it weights the k-means. Why not 1:
+#: relevance scores (|w x m| summed over samples) are heavy-tailed, and at k = 4 the raw scores
+#: pulled centroids onto the few largest weights; the square root kept k = 2's gain and
+#: recovered most of k = 4's loss (deeplift, 5 seeds, no fine-tuning: lenet5 k = 4 -2.7 ->
+#: -1.9 pt, lenet300 k = 4 -9.5 -> -2.8 pt; k = 2 within 1 pt). See
+#: docs/results/weight_sharing.md for every exponent and mix tried.
+WEIGHT_POWER = 0.5
+#: k-means initialisations (`initial_centroids`); linear is the default, as Deep Compression
+INITS = ("linear", "quantile", "kmeans++")
 #: the cluster counts `avg_bits` chooses from: k = 2^b, b = 1..8
 ALLOC_BITS = tuple(range(1, 9))
 # Why a floor: a weight with zero relevance must still be clustered (it is stored too), and
@@ -55,10 +65,36 @@ def _nearest(centers: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.searchsorted(mid, values.astype(np.float64), side="left").astype(np.int64)
 
 
+def initial_centroids(values: np.ndarray, sample_weight: np.ndarray, k: int, init: str,
+                      seed: int = 0) -> np.ndarray:
+    """k starting centroids (k,) float64 for 1-D `values` (n,) with `sample_weight` (n,).
+
+    linear: evenly over [min, max] (Deep Compression's choice; it keeps centroids on the
+    rare large weights); quantile: the sample-weighted quantiles (i + 1/2) / k, i.e. density
+    initialisation; kmeans++: sklearn's weighted k-means++ seeding.
+    """
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if init == "linear":
+        return np.linspace(float(v.min()), float(v.max()), k)
+    sw = np.asarray(sample_weight, dtype=np.float64).reshape(-1)
+    if init == "quantile":
+        order = np.argsort(v, kind="stable")
+        cum = np.cumsum(sw[order])
+        at = (np.arange(k) + 0.5) / k * cum[-1]
+        return v[order][np.minimum(np.searchsorted(cum, at), v.size - 1)]
+    if init == "kmeans++":
+        from sklearn.cluster import kmeans_plusplus
+
+        centers, _ = kmeans_plusplus(v.reshape(-1, 1), k, sample_weight=sw, random_state=seed)
+        return np.sort(centers.ravel())
+    raise XaiCompressError(f"--init {init!r}: expected one of {', '.join(INITS)}")
+
+
 def cluster_weights(values: np.ndarray, sample_weight: np.ndarray, k: int, *,
-                    codebook_dtype: str = "fp16", seed: int = 0
+                    codebook_dtype: str = "fp16", seed: int = 0, init: str = "linear"
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster 1-D `values` (n,) into `k` shared values, weighted by `sample_weight` (n,).
+    """Cluster 1-D `values` (n,) into `k` shared values, weighted by `sample_weight` (n,),
+    starting from `initial_centroids(..., init)`.
 
     Returns (codebook float32 (k',) sorted ascending, every entry exactly representable in
     `codebook_dtype`; labels int64 (n,) with values ~ codebook[labels]). k' = k, or the
@@ -76,8 +112,8 @@ def cluster_weights(values: np.ndarray, sample_weight: np.ndarray, k: int, *,
     from threadpoolctl import threadpool_limits
 
     sw = np.asarray(sample_weight, dtype=np.float64).reshape(-1)
-    init = np.linspace(float(v.min()), float(v.max()), k).reshape(-1, 1)
-    km = KMeans(n_clusters=k, init=init, n_init=1, random_state=seed)
+    start = initial_centroids(v, sw, k, init, seed).reshape(-1, 1)
+    km = KMeans(n_clusters=k, init=start, n_init=1, random_state=seed)
     # One thread: 1-D k-means gains little from OpenMP, which on a shared CPU spins and slows
     # everything tenfold; and sums in one fixed order make the centroids independent of the
     # machine's core count.
@@ -116,9 +152,14 @@ def _repair(centers: np.ndarray, vr: np.ndarray, sw: np.ndarray, k: int
 
 
 def layer_sample_weights(rel: Relevance | None, name: str, shape: tuple[int, ...],
-                         keep: np.ndarray) -> np.ndarray:
+                         keep: np.ndarray, *, power: float = 1.0, mix: float = 0.0
+                         ) -> np.ndarray:
     """Per-weight |scores| of layer `name` at the kept positions (flat bool `keep`),
-    normalised to mean 1 over the layer's kept weights (uniform when none are known)."""
+    normalised to mean 1 over the layer's kept weights (uniform when none are known).
+
+    power: scores raised to this power first (< 1 flattens them); mix: the share of a uniform
+    weight mixed in, (1 - mix) * r + mix (0 = pure relevance, 1 = plain k-means).
+    """
     n = int(keep.sum())
     if rel is None or name not in rel.weights:
         return np.ones(n)
@@ -132,6 +173,10 @@ def layer_sample_weights(rel: Relevance | None, name: str, shape: tuple[int, ...
     if not mean > 0:
         return np.ones(n)
     r = r / mean
+    if power != 1.0:
+        r = r ** power
+        r = r / r.mean()
+    r = (1.0 - mix) * r + mix
     return np.maximum(r, _WEIGHT_FLOOR)
 
 
@@ -141,7 +186,8 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
                   avg_bits: float | None = None, finetune_epochs: float = 0,
                   samples: int = 512, codebook_dtype: str = "fp16", seed: int = 0,
                   finetune_lr: float | None = None,
-                  relevance: Relevance | None = None) -> Checkpoint:
+                  relevance: Relevance | None = None, init: str = "linear",
+                  weight_power: float = WEIGHT_POWER, uniform_mix: float = 0.0) -> Checkpoint:
     """Share the weights of every Conv2d/Linear layer of a copy of `ckpt`.
 
     criterion: weights the k-means (`none` = plain k-means); bundle: a DatasetBundle (its
@@ -151,6 +197,9 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
     finetune_epochs: then train the centroids (`finetune_shared`, lr `finetune_lr`).
     relevance: scores already computed by `criterion` on this model (skips scoring; lets a
     caller share one model at several k without rescoring).
+    init: k-means start (`INITS`); weight_power, uniform_mix: shape the per-weight sample
+    weights (`layer_sample_weights`; 1 and 0 = the criterion's scores as they are; the
+    default square root is `WEIGHT_POWER`'s).
     Result: `state.get(layer).codebook` float32 (k,), `.indices` int64 (weight shape), model
     weights = codebook[indices] * mask. The input is not modified.
     """
@@ -161,6 +210,12 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
         raise XaiCompressError(f"--codebook {codebook_dtype!r}: expected fp16 or fp32")
     if finetune_epochs < 0:
         raise XaiCompressError(f"--finetune-epochs {finetune_epochs}: expected >= 0")
+    if init not in INITS:
+        raise XaiCompressError(f"--init {init!r}: expected one of {', '.join(INITS)}")
+    if not (math.isfinite(weight_power) and weight_power > 0):
+        raise XaiCompressError(f"weight power {weight_power}: expected a positive number")
+    if not (math.isfinite(uniform_mix) and 0 <= uniform_mix <= 1):
+        raise XaiCompressError(f"uniform mix {uniform_mix}: expected a number from 0 to 1")
     train_set: Dataset = getattr(bundle, "train", bundle)
     crit = get_criterion(criterion) if isinstance(criterion, str) else criterion
 
@@ -184,19 +239,20 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
         lc = out.state.layers.get(name)
         keep = (lc.mask.reshape(-1).numpy().astype(bool) if lc is not None and
                 lc.mask is not None else np.ones(w.size, dtype=bool))
-        data[name] = (w[keep], layer_sample_weights(rel, name, tuple(m.weight.shape), keep),
+        data[name] = (w[keep], layer_sample_weights(rel, name, tuple(m.weight.shape), keep,
+                                                      power=weight_power, mix=uniform_mix),
                       keep)
 
     results: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     table: dict[str, Any] = {}
     if ks is None:
         assert avg_bits is not None
-        results, table = _allocate(data, float(avg_bits), codebook_dtype, seed)
+        results, table = _allocate(data, float(avg_bits), codebook_dtype, seed, init)
     else:
         for name in track(list(layers), "k-means per layer"):
             v, sw, _ = data[name]
             results[name] = cluster_weights(v, sw, ks[name], codebook_dtype=codebook_dtype,
-                                            seed=seed)
+                                            seed=seed, init=init)
 
     chosen = {}
     for name, m in layers.items():
@@ -214,7 +270,8 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
     out.history.append({"stage": "share", "criterion": repr(crit), "clusters": clusters
                         if not isinstance(clusters, Mapping) else dict(clusters),
                         "avg_bits": avg_bits, "layers": chosen, "samples": samples,
-                        "codebook_dtype": codebook_dtype, "seed": seed, **table})
+                        "codebook_dtype": codebook_dtype, "seed": seed, "init": init,
+                        "weight_power": weight_power, "uniform_mix": uniform_mix, **table})
     if finetune_epochs > 0:
         out = finetune_shared(out, train_set, epochs=finetune_epochs, lr=finetune_lr,
                               seed=seed)
@@ -250,7 +307,7 @@ def codebook_cost(k: int, weights: int, codebook_dtype: str) -> float:
 
 def codebook_error_table(data: Mapping[str, tuple[np.ndarray, np.ndarray, Any]], *,
                          codebook_dtype: str = "fp16", seed: int = 0,
-                         bits: tuple[int, ...] = ALLOC_BITS
+                         bits: tuple[int, ...] = ALLOC_BITS, init: str = "linear"
                          ) -> tuple[dict[str, dict[int, float]], dict[str, dict[int, float]],
                                     dict[tuple[str, int], tuple[np.ndarray, np.ndarray]]]:
     """errors[layer][b] = sum_w R_w (w - Q_k(w))^2 with k = 2^b clusters, and
@@ -267,7 +324,8 @@ def codebook_error_table(data: Mapping[str, tuple[np.ndarray, np.ndarray, Any]],
     jobs = [(name, b) for name in data for b in bits]
     for name, b in track(jobs, "k-means error table"):
         v, sw, _ = data[name]
-        cb, labels = cluster_weights(v, sw, 2 ** b, codebook_dtype=codebook_dtype, seed=seed)
+        cb, labels = cluster_weights(v, sw, 2 ** b, codebook_dtype=codebook_dtype, seed=seed,
+                                     init=init)
         found[(name, b)] = (cb, labels)
         q = cb[labels].astype(np.float64) if v.size else np.zeros(0)
         errors.setdefault(name, {})[b] = float(np.sum(sw * (v.astype(np.float64) - q) ** 2))
@@ -285,12 +343,13 @@ def avg_bits_budget(weights: Mapping[str, int], avg_bits: float, codebook_dtype:
 
 
 def _allocate(data: Mapping[str, tuple[np.ndarray, np.ndarray, Any]], avg_bits: float,
-              codebook_dtype: str, seed: int
+              codebook_dtype: str, seed: int, init: str = "linear"
               ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
     from xaicompress.quant.allocate import allocate_bits
 
     budget = avg_bits_budget({n: d[0].size for n, d in data.items()}, avg_bits, codebook_dtype)
-    errors, costs, found = codebook_error_table(data, codebook_dtype=codebook_dtype, seed=seed)
+    errors, costs, found = codebook_error_table(data, codebook_dtype=codebook_dtype, seed=seed,
+                                                init=init)
     picks = allocate_bits(errors, costs, budget)
     results = {name: found[(name, b)] for name, b in picks.items()}
     used = sum(costs[n][b] for n, b in picks.items())
@@ -299,104 +358,18 @@ def _allocate(data: Mapping[str, tuple[np.ndarray, np.ndarray, Any]], avg_bits: 
 
 
 # ------------------------------------------------------------ fine-tuning
-class SharedWeight(torch.nn.Module):
-    """Parametrisation weight = codebook[indices] * mask.
-
-    codebook: trainable (k,); indices: int64 weight shape; mask: float weight shape.
-    Autograd's gather backward sums the gradients of a centroid's members, which is exactly
-    the centroid gradient of Deep Compression.
-    """
-
-    def __init__(self, codebook: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor):
-        super().__init__()
-        self.codebook = torch.nn.Parameter(codebook.detach().clone().float())
-        self.register_buffer("indices", indices.detach().clone().long())
-        self.register_buffer("mask", mask.detach().clone().float())
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:  # noqa: ARG002 (replaced)
-        return self.codebook[self.indices] * self.mask
-
-
 def codebook_dtype_of(codebook: torch.Tensor) -> str:
     """'fp16' when every entry is exactly an fp16 value, else 'fp32'."""
     c = codebook.float()
     return "fp16" if bool(torch.equal(c.half().float(), c)) else "fp32"
 
 
-def centroid_lr(k: int) -> float:
-    """Default Adam learning rate of a k-entry codebook: 0.02 / k within [1e-3, 1e-2].
+# Fine-tuning lives in share_finetune.py; re-exported here, where callers have always found it.
+from xaicompress.quant.share_finetune import (  # noqa: E402
+    SharedWeight,
+    centroid_lr,
+    finetune_shared,
+)
 
-    Why: with few clusters the centroids sit far apart and must move far to recover
-    accuracy in one epoch. Measured on lenet5 / mnist5k, 1 epoch (seed 0): k = 2 reached
-    92.4 % at 1e-2 vs 72.3 % at 5e-4; k = 4 97.4 % at 5e-3; k = 16 98.1 % at 2e-3 but 97.5 %
-    at 5e-3.
-    """
-    return float(min(1e-2, max(1e-3, 0.02 / max(1, k))))
-
-
-def finetune_shared(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1,
-                    lr: float | None = None, seed: int = 0, batch_size: int = 64
-                    ) -> Checkpoint:
-    """Train the centroids of every shared layer of a copy of `ckpt` (indices fixed).
-
-    Each centroid's gradient is the sum of its members' gradients (parametrisation weight
-    = codebook[indices] * mask); pruned weights stay zero; biases, BatchNorm and unshared
-    layers train normally (their masks / integer grids re-imposed after every step).
-    Centroids are rounded to their codebook dtype at the end so packing stays lossless.
-    lr: Adam learning rate of every parameter; default: `centroid_lr(k)` per codebook and
-    1e-3 for the other parameters.
-    """
-    from torch.nn.utils import parametrize
-
-    from xaicompress.state import CompressionState
-    from xaicompress.train import train
-
-    out = ckpt.copy()
-    if epochs <= 0:
-        return out
-    modules = dict(out.model.named_modules())
-    shared = {n: lc for n, lc in out.state.layers.items()
-              if lc.codebook is not None and lc.indices is not None}
-    if not shared:
-        raise XaiCompressError("codebook fine-tuning: the checkpoint has no shared layers; "
-                               "run weight sharing first")
-    out.state.apply(out.model)
-    dtypes = {n: codebook_dtype_of(lc.codebook) for n, lc in shared.items()}
-    for name, lc in shared.items():
-        w = modules[name].weight
-        mask = lc.mask if lc.mask is not None else torch.ones(w.shape, dtype=torch.bool)
-        parametrize.register_parametrization(modules[name], "weight",
-                                             SharedWeight(lc.codebook, lc.indices, mask))
-    others = CompressionState({n: lc for n, lc in out.state.layers.items() if n not in shared})
-    centroids = {f"{n}.parametrizations.weight.0.codebook": int(lc.codebook.numel())
-                 for n, lc in shared.items()}
-    groups: list[dict[str, Any]] = [{"params": [], "lr": lr if lr is not None else 1e-3}]
-    for n, p in out.model.named_parameters():
-        if n.endswith("parametrizations.weight.original"):
-            continue  # replaced by the codebook: never read, never trained
-        if n in centroids:
-            groups.append({"params": [p], "lr": lr if lr is not None else
-                           centroid_lr(centroids[n])})
-        else:
-            groups[0]["params"].append(p)
-    try:
-        train(out.model, train_set, epochs=epochs, lr=groups[0]["lr"], seed=seed,
-              batch_size=batch_size, params=groups, after_step=others.apply,  # type: ignore[arg-type]
-              description="codebook fine-tune")
-    finally:
-        new = {}
-        for name in shared:
-            p = modules[name].parametrizations.weight[0]
-            new[name] = p.codebook.detach().clone()
-            parametrize.remove_parametrizations(modules[name], "weight",
-                                                leave_parametrized=False)
-    for name, lc in shared.items():
-        cb = torch.from_numpy(round_to_dtype(new[name].numpy(), dtypes[name]))
-        if not torch.isfinite(cb).all():
-            raise XaiCompressError(f"codebook fine-tuning diverged on layer {name!r} (lr {lr}); "
-                                   "try a smaller --lr")
-        lc.codebook = cb
-    out.state.apply(out.model)
-    out.model.eval()
-    out.history.append({"stage": "finetune_shared", "epochs": epochs, "lr": lr, "seed": seed})
-    return out
+__all__ = ["SharedWeight", "centroid_lr", "cluster_weights", "codebook_dtype_of",
+           "finetune_shared", "share_weights"]

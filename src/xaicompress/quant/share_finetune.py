@@ -1,0 +1,234 @@
+"""Codebook fine-tuning of a shared model: indices fixed, centroids trained (Deep Compression).
+
+Every shared layer's weight is re-parametrised as codebook[indices] * mask, so autograd sums
+the gradients of a centroid's members into that centroid. The optimiser is Adam, whose step
+is about its learning rate whatever the gradient's size: so each codebook's rate is set
+relative to the spread of that layer's weights (`lr_scale` * std), not to 1/k, which made the
+step of a narrow layer's centroids as large as the layer itself and diverged at k = 2.
+Biases, BatchNorm and unshared layers train at `other_lr`; the best state by training loss
+(the start included) is kept, so fine-tuning never returns a model worse on its own data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from xaicompress.checkpoint import Checkpoint
+from xaicompress.errors import XaiCompressError
+from xaicompress.progress import track
+
+#: codebook Adam rate = LR_SCALE * std of the layer's kept weights. The result hardly depends
+#: on it: 0.02..0.2 within 0.5 pt at k = 2 and 4 (lenet5 / lenet300, 2 seeds, biases 1e-3);
+#: 0.05 / 0.1 / 0.2 within 0.2 pt with biases at 3e-2 (3 seeds). A rate relative to the
+#: layer's spread keeps a narrow layer's centroids from jumping past each other.
+LR_SCALE = 0.05
+#: Adam rate of biases, BatchNorm and unshared weights. With the indices fixed these are most
+#: of what one epoch can still move: plain k = 2, lenet5 / lenet300, 3 seeds, Δ vs dense after
+#: one epoch at batch 32: 1e-2 -3.1 / -6.1 pt, 3e-2 -2.4 / -4.7 pt (1e-3 at batch 64: -12.8 /
+#: -41.2); k = 4 improved too; at k >= 8 fine-tuning moved no mean by more than 0.25 pt
+#: (docs/results/weight_sharing.md)
+OTHER_LR = 3e-2
+#: batch of the one fine-tuning epoch: smaller batches give the few trainable values (k per
+#: layer, and the biases) more steps in the same pass over the data
+BATCH_SIZE = 32
+#: global gradient-norm clip: a guard against one wild batch; measured neutral on the average
+#: (k = 2 and 4, lenet5 / lenet300, 2 seeds)
+CLIP_NORM = 1.0
+
+
+class SharedWeight(nn.Module):
+    """Parametrisation weight = codebook[indices] * mask.
+
+    codebook: trainable (k,); indices: int64 weight shape; mask: float weight shape.
+    Autograd's gather backward sums the gradients of a centroid's members, which is exactly
+    the centroid gradient of Deep Compression.
+    """
+
+    def __init__(self, codebook: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor):
+        super().__init__()
+        self.codebook = nn.Parameter(codebook.detach().clone().float())
+        self.register_buffer("indices", indices.detach().clone().long())
+        self.register_buffer("mask", mask.detach().clone().float())
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:  # noqa: ARG002 (replaced)
+        return self.codebook[self.indices] * self.mask
+
+
+def centroid_lr(weights: torch.Tensor, mask: torch.Tensor | None = None,
+                scale: float = LR_SCALE) -> float:
+    """Adam learning rate of one layer's codebook: `scale` * std of its kept weights.
+
+    weights: the layer's effective weights (any shape); mask: bool, same shape (None = all
+    kept). Floored at 1e-6 so a layer of identical weights still trains.
+    """
+    w = weights.detach().float().reshape(-1)
+    if mask is not None:
+        w = w[mask.reshape(-1).bool()]
+    std = float(w.std()) if w.numel() > 1 else float(w.abs().mean()) if w.numel() else 0.0
+    return max(1e-6, scale * (std if math.isfinite(std) else 0.0))
+
+
+@torch.no_grad()
+def _train_loss(model: nn.Module, train_set: Dataset, batch_size: int = 512) -> float:
+    """Mean cross-entropy over `train_set`; under torch.distributed each rank scores its shard
+    and the sums are added, so every rank sees the same number (and keeps the same state)."""
+    from xaicompress.data import make_loader
+    from xaicompress.relevance.distributed import all_reduce_sums
+
+    was = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for x, y in make_loader(train_set, batch_size, shuffle=False):
+        total += float(F.cross_entropy(model(x), y, reduction="sum"))
+        n += len(y)
+    model.train(was)
+    sums = all_reduce_sums({"loss": torch.tensor([total], dtype=torch.float64),
+                            "n": torch.tensor([float(n)], dtype=torch.float64)})
+    return float(sums["loss"]) / max(1.0, float(sums["n"]))
+
+
+def finetune_shared(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1,
+                    lr: float | None = None, seed: int = 0, batch_size: int = BATCH_SIZE,
+                    lr_scale: float = LR_SCALE, other_lr: float = OTHER_LR,
+                    clip: float | None = CLIP_NORM, keep_best: bool = True,
+                    augment: int = 0, centroid_lrs: Mapping[str, float] | None = None
+                    ) -> Checkpoint:
+    """Train the centroids of every shared layer of a copy of `ckpt` (indices fixed).
+
+    train_set: (x (C, H, W), label) pairs. epochs may be fractional; the cosine schedule
+    spans them all. lr: one Adam rate for every parameter (overrides the two below);
+    lr_scale: codebook rate = lr_scale * std of the layer's kept weights; other_lr: rate of
+    biases, BatchNorm and unshared layers (their masks / integer grids re-imposed after every
+    step). clip: max global gradient norm (None = off). keep_best: evaluate the training
+    loss at the start and after every epoch and keep the best state. augment: random shifts
+    of up to this many pixels. centroid_lrs: layer -> codebook rate, for the layers it names
+    (overrides lr and lr_scale there). Pruned weights stay zero; centroids are rounded to their
+    codebook dtype at the end so packing stays lossless. The input is not modified.
+    """
+    from torch.nn.utils import parametrize
+
+    from xaicompress.data import make_loader
+    from xaicompress.quant.codebook import codebook_dtype_of, round_to_dtype
+    from xaicompress.state import CompressionState
+    from xaicompress.train import _maybe_ddp, random_shift, seed_everything
+
+    for label, value in (("--lr", lr), ("lr_scale", lr_scale), ("other_lr", other_lr),
+                         ("clip", clip)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise XaiCompressError(f"codebook fine-tuning {label} {value}: expected a positive "
+                                   "number")
+    if not math.isfinite(epochs) or epochs < 0:
+        raise XaiCompressError(f"--finetune-epochs {epochs}: expected a number >= 0")
+    out = ckpt.copy()
+    if epochs == 0:
+        return out
+    modules = dict(out.model.named_modules())
+    shared = {n: lc for n, lc in out.state.layers.items()
+              if lc.codebook is not None and lc.indices is not None}
+    if not shared:
+        raise XaiCompressError("codebook fine-tuning: the checkpoint has no shared layers; "
+                               "run weight sharing first")
+    out.state.apply(out.model)
+    dtypes = {n: codebook_dtype_of(lc.codebook) for n, lc in shared.items()}
+    rates: dict[str, float] = {}
+    for name, lc in shared.items():
+        w = modules[name].weight
+        mask = lc.mask if lc.mask is not None else torch.ones(w.shape, dtype=torch.bool)
+        rates[name] = (float(centroid_lrs[name]) if centroid_lrs and name in centroid_lrs
+                       else lr if lr is not None else centroid_lr(w, mask, lr_scale))
+        if not (math.isfinite(rates[name]) and rates[name] > 0):
+            raise XaiCompressError(f"codebook fine-tuning: learning rate {rates[name]} of layer "
+                                   f"{name!r}: expected a positive number")
+        parametrize.register_parametrization(modules[name], "weight",
+                                             SharedWeight(lc.codebook, lc.indices, mask))
+        # never read by the forward: frozen, so DDP does not wait for its gradient
+        modules[name].parametrizations.weight.original.requires_grad_(False)
+    others = CompressionState({n: lc for n, lc in out.state.layers.items() if n not in shared})
+    books = {f"{n}.parametrizations.weight.0.codebook": n for n in shared}
+    groups: list[dict[str, Any]] = [{"params": [], "lr": lr if lr is not None else other_lr}]
+    for n, p in out.model.named_parameters():
+        if n.endswith("parametrizations.weight.original"):
+            continue  # replaced by the codebook: never read, never trained
+        if n in books:
+            groups.append({"params": [p], "lr": rates[books[n]]})
+        else:
+            groups[0]["params"].append(p)
+    groups = [g for g in groups if g["params"]]
+    params = [p for g in groups for p in g["params"]]
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in out.model.state_dict().items()}
+
+    seed_everything(seed)
+    loader = make_loader(train_set, batch_size, shuffle=True, seed=seed)
+    per_epoch = len(loader)
+    total = max(1, int(round(epochs * per_epoch)))
+    opt = torch.optim.Adam(groups)
+    net = _maybe_ddp(out.model)  # gradients averaged over ranks under torchrun
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    losses: list[float] = []
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    if keep_best:
+        losses.append(_train_loss(out.model, train_set))
+        best = (losses[0], 0, snapshot())
+    step = 0
+    try:
+        with torch.enable_grad():
+            out.model.train()
+            it = iter(track(range(total), "codebook fine-tune", total))
+            epoch = 0
+            while step < total:
+                if hasattr(loader.sampler, "set_epoch"):
+                    loader.sampler.set_epoch(epoch)
+                for x, y in loader:
+                    if augment:
+                        x = random_shift(x, augment)
+                    opt.zero_grad(set_to_none=True)
+                    F.cross_entropy(net(x), y).backward()
+                    if clip is not None:
+                        torch.nn.utils.clip_grad_norm_(params, clip)
+                    opt.step()
+                    sched.step()
+                    others.apply(out.model)
+                    step += 1
+                    next(it, None)
+                    if keep_best and (step % per_epoch == 0 or step == total):
+                        losses.append(_train_loss(out.model, train_set))
+                        assert best is not None
+                        # NaN never compares smaller: a diverged state is never kept
+                        if losses[-1] < best[0]:
+                            best = (losses[-1], step, snapshot())
+                    if step >= total:
+                        break
+                epoch += 1
+            for _ in it:  # close the progress bar
+                pass
+        if best is not None:
+            out.model.load_state_dict(best[2])
+    finally:
+        new = {}
+        for name in shared:
+            new[name] = modules[name].parametrizations.weight[0].codebook.detach().clone()
+            parametrize.remove_parametrizations(modules[name], "weight",
+                                                leave_parametrized=False)
+            modules[name].weight.requires_grad_(True)  # frozen above, trainable again
+    for name, lc in shared.items():
+        cb = torch.from_numpy(round_to_dtype(new[name].numpy(), dtypes[name]))
+        if not torch.isfinite(cb).all():
+            raise XaiCompressError(f"codebook fine-tuning diverged on layer {name!r}; try a "
+                                   "smaller --lr")
+        lc.codebook = cb
+    out.state.apply(out.model)
+    out.model.eval()
+    out.history.append({"stage": "finetune_shared", "epochs": epochs, "seed": seed,
+                        "lr": lr, "lr_scale": lr_scale, "other_lr": other_lr, "clip": clip,
+                        "centroid_lr": rates, "batch_size": batch_size, "augment": augment,
+                        "train_loss": losses, "kept_step": best[1] if best else step})
+    return out
