@@ -165,7 +165,8 @@ class FinetuneStage(_Stage):
     epochs: PosFloat = 1
     lr: PosFloat | None = None
     optimizer: Literal["adam", "sgd"] = "adam"
-    batch_size: PosInt = 64
+    #: None: each kind of fine-tuning's own default (centroid training uses 32, others 64)
+    batch_size: PosInt | None = None
 
 
 Stage = Annotated[

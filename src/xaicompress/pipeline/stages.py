@@ -107,20 +107,20 @@ def _finetune(ckpt: Checkpoint, bundle: DatasetBundle, st: FinetuneStage,
     training when layers are shared, straight-through QAT when integer-quantized, masked
     training otherwise (the projection is exact for masks)."""
     layers = ckpt.state.layers.values()
+    batch = {"batch_size": st.batch_size} if st.batch_size is not None else {}
     if any(lc.codebook is not None for lc in layers):
         from xaicompress.quant.codebook import finetune_shared
 
         return finetune_shared(ckpt, bundle.train, epochs=st.epochs, lr=st.lr, seed=seed,
-                               batch_size=st.batch_size)
+                               **batch)
     if any(lc.bits is not None for lc in layers):
         from xaicompress.quant.qat import qat_train
 
         out = ckpt.copy()
-        qat_train(out, bundle.train, epochs=st.epochs, lr=st.lr or 1e-4, seed=seed,
-                  batch_size=st.batch_size)
+        qat_train(out, bundle.train, epochs=st.epochs, lr=st.lr or 1e-4, seed=seed, **batch)
         out.history.append({"stage": "qat", "epochs": st.epochs, "lr": st.lr, "seed": seed})
         return out
     from xaicompress.train import finetune_checkpoint
 
     return finetune_checkpoint(ckpt, bundle.train, epochs=st.epochs, lr=st.lr, seed=seed,
-                               optimizer=st.optimizer, batch_size=st.batch_size)
+                               optimizer=st.optimizer, **batch)
