@@ -21,8 +21,8 @@ console = Console(stderr=True)
 
 
 def _enabled() -> bool:
-    if os.environ.get("XAICOMPRESS_NO_PROGRESS"):
-        return False
+    if os.environ.get("XAICOMPRESS_NO_PROGRESS") or not console.is_terminal:
+        return False  # a bar in a log file or pipe is only noise
     return int(os.environ.get("RANK", "0")) == 0
 
 
