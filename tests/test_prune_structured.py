@@ -119,6 +119,32 @@ def test_global_never_empties_a_layer_and_honours_min_channels():
     assert total == 226 - round(0.9 * 226)
 
 
+def test_global_cap_and_norms_spread_the_cut_over_layers():
+    ck = _ckpt("lenet5", {}, (1, 28, 28))
+    data = _fake_train((1, 28, 28))
+
+    def kept(**kw):
+        out = prune_structured(ck, "l1", data, ratio=0.8, scope="global", **kw)
+        ch = out.history[-1]["channels"]
+        assert sum(a for _, a in ch.values()) == 226 - round(0.8 * 226)
+        return {n: a for n, (_, a) in ch.items()}
+
+    uncapped = kept(max_layer_ratio=1.0)
+    assert uncapped["fc1"] < 12  # plain L1 ranking strips the widest layer (the failure mode)
+    auto = kept()  # default cap: halfway between 0.8 and 1 -> at most 90% of a layer
+    assert auto["fc1"] >= 12 and auto["fc2"] >= 84 - int(0.9 * 84 + 1e-9)
+    fixed = kept(max_layer_ratio=0.85)
+    assert fixed["fc1"] >= 18 and fixed["fc2"] >= 13
+    sizes = {"conv1": 6, "conv2": 16, "fc1": 120, "fc2": 84}
+    for norm in ("mean", "max"):
+        k = kept(norm=norm)
+        assert all(k[n] >= n0 - int(0.9 * n0 + 1e-9) for n, n0 in sizes.items())
+    # a cap below the target is raised to it: every layer loses 80% (rounded down), and the
+    # 2 channels still missing come from beyond the cap, lowest scores first
+    tight = kept(max_layer_ratio=0.1)
+    assert sum(max(0, n0 - int(0.8 * n0 + 1e-9) - tight[n]) for n, n0 in sizes.items()) == 2
+
+
 def test_iterative_steps_and_macs_target():
     ck = _ckpt("lenet5", {}, (1, 28, 28))
     data = _fake_train((1, 28, 28))
@@ -160,7 +186,7 @@ def test_trained_model_still_predicts_after_pruning(mnist):
     ({"scope": "net"}, "--scope 'net'"), ({"steps": 0}, "--steps 0"),
     ({"min_channels": 0}, "--min-channels 0"), ({"samples": 0}, "--samples 0"),
     ({"finetune_epochs": -1}, "--finetune-epochs -1"), ({"norm": "l2"}, "--norm 'l2'"),
-    ({"macs_ratio": 1.5}, "--macs-ratio 1.5"),
+    ({"macs_ratio": 1.5}, "--macs-ratio 1.5"), ({"max_layer_ratio": 0.0}, "--max-layer-ratio 0"),
 ])
 def test_bad_options_are_clear_errors(kw, msg):
     ck = _ckpt("lenet5", {}, (1, 28, 28))
@@ -193,6 +219,9 @@ def test_cli_structured(run_cli, tmp_path):
                       (("--structured", "--ratio", "0.5", "--layers", "all"), "--layers"),
                       (("--structured", "--ratio", "1.5"), "--ratio 1.5"),
                       (("--structured",), "--ratio: required"),
-                      (("--unstructured", "--ratio", "0.5", "--steps", "2"), "--steps")]:
+                      (("--unstructured", "--ratio", "0.5", "--steps", "2"), "--steps"),
+                      (("--unstructured", "--ratio", "0.5", "--max-layer-ratio", "0.9"),
+                       "--max-layer-ratio"),
+                      (("--structured", "--ratio", "0.5", "--norm", "none"), "--norm 'none'")]:
         code, _, err = run_cli("prune", src, "--criterion", "l1", *args, "--out", out)
         assert code == 2 and msg in err, err

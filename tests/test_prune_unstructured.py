@@ -37,7 +37,7 @@ def _fake(n=64):
 
 def test_fc_layers_masked_to_exact_sparsity_convs_untouched():
     ck = _ckpt()
-    out = prune_unstructured(ck, "l1", _fake(), ratio=0.9)
+    out = prune_unstructured(ck, "l1", _fake(), ratio=0.9, scope="layer")
     m = out.model
     for name in ("fc1", "fc2", "fc3"):
         mask = out.state.layers[name].mask
@@ -81,7 +81,8 @@ def test_pruned_weights_stay_exactly_zero_during_finetuning(mnist):
 
 def test_global_scope_total_sparsity_and_no_empty_layer():
     ck = _ckpt("lenet300")
-    out = prune_unstructured(ck, "l1", _fake(), ratio=0.95, layers="all", scope="global")
+    out = prune_unstructured(ck, "l1", _fake(), ratio=0.95, layers="all", scope="global",
+                             norm="l1")
     masks = [out.state.layers[n].mask for n in ("fc1", "fc2", "fc3")]
     kept = sum(int(m.sum()) for m in masks)
     total = sum(m.numel() for m in masks)
@@ -91,10 +92,10 @@ def test_global_scope_total_sparsity_and_no_empty_layer():
     assert per_layer["fc1"] > per_layer["fc3"]  # per-layer L1 normalisation: wide layers first
 
 
-def test_global_norm_none_is_classic_global_magnitude():
+def test_default_is_classic_global_magnitude():
     ck = _ckpt("lenet300")
-    out = prune_unstructured(ck, "l1", _fake(), ratio=0.9, layers="all", scope="global",
-                             norm="none")
+    out = prune_unstructured(ck, "l1", _fake(), ratio=0.9, layers="all")
+    assert out.history[-1]["scope"] == "global" and out.history[-1]["norm"] == "none"
     kept = torch.cat([ck.model.fc1.weight.abs()[out.state.layers["fc1"].mask],
                       ck.model.fc3.weight.abs()[out.state.layers["fc3"].mask]])
     gone = ck.model.fc2.weight.abs()[~out.state.layers["fc2"].mask]
@@ -102,8 +103,9 @@ def test_global_norm_none_is_classic_global_magnitude():
 
 
 def test_second_prune_keeps_earlier_zeros():
-    first = prune_unstructured(_ckpt(), "random", _fake(), ratio=0.5, layers="conv")
-    second = prune_unstructured(first, "l1", _fake(), ratio=0.7, layers="conv")
+    first = prune_unstructured(_ckpt(), "random", _fake(), ratio=0.5, layers="conv",
+                               scope="layer")
+    second = prune_unstructured(first, "l1", _fake(), ratio=0.7, layers="conv", scope="layer")
     for name in ("conv1", "conv2"):
         m1, m2 = first.state.layers[name].mask, second.state.layers[name].mask
         assert not (m2 & ~m1).any()  # nothing revived
@@ -134,7 +136,7 @@ def test_trained_lenet5_fc_80_percent_still_predicts(mnist):
 @pytest.mark.parametrize("kw,msg", [
     ({"ratio": 1.0}, "--ratio 1.0"), ({"layers": "bn"}, "--layers 'bn'"),
     ({"scope": "x"}, "--scope 'x'"), ({"samples": -3}, "--samples -3"),
-    ({"norm": "l2"}, "--norm 'l2'"),
+    ({"norm": "l2"}, "--norm 'l2'"), ({"finetune_lr": 0}, "--finetune-lr 0"),
 ])
 def test_bad_options(kw, msg):
     with pytest.raises(XaiCompressError, match=msg):

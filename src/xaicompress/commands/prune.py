@@ -15,6 +15,8 @@ from xaicompress.errors import XaiCompressError
 from xaicompress.metrics import evaluate
 from xaicompress.prune import prune_structured, prune_unstructured, sparse_bytes
 from xaicompress.prune.schedule import check_ratio
+from xaicompress.prune.structured import NORMS as STRUCTURED_NORMS
+from xaicompress.prune.unstructured import NORMS as UNSTRUCTURED_NORMS
 
 _ROWS = ("accuracy", "params", "nonzero_params", "macs", "fp32_bytes", "size_bytes",
          "sparse_bytes", "latency_ms")
@@ -34,8 +36,8 @@ def prune_cmd(
     ratio: Annotated[float | None, typer.Option("--ratio", help="Fraction of channels "
                                                 "(structured) or weights to remove, in [0, 1).")]
     = None,
-    scope: Annotated[str | None, typer.Option("--scope", help="layer or global (default: "
-                                              "global structured, layer unstructured).")] = None,
+    scope: Annotated[str | None, typer.Option("--scope", help="layer or global (default "
+                                              "global).")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Iterative pruning steps "
                                               "(structured).")] = None,
     finetune_epochs: Annotated[float, typer.Option("--finetune-epochs", help="Fine-tuning "
@@ -48,6 +50,14 @@ def prune_cmd(
                                                "all (default fc).")] = None,
     min_channels: Annotated[int | None, typer.Option("--min-channels", help="Structured: "
                                                      "channels every layer keeps.")] = None,
+    max_layer_ratio: Annotated[float | None, typer.Option(
+        "--max-layer-ratio", help="Structured, global scope: most of any layer's channels "
+        "removed (default: halfway between the ratio and 1; 1 = no cap).")] = None,
+    norm: Annotated[str | None, typer.Option(
+        "--norm", help="Global scope: how scores are compared across layers; structured "
+        "l1|mean|max (default l1), unstructured none|l1|mean (default none).")] = None,
+    finetune_lr: Annotated[float | None, typer.Option(
+        "--finetune-lr", help="Adam learning rate of the fine-tuning (default 2e-3).")] = None,
     as_json: JsonOpt = False,
     seed: SeedOpt = 0,
     out: Annotated[str, typer.Option("--out", help="Pruned checkpoint to write.")]
@@ -58,7 +68,8 @@ def prune_cmd(
         raise XaiCompressError("prune: give exactly one of --structured or --unstructured")
     mode = "--structured" if structured else "--unstructured"
     wrong = ([("--layers", layers)] if structured else
-             [("--steps", steps), ("--macs-ratio", macs_ratio), ("--min-channels", min_channels)])
+             [("--steps", steps), ("--macs-ratio", macs_ratio), ("--min-channels", min_channels),
+              ("--max-layer-ratio", max_layer_ratio)])
     for opt, val in wrong:
         if val is not None:
             raise XaiCompressError(f"{opt}: does not apply to {mode}")
@@ -69,6 +80,9 @@ def prune_cmd(
         raise XaiCompressError("--macs-ratio: give either --ratio or --macs-ratio, not both")
     if ratio is not None:
         check_ratio(ratio, "--ratio")
+    norms = STRUCTURED_NORMS if structured else UNSTRUCTURED_NORMS
+    if norm is not None and norm not in norms:
+        raise XaiCompressError(f"--norm {norm!r}: expected one of {', '.join(norms)} with {mode}")
     check_writable(out)
     ckpt = load_checkpoint(checkpoint)
     spec = data or ckpt.data or "mnist5k"
@@ -78,13 +92,15 @@ def prune_cmd(
     if structured:
         pruned = prune_structured(ckpt, criterion, bundle, ratio=ratio or 0.0,
                                   scope=scope or "global", steps=steps or 1,
-                                  finetune_epochs=finetune_epochs, samples=samples,
-                                  macs_ratio=macs_ratio, min_channels=min_channels or 1,
-                                  seed=seed)
+                                  finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
+                                  samples=samples, macs_ratio=macs_ratio,
+                                  min_channels=min_channels or 1,
+                                  norm=norm or "l1", max_layer_ratio=max_layer_ratio, seed=seed)
     else:
         pruned = prune_unstructured(ckpt, criterion, bundle, ratio=float(ratio or 0.0),
-                                    layers=layers or "fc", scope=scope or "layer",
-                                    finetune_epochs=finetune_epochs, samples=samples, seed=seed)
+                                    layers=layers or "fc", scope=scope or "global",
+                                    finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
+                                    samples=samples, norm=norm or "none", seed=seed)
     after = {**evaluate(pruned, bundle.test), "sparse_bytes": sparse_bytes(pruned)}
     pruned.metrics = dict(after)
     save_checkpoint(pruned, out)

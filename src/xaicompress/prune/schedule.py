@@ -10,6 +10,12 @@ from __future__ import annotations
 
 from xaicompress.errors import XaiCompressError
 
+#: Adam learning rate of the fine-tuning after pruning when none is given. Measured on
+#: lenet5 / mnist5k (structured global 0.8 + 1 epoch, deeplift and gradxact, 2 seeds):
+#: 5e-4 -> 55-80%, 1e-3 -> 86-92%, 2e-3 -> 93-94%; unstructured fc 90% + 3 epochs: 96.9-97.1%
+#: at 5e-4, 97.6-97.8% at 2e-3. A pruned network must move further than a trained one.
+PRUNE_FINETUNE_LR = 2e-3
+
 
 def cumulative_targets(total: float, steps: int) -> list[float]:
     """[total*1/K, total*2/K, ..., total]: the target reached after each of K steps."""
@@ -26,8 +32,11 @@ def check_ratio(value: float, option: str) -> float:
     return v
 
 
-def check_options(*, steps: int, finetune_epochs: float, samples: int) -> None:
+def check_options(*, steps: int, finetune_epochs: float, samples: int,
+                  finetune_lr: float | None = None) -> None:
     """Validate the options every prune shares, naming the offending CLI option."""
+    if finetune_lr is not None and not finetune_lr > 0:
+        raise XaiCompressError(f"--finetune-lr {finetune_lr}: expected a positive number")
     if int(steps) != steps or steps < 1:
         raise XaiCompressError(f"--steps {steps}: expected a positive integer")
     if finetune_epochs < 0:

@@ -39,6 +39,7 @@ from xaicompress.prune.importance import (
     needs_gradients,
 )
 from xaicompress.prune.schedule import (
+    PRUNE_FINETUNE_LR,
     check_options,
     check_ratio,
     check_scope,
@@ -101,16 +102,31 @@ def group_scores(model: nn.Module, importance: tp.importance.Importance, example
     return out
 
 
+NORMS = ("l1", "mean", "max")
+
+
+def layer_cap(fraction: float, max_layer_ratio: float | None) -> float:
+    """The largest fraction of any group's original channels that global scope may remove
+    when `fraction` of all channels go: `max_layer_ratio`, or, when None ("auto"), halfway
+    between `fraction` and 1 (0.5 -> 0.75, 0.8 -> 0.9), never below `fraction`."""
+    if max_layer_ratio is None:
+        return fraction + (1.0 - fraction) / 2
+    return max(float(max_layer_ratio), fraction)
+
+
 def plan_removal(scores: dict[str, Tensor], original: dict[str, int], fraction: float,
-                 scope: str, min_channels: int, norm: str = "l1") -> dict[str, list[int]]:
+                 scope: str, min_channels: int, norm: str = "l1",
+                 cap: float = 1.0) -> dict[str, list[int]]:
     """Channel indices to remove from each group so that `fraction` of the original channels
     are gone (per group in "layer" scope, in total in "global" scope).
 
-    scores are L1-normalised per group; in global scope `norm` "mean" compares them times
-    the group's channel count (a channel's score relative to its layer's mean), "l1" as is.
+    scores: group -> float (channels,), L1-normalised per group. Global scope compares them
+    across groups after `norm`: "l1" as is (the issue's rule; a unit of a wide layer scores
+    less), "mean" times the group's channel count (relative to the layer's mean), "max"
+    divided by the group's maximum. It removes at most `cap` of any group's original
+    channels while the target can be met without exceeding it (beyond that, the lowest
+    scores above the cap go next), and never leaves a group below `min_channels`.
     """
-    if scope == "global" and norm == "mean":
-        scores = {n: s * len(s) for n, s in scores.items()}
     floors = {n: min(min_channels, len(s)) for n, s in scores.items()}
     plan: dict[str, list[int]] = {}
     if scope == "layer":
@@ -122,20 +138,35 @@ def plan_removal(scores: dict[str, Tensor], original: dict[str, int], fraction: 
                 order = torch.sort(s, stable=True).indices
                 plan[name] = sorted(order[:n_remove].tolist())
         return plan
+    if norm == "mean":
+        scores = {n: s * len(s) for n, s in scores.items()}
+    elif norm == "max":
+        scores = {n: s / s.max() if s.max() > 0 else torch.ones_like(s)
+                  for n, s in scores.items()}
     total0 = sum(original.get(n, len(s)) for n, s in scores.items())
     current = sum(len(s) for s in scores.values())
     n_remove = current - (total0 - int(round(fraction * total0)))
     if n_remove <= 0:
         return plan
-    cand_scores, cand_owner, cand_idx = [], [], []
+    # tier 0: removable within the cap; tier 1: beyond the cap, down to the floor
+    tiers: list[list[tuple[Tensor, Tensor, Tensor]]] = [[], []]
     for gi, (name, s) in enumerate(scores.items()):
-        order = torch.sort(s, stable=True).indices[: len(s) - floors[name]]
-        cand_scores.append(s[order])
-        cand_owner.append(torch.full((len(order),), gi, dtype=torch.long))
-        cand_idx.append(order)
-    all_scores = torch.cat(cand_scores)
-    pick = torch.sort(all_scores, stable=True).indices[:n_remove]
-    owners, idxs = torch.cat(cand_owner)[pick], torch.cat(cand_idx)[pick]
+        n0 = original.get(name, len(s))
+        keep_cap = max(floors[name], n0 - int(cap * n0 + 1e-9))
+        order = torch.sort(s, stable=True).indices
+        split = max(0, len(s) - keep_cap)
+        for t, idx in ((0, order[:split]), (1, order[split: len(s) - floors[name]])):
+            tiers[t].append((s[idx], torch.full((len(idx),), gi, dtype=torch.long), idx))
+    picked_owner, picked_idx = [], []
+    for tier in tiers:
+        if n_remove <= 0:
+            break
+        sc, ow, ix = (torch.cat([t[k] for t in tier]) for k in range(3))
+        pick = torch.sort(sc, stable=True).indices[:n_remove]
+        picked_owner.append(ow[pick])
+        picked_idx.append(ix[pick])
+        n_remove -= len(pick)
+    owners, idxs = torch.cat(picked_owner), torch.cat(picked_idx)
     names = list(scores)
     for gi in owners.unique().tolist():
         plan[names[gi]] = sorted(idxs[owners == gi].tolist())
@@ -203,12 +234,14 @@ def criterion_name(criterion: Criterion | tp.importance.Importance) -> str:
 
 def _fraction_for_macs(model: nn.Module, scores: dict[str, Tensor], original: dict[str, int],
                        target_macs: float, lo: float, hi: float, scope: str, min_channels: int,
-                       norm: str, input_shape: tuple[int, int, int], example: Tensor) -> float:
+                       norm: str, max_layer_ratio: float | None,
+                       input_shape: tuple[int, int, int], example: Tensor) -> float:
     """Smallest cumulative channel fraction in [lo, hi] whose pruned copy has MACs <= target
     (bisection; MACs fall monotonically with the fraction)."""
     def macs_at(f: float) -> int:
         trial = copy.deepcopy(model)
-        apply_plan(trial, plan_removal(scores, original, f, scope, min_channels, norm), example)
+        apply_plan(trial, plan_removal(scores, original, f, scope, min_channels, norm,
+                                       layer_cap(f, max_layer_ratio)), example)
         return count_macs(trial, input_shape)
 
     if macs_at(lo) <= target_macs:
@@ -231,24 +264,35 @@ def prune_structured(
     scope: str = "global",
     steps: int = 1,
     finetune_epochs: float = 0,
+    finetune_lr: float | None = None,
     samples: int = 512,
     macs_ratio: float | None = None,
     min_channels: int = 1,
     norm: str = "l1",
+    max_layer_ratio: float | None = None,
     seed: int = 0,
 ) -> Checkpoint:
     """Remove `ratio` of the channels (filters / neurons) of `ckpt`, or enough to cut MACs by
     `macs_ratio`, ranked by `criterion`, in `steps` steps with `finetune_epochs` epochs of
-    fine-tuning after each. Returns a new Checkpoint (the input is untouched) whose model is
+    fine-tuning after each (Adam, `finetune_lr`, default `PRUNE_FINETUNE_LR` 2e-3).
+    Returns a new Checkpoint (the input is untouched) whose model is
     physically smaller; inputs stay (N, C, H, W), outputs (N, num_classes).
 
     bundle: a `DatasetBundle` (its train split is used) or a training `Dataset`; relevance
-    uses `samples` seeded-random items of it.
+    uses `samples` seeded-random items of it. Global scope: `norm` ("l1", "mean", "max")
+    makes scores comparable across groups and `max_layer_ratio` caps the fraction of any
+    group's original channels removed (None: halfway between the step's target and 1, see
+    `layer_cap`; 1.0: no cap); see `plan_removal`.
     """
     crit = resolve_criterion(criterion)
-    if norm not in ("mean", "l1"):
-        raise XaiCompressError(f"--norm {norm!r}: expected 'mean' or 'l1'")
-    check_options(steps=steps, finetune_epochs=finetune_epochs, samples=samples)
+    if norm not in NORMS:
+        raise XaiCompressError(f"--norm {norm!r}: expected one of {', '.join(NORMS)}")
+    if max_layer_ratio is not None and not 0.0 < max_layer_ratio <= 1.0:
+        raise XaiCompressError(f"--max-layer-ratio {max_layer_ratio}: expected a fraction in "
+                               "(0, 1]")
+    check_options(steps=steps, finetune_epochs=finetune_epochs, samples=samples,
+                  finetune_lr=finetune_lr)
+    lr = finetune_lr or PRUNE_FINETUNE_LR
     check_scope(scope)
     if macs_ratio is None:
         check_ratio(ratio, "--ratio")
@@ -278,7 +322,7 @@ def prune_structured(
         smallest = copy.deepcopy(out.model)
         floor_scores = {n: torch.ones(c) for n, c in original.items()}
         apply_plan(smallest, plan_removal(floor_scores, original, 1.0, scope, min_channels, norm),
-                   example)
+                   example)  # cap 1.0: the floor of what any cap allows
         reachable = 1 - count_macs(smallest, shape) / macs0
         if reachable < macs_ratio:
             raise XaiCompressError(f"--macs-ratio {macs_ratio}: unreachable, pruning every layer "
@@ -295,23 +339,25 @@ def prune_structured(
             model.zero_grad(set_to_none=True)
         if macs_ratio is not None:
             fraction = _fraction_for_macs(model, scores, original, macs0 * (1 - targets[k]),
-                                          fraction, 1.0, scope, min_channels, norm, shape,
-                                          example)
+                                          fraction, 1.0, scope, min_channels, norm,
+                                          max_layer_ratio, shape, example)
         else:
             fraction = targets[k]
-        apply_plan(model, plan_removal(scores, original, fraction, scope, min_channels, norm),
-                   example)
+        apply_plan(model, plan_removal(scores, original, fraction, scope, min_channels, norm,
+                                       layer_cap(fraction, max_layer_ratio)), example)
         step_log.append({"fraction": round(fraction, 6), "macs": count_macs(model, shape)})
         if finetune_epochs > 0:
-            out = finetune_checkpoint(out, train_set, epochs=finetune_epochs, seed=seed + k,
-                                      description=f"fine-tune step {k + 1}/{steps}")
+            out = finetune_checkpoint(out, train_set, epochs=finetune_epochs, lr=lr,
+                                      seed=seed + k, description=f"fine-tune step {k + 1}/{steps}")
             out.history.pop()  # recorded once, below, as part of this step
     final = _channels(out.model, example, ignored)
     out.model.eval()
     out.history.append({
         "stage": "prune_structured", "criterion": criterion_name(crit), "ratio": ratio,
-        "scope": scope, "steps": steps, "finetune_epochs": finetune_epochs, "samples": samples,
-        "macs_ratio": macs_ratio, "min_channels": min_channels, "norm": norm, "seed": seed,
+        "scope": scope, "steps": steps, "finetune_epochs": finetune_epochs,
+        "finetune_lr": lr, "samples": samples, "macs_ratio": macs_ratio,
+        "min_channels": min_channels, "norm": norm, "max_layer_ratio": max_layer_ratio,
+        "seed": seed,
         "channels": {n: [original[n], final.get(n, 0)] for n in original},
         "macs_before": macs0, "macs_after": count_macs(out.model, shape), "schedule": step_log,
     })

@@ -5,12 +5,15 @@ True = kept) and the model's weights are zeroed there; `finetune_checkpoint` re-
 mask after every optimizer step, so pruned weights stay exactly zero. Biases are kept.
 
 Selection: scope "layer" removes `ratio` of each selected layer's weights, lowest scores
-first; scope "global" removes `ratio` of all selected weights, ranked on per-layer
-L1-normalised scores (`norm="l1"`; "mean" ranks scores relative to their layer's mean,
-"none" raw scores), never emptying a layer (one weight is kept at least). Weights an
-earlier mask already removed are counted as removed, so `ratio` is the target sparsity of
-the selected layers. Storage is accounted as deployed: positions in the cheaper of a bitmap
-or relative indices (`prune/sparse.py`), plus one value per kept weight.
+first; scope "global" (the default) removes `ratio` of all selected weights ranked across
+layers, never emptying a layer (one weight is kept at least). Global ranking compares raw
+scores by default (`norm="none"`, classic global magnitude pruning with the l1 criterion):
+measured on lenet5 fc at 90% + 3 epochs it beat per-layer L1-normalised scores (which
+strip the widest layer) and layer scope, for magnitude and DeepLIFT alike
+(docs/results/pruning.md); "l1" and "mean" (relative to the layer's mean) remain options.
+Weights an earlier mask already removed are counted as removed, so `ratio` is the target
+sparsity of the selected layers. Storage is accounted as deployed: positions in the cheaper
+of a bitmap or relative indices (`prune/sparse.py`), plus one value per kept weight.
 """
 
 from __future__ import annotations
@@ -23,11 +26,17 @@ from torch import Tensor, nn
 from xaicompress.checkpoint import Checkpoint
 from xaicompress.errors import XaiCompressError
 from xaicompress.prune.importance import l1_normalise
-from xaicompress.prune.schedule import check_options, check_ratio, check_scope
+from xaicompress.prune.schedule import (
+    PRUNE_FINETUNE_LR,
+    check_options,
+    check_ratio,
+    check_scope,
+)
 from xaicompress.prune.sparse import position_bits
 from xaicompress.relevance.base import Criterion, Relevance, compute_relevance, get_criterion
 from xaicompress.train import finetune_checkpoint
 
+NORMS = ("none", "l1", "mean")
 LAYER_KINDS = {"fc": (nn.Linear,), "conv": (nn.Conv2d,), "all": (nn.Linear, nn.Conv2d)}
 
 
@@ -92,10 +101,11 @@ def prune_unstructured(
     *,
     ratio: float = 0.9,
     layers: str = "fc",
-    scope: str = "layer",
+    scope: str = "global",
     finetune_epochs: float = 0,
+    finetune_lr: float | None = None,
     samples: int = 512,
-    norm: str = "l1",
+    norm: str = "none",
     seed: int = 0,
 ) -> Checkpoint:
     """Zero `ratio` of the weights of the selected layers ("fc", "conv" or "all"), ranked by
@@ -107,15 +117,16 @@ def prune_unstructured(
     their layer's mean (L1-normalised times the layer's weight count), "none" raw scores
     (classic global magnitude pruning with the l1 criterion).
     """
-    if norm not in ("l1", "mean", "none"):
-        raise XaiCompressError(f"--norm {norm!r}: expected 'l1', 'mean' or 'none'")
+    if norm not in NORMS:
+        raise XaiCompressError(f"--norm {norm!r}: expected one of {', '.join(NORMS)}")
     crit = get_criterion(criterion) if isinstance(criterion, str) else criterion
     if not isinstance(crit, Criterion):
         raise XaiCompressError(f"--criterion {criterion!r}: unstructured pruning needs an "
                                "xaicompress criterion (per-weight scores)")
     check_ratio(ratio, "--ratio")
     check_scope(scope)
-    check_options(steps=1, finetune_epochs=finetune_epochs, samples=samples)
+    check_options(steps=1, finetune_epochs=finetune_epochs, samples=samples,
+                  finetune_lr=finetune_lr)
     train_set = getattr(bundle, "train", bundle)
     out = ckpt.copy()
     model = out.model
@@ -135,7 +146,8 @@ def prune_unstructured(
         out.state.get(name).mask = mask
     out.state.apply(model)
     if finetune_epochs > 0:
-        out = finetune_checkpoint(out, train_set, epochs=finetune_epochs, seed=seed,
+        out = finetune_checkpoint(out, train_set, epochs=finetune_epochs,
+                                  lr=finetune_lr or PRUNE_FINETUNE_LR, seed=seed,
                                   description="fine-tune (masks held)")
         out.history.pop()  # recorded below, as part of this step
     kept = sum(int(m.sum()) for m in masks.values())
@@ -143,6 +155,7 @@ def prune_unstructured(
     out.history.append({
         "stage": "prune_unstructured", "criterion": repr(crit), "ratio": ratio,
         "layers": layers, "scope": scope, "norm": norm, "finetune_epochs": finetune_epochs,
+        "finetune_lr": finetune_lr or PRUNE_FINETUNE_LR,
         "samples": samples, "seed": seed, "sparsity": 1 - kept / total,
         "per_layer": {n: round(1 - float(m.float().mean()), 6) for n, m in masks.items()},
     })
