@@ -40,7 +40,8 @@ def test_good_config_parses_with_defaults():
     assert [s.type for s in cfg.stages] == list(STAGE_TYPES)
     assert cfg.stages[0].scope == "global" and cfg.stages[0].samples == 512
     assert cfg.stages[1].options() == {"samples": 512, "ratio": 0.9, "layers": "all",
-                                       "scope": "layer", "finetune_epochs": 1.0}
+                                       "scope": "global", "norm": "none",
+                                       "finetune_epochs": 1.0}
     assert cfg.train.epochs == 2 and cfg.train.augment == 2
     assert cfg.export.packed and cfg.export.onnx
 

@@ -80,7 +80,8 @@ class _Stage(_Strict):
 
     def options(self) -> dict[str, Any]:
         """The keyword options of the library step (everything but type/name/criterion)."""
-        return self.model_dump(exclude={"type", "name", "criterion"})
+        # None means "the library step's own default", so it is not passed at all.
+        return self.model_dump(exclude={"type", "name", "criterion"}, exclude_none=True)
 
 
 class CriterionStage(_Stage):
@@ -103,6 +104,9 @@ class PruneStructuredStage(CriterionStage):
     finetune_epochs: NonNegFloat = 1
     macs_ratio: Ratio | None = None
     min_channels: PosInt = 1
+    norm: Literal["l1", "mean", "max"] = "l1"
+    max_layer_ratio: Annotated[float, Field(gt=0, le=1)] | None = None
+    finetune_lr: PosFloat | None = None
 
     @field_validator("criterion")
     @classmethod
@@ -116,8 +120,10 @@ class PruneUnstructuredStage(CriterionStage):
     type: Literal["prune_unstructured"]
     ratio: Ratio = 0.9
     layers: Literal["fc", "conv", "all"] = "fc"
-    scope: Literal["layer", "global"] = "layer"
+    scope: Literal["layer", "global"] = "global"
+    norm: Literal["none", "l1", "mean"] = "none"
     finetune_epochs: NonNegFloat = 1
+    finetune_lr: PosFloat | None = None
 
 
 class ShareStage(CriterionStage):
@@ -130,6 +136,9 @@ class ShareStage(CriterionStage):
     finetune_epochs: NonNegFloat = 1
     finetune_lr: PosFloat | None = None
     codebook_dtype: Literal["fp16", "fp32"] = "fp16"
+    init: Literal["linear", "quantile", "kmeans++"] = "linear"
+    weight_power: Annotated[float, Field(ge=0, le=4)] | None = None
+    uniform_mix: Annotated[float, Field(ge=0, le=1)] = 0.0
 
     @model_validator(mode="after")
     def _one_budget(self) -> ShareStage:
@@ -146,7 +155,7 @@ class QuantizeStage(CriterionStage):
     size_kb: PosFloat | None = None
     allocation: Literal["milp", "uniform"] = "milp"
     qat_epochs: NonNegFloat = 1
-    qat_lr: PosFloat = 1e-4
+    qat_lr: PosFloat | None = None
     act_bits: Annotated[int, Field(ge=2, le=8)] | None = None
     clip: Literal["max", "mse"] = "mse"
 
