@@ -172,12 +172,14 @@ def train_checkpoint(model_name: str, data_spec: str, *, epochs: float = 15, see
 
 def finetune_checkpoint(ckpt, train_set: Dataset, *, epochs: float = 1, lr: float | None = None,  # noqa: ANN001
                         seed: int = 0, optimizer: str = "adam", batch_size: int = 64,
-                        description: str = "fine-tune"):  # noqa: ANN201
+                        description: str = "fine-tune", augment: int | None = None,
+                        ):  # noqa: ANN201
     """Fine-tune a copy of `ckpt` keeping its compression constraints (masks, codebooks,
     integer grids) by re-imposing them after every step. Returns the new Checkpoint.
 
     Weight sharing and QAT have their own, better fine-tuning (centroid training, STE);
-    this projection is exact for pruning masks.
+    this projection is exact for pruning masks. augment: as in `train` (None = the same
+    random shifts the default training uses, so fine-tuning does not overfit small sets).
     """
     out = ckpt.copy()
     if epochs <= 0:
@@ -185,6 +187,6 @@ def finetune_checkpoint(ckpt, train_set: Dataset, *, epochs: float = 1, lr: floa
     out.state.apply(out.model)
     train(out.model, train_set, epochs=epochs, lr=lr if lr is not None else 5e-4, seed=seed,
           optimizer=optimizer, batch_size=batch_size, after_step=out.state.apply,
-          description=description)
+          description=description, augment=augment)
     out.history.append({"stage": "finetune", "epochs": epochs, "seed": seed})
     return out

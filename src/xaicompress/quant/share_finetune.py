@@ -98,7 +98,7 @@ def finetune_shared(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1,
                     lr: float | None = None, seed: int = 0, batch_size: int = BATCH_SIZE,
                     lr_scale: float = LR_SCALE, other_lr: float = OTHER_LR,
                     clip: float | None = CLIP_NORM, keep_best: bool = True,
-                    augment: int = 0, centroid_lrs: Mapping[str, float] | None = None
+                    augment: int | None = 0, centroid_lrs: Mapping[str, float] | None = None
                     ) -> Checkpoint:
     """Train the centroids of every shared layer of a copy of `ckpt` (indices fixed).
 
@@ -188,8 +188,9 @@ def finetune_shared(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1,
                 if hasattr(loader.sampler, "set_epoch"):
                     loader.sampler.set_epoch(epoch)
                 for x, y in loader:
-                    if augment:
-                        x = random_shift(x, augment)
+                    shift = x.shape[-2] // 12 if augment is None else augment
+                    if shift:
+                        x = random_shift(x, shift)
                     opt.zero_grad(set_to_none=True)
                     F.cross_entropy(net(x), y).backward()
                     if clip is not None:
