@@ -107,6 +107,7 @@ def run_pipelines(configs: list[str], seeds: list[int], quick: bool) -> dict[str
         runs = []
         for seed in seeds:
             folder = RESULTS / "pipeline" / f"{Path(name).stem}-seed{seed}"
+            folder.parent.mkdir(parents=True, exist_ok=True)
             t0 = time.perf_counter()
             res = run_pipeline(cfg.with_seed(seed), folder,
                                cache_dir=RESULTS / "cache" / "pipeline",
