@@ -60,6 +60,7 @@ BENCHMARKS = {
     "pruning": _seeds_count,
     "weight_sharing": _seeds_list,
     "mixed_precision": _seeds_comma,
+    "robustness": lambda seeds: [],
 }
 CLAIMS = {
     1: ("pruning", "DeepLIFT improves pruning"),
