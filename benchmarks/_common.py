@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: seeds, cached base models, mean ± std."""
+"""Helpers shared by the benchmark scripts: result paths, mean ± std, writers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-CACHE = RESULTS / "cache"
 DOCS_RESULTS = ROOT / "docs" / "results"
 IMG = ROOT / "docs" / "img"
 
@@ -43,17 +42,3 @@ def write_section(name: str, markdown: str) -> Path:
     p = DOCS_RESULTS / f"{name}.md"
     atomic_write_text(p, markdown.rstrip() + "\n")
     return p
-
-
-def base_model(model: str, seed: int, data: str = "mnist5k", **train_kw: Any):  # noqa: ANN201
-    """Train (or reuse from the cache) the base model of a benchmark for one seed."""
-    from xaicompress.checkpoint import load_checkpoint, save_checkpoint
-    from xaicompress.train import train_checkpoint
-
-    CACHE.mkdir(parents=True, exist_ok=True)
-    p = CACHE / f"base_{model}_{data.replace(':', '_')}_s{seed}.safetensors"
-    if p.exists():
-        return load_checkpoint(p)
-    ckpt = train_checkpoint(model, data, seed=seed, **train_kw)
-    save_checkpoint(ckpt, p)
-    return ckpt

@@ -54,18 +54,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over ranks in place (no-op when not distributed); returns it."""
-    if is_distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank `src`'s value of `obj` on every rank (decide once, act everywhere)."""
     if not is_distributed():

@@ -46,11 +46,9 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], batch: 
 
 
 def packed_size(ckpt: Checkpoint) -> int:
-    """Bytes of the model as deployed (the packed file), or fp32 bytes if no packer."""
-    try:
-        from xaicompress.export.packed import packed_bytes
-    except ImportError:
-        return fp32_bytes(ckpt.model)
+    """Bytes of the model as deployed: the size of its packed file (export/packed.py)."""
+    from xaicompress.export.packed import packed_bytes
+
     return len(packed_bytes(ckpt))
 
 

@@ -110,9 +110,9 @@ def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
 
 
 def _maybe_ddp(model: nn.Module) -> nn.Module:
-    import torch.distributed as dist
+    from xaicompress.distributed import is_distributed
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         return nn.parallel.DistributedDataParallel(model)
     return model
 
@@ -151,12 +151,16 @@ def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float
 
 def train_checkpoint(model_name: str, data_spec: str, *, epochs: float = 15, seed: int = 0,
                      optimizer: str = "adam", lr: float | None = None, batch_size: int = 64,
-                     model_kwargs: dict | None = None, augment: int | None = None):  # noqa: ANN201
-    """Build `model_name` for `data_spec`, train it, and return a Checkpoint."""
+                     model_kwargs: dict | None = None, augment: int | None = None,
+                     bundle=None):  # noqa: ANN001,ANN201
+    """Build `model_name` for `data_spec`, train it, and return a Checkpoint.
+
+    bundle: the already loaded DatasetBundle of `data_spec` (loaded here when None)."""
     from xaicompress.checkpoint import Checkpoint, ModelSpec
     from xaicompress.data import load_dataset
 
-    bundle = load_dataset(data_spec, seed=seed)
+    if bundle is None:
+        bundle = load_dataset(data_spec, seed=seed)
     spec = ModelSpec(model_name, tuple(bundle.input_shape), bundle.num_classes,
                      dict(model_kwargs or {}))
     seed_everything(seed)

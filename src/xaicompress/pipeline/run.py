@@ -19,7 +19,6 @@ from xaicompress.atomic import check_writable
 from xaicompress.checkpoint import Checkpoint, check_data_fits, load_checkpoint, save_checkpoint
 from xaicompress.data import DatasetBundle, load_dataset
 from xaicompress.errors import XaiCompressError
-from xaicompress.export.packed import packed_bytes
 from xaicompress.metrics import evaluate
 from xaicompress.pipeline.cache import StageCache, baseline_key, file_hash, stage_key
 from xaicompress.pipeline.config import PipelineConfig
@@ -117,30 +116,22 @@ def _make_baseline(config: PipelineConfig, bundle: DatasetBundle) -> Checkpoint:
         ckpt = load_checkpoint(config.checkpoint)
         check_data_fits(ckpt, bundle.input_shape, bundle.num_classes, config.data)
         return ckpt
-    from xaicompress.checkpoint import ModelSpec
-    from xaicompress.train import accuracy, seed_everything, train
+    from xaicompress.train import train_checkpoint
 
     assert config.model is not None
     t = config.train
-    spec = ModelSpec(config.model.name, tuple(bundle.input_shape), bundle.num_classes,
-                     dict(config.model.kwargs))
-    seed_everything(config.seed)
-    model = spec.build()
-    train(model, bundle.train, epochs=t.epochs, lr=t.lr, optimizer=t.optimizer,
-          batch_size=t.batch_size, seed=config.seed, augment=t.augment)
-    history = [{"stage": "train", "epochs": t.epochs, "seed": config.seed,
-                "optimizer": t.optimizer, "lr": t.lr, "batch_size": t.batch_size,
-                "augment": t.augment}]
-    return Checkpoint(model, spec, config.data, history=history,
-                      metrics={"accuracy": accuracy(model, bundle.test)})
+    return train_checkpoint(config.model.name, config.data, epochs=t.epochs, seed=config.seed,
+                            optimizer=t.optimizer, lr=t.lr, batch_size=t.batch_size,
+                            model_kwargs=dict(config.model.kwargs), augment=t.augment,
+                            bundle=bundle)
 
 
 def _measure(ckpt: Checkpoint, bundle: DatasetBundle, config: PipelineConfig, *, key: str,
              name: str, kind: str, criterion: str | None, seconds: float,
              fidelity: dict[str, Any]) -> Checkpoint:
     ckpt.metrics = {}
-    m = evaluate(ckpt, bundle.test, latency_repeats=config.report.latency_repeats)
-    m["size_bytes"] = len(packed_bytes(deployable(ckpt)))
+    # Measured on what goes into the packed file, so size_bytes is that file's size.
+    m = evaluate(deployable(ckpt), bundle.test, latency_repeats=config.report.latency_repeats)
     ckpt.metrics = {"accuracy": m["accuracy"], "pipeline": {
         "key": key, "name": name, "type": kind, "criterion": criterion,
         "seconds": round(seconds, 3), "eval": m, "fidelity": fidelity}}

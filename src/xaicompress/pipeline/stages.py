@@ -44,25 +44,21 @@ def run_stage(ckpt: Checkpoint, bundle: DatasetBundle, stage: Any, seed: int) ->
     return fn(ckpt, bundle, stage, seed)
 
 
-def stage_criterion(spec: str, seed: int, bundle: DatasetBundle | None = None) -> Any:
+def stage_criterion(spec: str, seed: int) -> Any:
     """Build the criterion of a stage. A criterion that takes a `seed` (random, sampled
     references) and was not given one explicitly gets the stage's seed, so `compare`
-    over seeds really varies it; one that uses the data's normalisation (DeepLIFT's black
-    `zeros` reference) gets the bundle's, since the steps hand it only the train split."""
+    over seeds really varies it. (The data's normalisation reaches DeepLIFT through
+    `compute_relevance`, which every step calls with the whole bundle.)"""
     if spec.startswith("tp:"):
         return spec  # Torch-Pruning importances are resolved by the structured pruner
     from xaicompress.relevance import get_criterion
 
     crit = get_criterion(spec)
     params = inspect.signature(type(crit).__init__).parameters
-    extra: dict[str, Any] = {}
     given = {item.partition("=")[0].strip() for item in spec.partition(":")[2].split(",")}
     if "seed" in params and "seed" not in given:
-        extra["seed"] = seed
-    if (bundle is not None and getattr(crit, "accepts_normalisation", False)
-            and crit.options.get("pixel_mean") is None):
-        extra.update(pixel_mean=tuple(bundle.mean), pixel_std=tuple(bundle.std))
-    return get_criterion(spec, **extra) if extra else crit
+        return get_criterion(spec, seed=seed)
+    return crit
 
 
 @register_stage("prune_structured")
@@ -70,7 +66,7 @@ def _prune_structured(ckpt: Checkpoint, bundle: DatasetBundle, st: PruneStructur
                       seed: int) -> Checkpoint:
     from xaicompress.prune.structured import prune_structured
 
-    return prune_structured(ckpt, stage_criterion(st.criterion, seed, bundle), bundle, seed=seed,
+    return prune_structured(ckpt, stage_criterion(st.criterion, seed), bundle, seed=seed,
                             **st.options())
 
 
@@ -79,7 +75,7 @@ def _prune_unstructured(ckpt: Checkpoint, bundle: DatasetBundle, st: PruneUnstru
                         seed: int) -> Checkpoint:
     from xaicompress.prune.unstructured import prune_unstructured
 
-    return prune_unstructured(ckpt, stage_criterion(st.criterion, seed, bundle), bundle, seed=seed,
+    return prune_unstructured(ckpt, stage_criterion(st.criterion, seed), bundle, seed=seed,
                               **st.options())
 
 
@@ -87,7 +83,7 @@ def _prune_unstructured(ckpt: Checkpoint, bundle: DatasetBundle, st: PruneUnstru
 def _share(ckpt: Checkpoint, bundle: DatasetBundle, st: ShareStage, seed: int) -> Checkpoint:
     from xaicompress.quant.codebook import share_weights
 
-    return share_weights(ckpt, stage_criterion(st.criterion, seed, bundle), bundle, seed=seed,
+    return share_weights(ckpt, stage_criterion(st.criterion, seed), bundle, seed=seed,
                          **st.options())
 
 
@@ -96,7 +92,7 @@ def _quantize(ckpt: Checkpoint, bundle: DatasetBundle, st: QuantizeStage,
               seed: int) -> Checkpoint:
     from xaicompress.quant.integer import quantize
 
-    return quantize(ckpt, stage_criterion(st.criterion, seed, bundle), bundle, seed=seed,
+    return quantize(ckpt, stage_criterion(st.criterion, seed), bundle, seed=seed,
                     **st.options())
 
 

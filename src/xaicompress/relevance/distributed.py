@@ -11,12 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def is_distributed() -> bool:
-    """True when a torch.distributed process group with more than one rank is up."""
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+from xaicompress.distributed import is_distributed
 
 
 def all_reduce_sums(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
