@@ -11,7 +11,7 @@ import contextlib
 import io
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -31,9 +31,19 @@ def check_writable(path: str | os.PathLike[str]) -> Path:
     return p
 
 
+Verify = Callable[[Path], None]
+
+
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file next to `path`; on success it replaces `path` atomically."""
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb", *,
+                verify: Verify | None = None) -> Iterator[IO]:
+    """Open a temporary file next to `path`; on success it replaces `path` atomically.
+
+    verify: called with the temporary file's path after it is fsynced and before the
+    rename; whatever it raises aborts the write (the temporary file is removed and `path`
+    is left as it was). Writers use it to reload what they wrote and compare it with the
+    in-memory object, so nothing the loader would refuse is ever renamed into place.
+    """
     if mode not in ("wb", "w"):
         raise ValueError("atomic_open supports 'wb' and 'w'")
     p = check_writable(path)
@@ -50,6 +60,8 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        if verify is not None:
+            verify(Path(tmp))
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -58,13 +70,15 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]:
     _fsync_dir(p.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    with atomic_open(path, "wb") as f:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *,
+                       verify: Verify | None = None) -> None:
+    with atomic_open(path, "wb", verify=verify) as f:
         f.write(data)
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | os.PathLike[str], text: str, *,
+                      verify: Verify | None = None) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), verify=verify)
 
 
 def atomic_save_figure(fig, path: str | os.PathLike[str], **kwargs) -> None:  # noqa: ANN001
