@@ -7,21 +7,12 @@ traceback, and leave no output file created or changed. A new command adds rows,
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.badinput import makers
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    id: str
-    args: tuple[str, ...]
-    needle: str  # must appear in the one-line message
-    make: Callable[[Path, Path], Path] | None = None  # (good ckpt, folder) -> bad input
+from tests.badinput.case import Case
 
 
 def _data(fn):
