@@ -81,8 +81,12 @@ def test_explain_user_factory_model(tmp_path, run_cli, monkeypatch, digits):
     ck = tmp_path / "u.safetensors"
     ckpt = _checkpoint("usernets.tiny:make", digits, ck, epochs=2)
     assert accuracy(ckpt.model, digits.test) > 30
-    code, stdout, err = run_cli("explain", ck, "--samples", 32, "--images", 2,
-                                "--out", tmp_path / "ue")
+    # The file alone may not make us import its factory; the user's --model does.
+    code, _, err = run_cli("explain", ck, "--samples", 32, "--out", tmp_path / "ue")
+    assert code == 2 and "--model usernets.tiny:make" in err
+    assert not (tmp_path / "ue").exists()
+    code, stdout, err = run_cli("explain", ck, "--model", "usernets.tiny:make", "--samples", 32,
+                                "--images", 2, "--out", tmp_path / "ue")
     assert code == 0, err
     rel = load_relevance(tmp_path / "ue" / "relevance.safetensors")
     assert set(rel.units) == {"conv", "head"}

@@ -28,7 +28,7 @@ from torch import nn
 
 from xaicompress.atomic import atomic_write_bytes
 from xaicompress.errors import XaiCompressError
-from xaicompress.models.registry import create_model
+from xaicompress.models.registry import check_trusted, create_model
 from xaicompress.state import CompressionState
 
 FORMAT = "xaicompress-checkpoint"
@@ -155,16 +155,21 @@ def _json_default(o: Any) -> Any:
 
 
 # ---------------------------------------------------------------------- load
-def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Load a checkpoint; any problem is a one-line `XaiCompressError` naming the file."""
+def load_checkpoint(path: str | os.PathLike[str], *, model: str | None = None) -> Checkpoint:
+    """Load a checkpoint; any problem is a one-line `XaiCompressError` naming the file.
+
+    model: the model factory the user trusts (`package.module:factory`, as given with
+    --model); a checkpoint naming any other unregistered factory is refused unrun.
+    """
     p = Path(path)
     if not p.is_file():
         raise XaiCompressError(f"{p}: checkpoint file does not exist")
     raw = p.read_bytes()
-    return checkpoint_from_bytes(raw, str(p))
+    return checkpoint_from_bytes(raw, str(p), model=model)
 
 
-def checkpoint_from_bytes(raw: bytes, source: str = "checkpoint") -> Checkpoint:
+def checkpoint_from_bytes(raw: bytes, source: str = "checkpoint", *,
+                          model: str | None = None) -> Checkpoint:
     looks_safetensors = raw[8:9] == b"{"
     if not looks_safetensors and (raw[:1] == b"\x80" or raw[:2] == b"PK"):
         raise XaiCompressError(f"{source}: is a pickle/torch.save file; refusing to unpickle, "
@@ -195,10 +200,16 @@ def checkpoint_from_bytes(raw: bytes, source: str = "checkpoint") -> Checkpoint:
         raise XaiCompressError(f"{source}: checkpoint format version {meta.get('version')} is "
                                f"newer than this xaicompress (supports {VERSION})")
 
+    check_trusted(spec.name, model, source)
     try:
-        model = spec.build()
+        net = spec.build()
     except XaiCompressError as exc:
         raise XaiCompressError(f"{source}: cannot rebuild the model it names: {exc}") from exc
+    return _load_into(net, spec, meta, tensors, source)
+
+
+def _load_into(model: nn.Module, spec: ModelSpec, meta: dict[str, Any],
+               tensors: dict[str, torch.Tensor], source: str) -> Checkpoint:
     apply_widths(model, meta.get("widths") or {}, source)
     comp = {k: v for k, v in tensors.items() if k.startswith("__xc__/")}
     weights = {k: v for k, v in tensors.items() if not k.startswith("__xc__/")}

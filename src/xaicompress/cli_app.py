@@ -21,6 +21,10 @@ app = typer.Typer(
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; same seed, same numbers.")]
 DataOpt = Annotated[str, typer.Option("--data", help="Dataset spec: mnist5k, digits, idx:DIR, "
                                       "cifar10:DIR, cifar100:DIR, folder:DIR.")]
+TrustOpt = Annotated[str | None, typer.Option(
+    "--model", help="The model factory (package.module:factory) a checkpoint of your own "
+    "model names. Needed only for unregistered models: running that code is your decision, "
+    "never a file's.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 #: set by the --debug flag of the main callback

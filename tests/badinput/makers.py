@@ -168,3 +168,13 @@ def not_images(d: Path) -> Path:
         for i in range(5):
             (root / cls / f"{i}.png").write_bytes(b"this is not a png")
     return root
+
+
+# ------------------------------------------------------------------ code in metadata
+def factory_payload(good: Path, d: Path) -> Path:
+    """A checkpoint whose metadata names `os:system` as its model factory: loading it must
+    not run the command (it would create the marker file)."""
+    cmd = f"touch {d / MARKER}"
+    return _rewrite(good, d, "payload_factory.safetensors",
+                    meta_fn=lambda m: m.update(model={**m["model"], "name": "os:system",
+                                                      "kwargs": {"command": cmd}}))

@@ -59,6 +59,7 @@ CKPT_MAKERS = {
     "foreign-safetensors": makers.no_metadata,
     "pickle-payload": makers.pickle_payload,
     "torch-save-payload": makers.torch_save_payload,
+    "factory-payload": makers.factory_payload,
 }
 
 CASES: list[Case] = [

@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 
 from xaicompress.checkpoint import check_data_fits, load_checkpoint
-from xaicompress.cli_app import SeedOpt, app
+from xaicompress.cli_app import SeedOpt, TrustOpt, app
 from xaicompress.data import load_dataset
 from xaicompress.relevance.explain import explain_checkpoint
 
@@ -14,6 +14,7 @@ from xaicompress.relevance.explain import explain_checkpoint
 @app.command("explain")
 def explain_cmd(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint file.")],
+    model: TrustOpt = None,
     data: Annotated[str | None, typer.Option("--data", help="Dataset spec (default: the "
                                              "checkpoint's).")] = None,
     criterion: Annotated[str, typer.Option(
@@ -31,7 +32,7 @@ def explain_cmd(
     from xaicompress.relevance import get_criterion
 
     crit = get_criterion(criterion)  # a bad spec fails before any loading
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint, model=model)
     spec = data or ckpt.data or "mnist5k"
     bundle = load_dataset(spec, seed=seed)
     check_data_fits(ckpt, bundle.input_shape, bundle.num_classes, spec)

@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 
 from xaicompress.atomic import check_writable
-from xaicompress.cli_app import SeedOpt, app
+from xaicompress.cli_app import SeedOpt, TrustOpt, app
 from xaicompress.errors import XaiCompressError
 
 FORMATS = ("onnx", "packed")
@@ -15,6 +15,7 @@ FORMATS = ("onnx", "packed")
 @app.command("export")
 def export_cmd(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint (or packed) file.")],
+    model: TrustOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="onnx (Q/DQ for quantized layers) or "
                                      "packed (the small packed model file).")] = "onnx",
     seed: SeedOpt = 0,
@@ -26,7 +27,7 @@ def export_cmd(
     check_writable(out)
     from xaicompress.export.packed import load_any
 
-    ckpt = load_any(checkpoint)
+    ckpt = load_any(checkpoint, model=model)
     if fmt == "onnx":
         from xaicompress.export.onnx import export_onnx
 

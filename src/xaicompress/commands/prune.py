@@ -9,7 +9,7 @@ from rich.table import Table
 
 from xaicompress.atomic import check_writable
 from xaicompress.checkpoint import check_data_fits, load_checkpoint, save_checkpoint
-from xaicompress.cli_app import DataOpt, JsonOpt, SeedOpt, app
+from xaicompress.cli_app import DataOpt, JsonOpt, SeedOpt, TrustOpt, app
 from xaicompress.data import load_dataset
 from xaicompress.errors import XaiCompressError
 from xaicompress.metrics import evaluate
@@ -25,6 +25,7 @@ _ROWS = ("accuracy", "params", "nonzero_params", "macs", "fp32_bytes", "size_byt
 @app.command("prune")
 def prune_cmd(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint file to prune.")],
+    model: TrustOpt = None,
     data: DataOpt = "",
     criterion: Annotated[str, typer.Option("--criterion", help="Criterion spec, e.g. deeplift, "
                                            "l1, deeplift:reference=mean; for --structured also "
@@ -84,7 +85,7 @@ def prune_cmd(
     if norm is not None and norm not in norms:
         raise XaiCompressError(f"--norm {norm!r}: expected one of {', '.join(norms)} with {mode}")
     check_writable(out)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint, model=model)
     spec = data or ckpt.data or "mnist5k"
     bundle = load_dataset(spec, seed=seed)
     check_data_fits(ckpt, bundle.input_shape, bundle.num_classes, spec)

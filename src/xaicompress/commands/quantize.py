@@ -9,7 +9,7 @@ from rich.table import Table
 
 from xaicompress.atomic import check_writable
 from xaicompress.checkpoint import check_data_fits, load_checkpoint, save_checkpoint
-from xaicompress.cli_app import JsonOpt, SeedOpt, app
+from xaicompress.cli_app import JsonOpt, SeedOpt, TrustOpt, app
 from xaicompress.data import load_dataset
 from xaicompress.metrics import evaluate
 from xaicompress.quant.integer import quantize
@@ -20,6 +20,7 @@ _ROWS = ("accuracy", "params", "nonzero_params", "fp32_bytes", "size_bytes")
 @app.command("quantize")
 def quantize_cmd(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint file to quantize.")],
+    model: TrustOpt = None,
     data: Annotated[str, typer.Option("--data", help="Dataset spec (default: the "
                                       "checkpoint's).")] = "",
     criterion: Annotated[str, typer.Option("--criterion", help="Relevance weighting the "
@@ -47,7 +48,7 @@ def quantize_cmd(
 ) -> None:
     """Mixed-precision integer quantization: bits per layer from relevance under a budget."""
     check_writable(out)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint, model=model)
     spec = data or ckpt.data or "mnist5k"
     bundle = load_dataset(spec, seed=seed)
     check_data_fits(ckpt, bundle.input_shape, bundle.num_classes, spec)

@@ -8,7 +8,7 @@ from rich.table import Table
 
 from xaicompress.atomic import check_writable
 from xaicompress.checkpoint import check_data_fits, save_checkpoint
-from xaicompress.cli_app import DataOpt, SeedOpt, app
+from xaicompress.cli_app import DataOpt, SeedOpt, TrustOpt, app
 from xaicompress.data import load_dataset
 from xaicompress.errors import XaiCompressError
 from xaicompress.relevance import get_criterion
@@ -17,6 +17,7 @@ from xaicompress.relevance import get_criterion
 @app.command("share")
 def share_cmd(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint (or packed file) to share.")],
+    model: TrustOpt = None,
     data: DataOpt = "mnist5k",
     criterion: Annotated[str, typer.Option("--criterion", help="Weights the k-means: deeplift, "
                                            "taylor, l1, ...; none = plain k-means.")] = "none",
@@ -50,7 +51,7 @@ def share_cmd(
     if packed:
         check_writable(packed)
     crit = get_criterion(criterion)
-    ckpt = load_any(checkpoint)
+    ckpt = load_any(checkpoint, model=model)
     bundle = load_dataset(data, seed=seed)
     check_data_fits(ckpt, bundle.input_shape, bundle.num_classes, data)
 

@@ -43,6 +43,7 @@ from xaicompress.checkpoint import (
     load_checkpoint,
 )
 from xaicompress.errors import XaiCompressError
+from xaicompress.models.registry import check_trusted
 from xaicompress.quant.packing import index_bits, pack_bits, packed_length, unpack_bits
 from xaicompress.state import CompressionState, LayerCompression, effective_weight
 
@@ -269,23 +270,26 @@ def is_packed(path: str | os.PathLike[str]) -> bool:
         return f.read(len(MAGIC)) == MAGIC
 
 
-def load_packed(path: str | os.PathLike[str]) -> Checkpoint:
-    """Load a packed file into a Checkpoint (model in eval mode, compression state restored)."""
+def load_packed(path: str | os.PathLike[str], *, model: str | None = None) -> Checkpoint:
+    """Load a packed file into a Checkpoint (model in eval mode, compression state restored).
+
+    model: the user's trusted factory, as for `load_checkpoint`."""
     p = Path(path)
     if not p.is_file():
         raise XaiCompressError(f"{p}: packed model file does not exist")
-    return packed_from_bytes(p.read_bytes(), str(p))
+    return packed_from_bytes(p.read_bytes(), str(p), model=model)
 
 
-def load_any(path: str | os.PathLike[str]) -> Checkpoint:
+def load_any(path: str | os.PathLike[str], *, model: str | None = None) -> Checkpoint:
     """Load a packed file or a safetensors checkpoint, told apart by the magic bytes."""
     p = Path(path)
     if p.is_file() and is_packed(p):
-        return load_packed(p)
-    return load_checkpoint(p)
+        return load_packed(p, model=model)
+    return load_checkpoint(p, model=model)
 
 
-def packed_from_bytes(raw: bytes, source: str = "packed file") -> Checkpoint:
+def packed_from_bytes(raw: bytes, source: str = "packed file", *,
+                      model: str | None = None) -> Checkpoint:
     if len(raw) < _PREFIX.size or raw[:len(MAGIC)] != MAGIC:
         raise XaiCompressError(f"{source}: not an xaicompress packed model file (expected it "
                                f"to start with {MAGIC!r})")
@@ -307,10 +311,17 @@ def packed_from_bytes(raw: bytes, source: str = "packed file") -> Checkpoint:
         ints = dict(header.get("ints") or {})
     except (zlib.error, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise XaiCompressError(f"{source}: corrupt packed file header ({exc})") from exc
+    check_trusted(spec.name, model, source)
     try:
-        model = spec.build()
+        net = spec.build()
     except XaiCompressError as exc:
         raise XaiCompressError(f"{source}: {exc}") from exc
+    return _read_into(net, spec, header, reader, encodings, ints, raw, source)
+
+
+def _read_into(model: nn.Module, spec: ModelSpec, header: dict[str, Any], reader: _Reader,
+               encodings: dict[str, Any], ints: dict[str, Any], raw: bytes,
+               source: str) -> Checkpoint:
     apply_widths(model, header.get("widths") or {}, source)
     try:
         state, tensors = _read_tensors(model, reader, encodings, ints, header, source)

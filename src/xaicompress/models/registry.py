@@ -56,6 +56,24 @@ def resolve_factory(name: str) -> ModelFactory:
     return factory
 
 
+def check_trusted(name: str, trusted: str | None, source: str) -> None:
+    """Refuse a model name read from a file (`source`) that would import code, unless the
+    user named the same factory (`trusted`, from --model or a config's `model:`).
+
+    A registered name only selects one of the classes the installed packages define; a
+    `package.module:factory` name imports a module and calls a function, which a data file
+    must never be able to ask for on its own (the `trust_remote_code` rule).
+    """
+    if name in _REGISTRY or name == trusted:
+        return
+    if ":" in name:
+        raise XaiCompressError(
+            f"{source}: names the model factory {name!r}, which is code to import and run; "
+            f"refusing to run it on a file's word (pass --model {name} if you trust it)")
+    raise XaiCompressError(f"{source}: names unknown model {name!r}; expected one of "
+                           f"{', '.join(list_models())}")
+
+
 def create_model(
     name: str,
     input_shape: tuple[int, int, int],

@@ -52,8 +52,11 @@ def stage_key(previous: str, stage: dict[str, Any], seed: int) -> str:
 class StageCache:
     """Checkpoints by key in one folder (`OUT/cache` by default; `compare` shares one)."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, *, model: str | None = None) -> None:
+        """model: the factory the config names (trusted); entries naming another
+        unregistered factory are refused like any file's."""
         self.folder = Path(folder)
+        self.model = model
 
     def path(self, key: str, label: str) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)[:40]
@@ -79,7 +82,7 @@ class StageCache:
         if not p.is_file():
             return None
         try:
-            ckpt = checkpoint_from_bytes(p.read_bytes(), str(p))
+            ckpt = checkpoint_from_bytes(p.read_bytes(), str(p), model=self.model)
         except (XaiCompressError, OSError):
             return None
         if ckpt.metrics.get("pipeline", {}).get("key") != key:

@@ -152,7 +152,7 @@ def _store(cache: StageCache, ckpt: Checkpoint, key: str, label: str) -> Checkpo
 
     raw = cache.save(ckpt, key, label)
     # Continue from the stored bytes, exactly what a resumed run would load.
-    return checkpoint_from_bytes(raw, str(cache.path(key, label)))
+    return checkpoint_from_bytes(raw, str(cache.path(key, label)), model=cache.model)
 
 
 def run_pipeline(config: PipelineConfig, out_dir: str | os.PathLike[str], *,
@@ -170,7 +170,8 @@ def run_pipeline(config: PipelineConfig, out_dir: str | os.PathLike[str], *,
     say = echo or (lambda _msg: None)
     t_start = time.perf_counter()
     out = prepare_out_dir(out_dir)
-    cache = StageCache(cache_dir if cache_dir is not None else out / "cache")
+    cache = StageCache(cache_dir if cache_dir is not None else out / "cache",
+                       model=config.model.name if config.model else None)
     bundle = load_dataset(config.data, seed=config.seed)
     preflight(config, bundle)
     source = _source(config)
