@@ -4,9 +4,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.badinput.makers_files import edit_checkpoint
 from xaicompress.checkpoint import Checkpoint, ModelSpec, load_checkpoint, save_checkpoint
+from xaicompress.encoding import CompressionState, IntGrid, Mask
 from xaicompress.errors import XaiCompressError
-from xaicompress.state import CompressionState
 
 
 def _ckpt(name="lenet5", shape=(1, 28, 28)):
@@ -49,50 +50,48 @@ def test_compression_state_roundtrip(tmp_path):
     w = ck.model.fc1.weight
     mask = torch.rand(w.shape) > 0.5
     st = CompressionState()
-    st.get("fc1").mask = mask
-    st.get("fc2").bits = 4
-    st.get("fc2").scale = ck.model.fc2.weight.detach().abs().amax(1) / 7
+    st.get("fc1").mask = Mask(mask)
+    st.get("fc2").weights = IntGrid(4, ck.model.fc2.weight.detach().abs().amax(1) / 7)
     st.apply(ck.model)
     ck.state = st
     assert (ck.model.fc1.weight[~mask] == 0).all()
     back = load_checkpoint(save_checkpoint(ck, tmp_path / "c.safetensors"))
-    assert torch.equal(back.state.layers["fc1"].mask, mask)
-    assert back.state.layers["fc2"].bits == 4
+    assert torch.equal(back.state.layers["fc1"].mask.keep, mask)
+    assert back.state.layers["fc2"].grid.bits == 4
     x = torch.randn(3, 1, 28, 28)
     assert torch.equal(ck.model(x), back.model(x))
 
 
 def test_bad_files(tmp_path):
     ck = _ckpt()
-    good = save_checkpoint(ck, tmp_path / "good.safetensors").read_bytes()
-    (tmp_path / "trunc.safetensors").write_bytes(good[: len(good) // 2])
+    good = save_checkpoint(ck, tmp_path / "good.safetensors")
+    raw = good.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(raw[: len(raw) // 2])
     (tmp_path / "garbage.safetensors").write_bytes(b"\x00" * 100)
     (tmp_path / "empty.safetensors").write_bytes(b"")
     (tmp_path / "evil.pt").write_bytes(pickle.dumps({"a": 1}))
     save_file({"x": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
-    sd = {k: v.clone() for k, v in ck.model.state_dict().items()}
-    sd["fc1.weight"][0, 0] = float("nan")
-    import json
 
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-    with safe_open(str(tmp_path / "good.safetensors"), "pt") as f:
-        meta = f.metadata()
-    save_file(sd, str(tmp_path / "nan.safetensors"), metadata=meta)
-    m2 = json.loads(meta["xaicompress"])
-    m2["model"]["name"] = "no_such_net"
-    save_file(load_file(str(tmp_path / "good.safetensors")), str(tmp_path / "unknown.safetensors"),
-              metadata={"xaicompress": json.dumps(m2)})
-    sd2 = load_file(str(tmp_path / "good.safetensors"))
-    sd2["fc1.weight"] = torch.zeros(3, 3)
-    save_file(sd2, str(tmp_path / "shape.safetensors"), metadata=meta)
+    def nan(t):
+        t["fc1.weight"][0, 0] = float("nan")
+
+    def shape(t):
+        t["fc1.weight"] = torch.zeros(3, 3)
+
+    # re-signed: the loader's checks must hold although the checksum matches
+    edit_checkpoint(good, tmp_path, "nan.safetensors", tensors_fn=nan)
+    edit_checkpoint(good, tmp_path, "shape.safetensors", tensors_fn=shape)
+    edit_checkpoint(good, tmp_path, "unknown.safetensors",
+                    meta_fn=lambda m: m["model"].update(name="no_such_net"))
+    edit_checkpoint(good, tmp_path, "unsigned.safetensors", tensors_fn=nan, sign=False)
     cases = {"trunc": "truncated or corrupt", "garbage": "truncated or corrupt",
              "empty": "truncated or corrupt", "foreign": "without xaicompress metadata",
-             "nan": "NaN or Inf", "unknown": "unknown model", "shape": "has shape"}
+             "nan": "NaN or Inf", "unknown": "unknown model", "shape": "has shape",
+             "unsigned": "checksum mismatch"}
     for stem, msg in cases.items():
         with pytest.raises(XaiCompressError, match=msg) as ei:
             load_checkpoint(tmp_path / f"{stem}.safetensors")
-        assert stem in str(ei.value)
+        assert stem in str(ei.value) and "\n" not in str(ei.value)
     with pytest.raises(XaiCompressError, match="refusing to unpickle"):
         load_checkpoint(tmp_path / "evil.pt")
     with pytest.raises(XaiCompressError, match="does not exist"):

@@ -8,6 +8,7 @@ import torch
 
 from xaicompress.checkpoint import Checkpoint, ModelSpec, save_checkpoint
 from xaicompress.data import dataset_tensors, load_dataset, subset
+from xaicompress.encoding import Codebook, Mask
 from xaicompress.export.onnx import export_onnx, onnx_predict
 from xaicompress.quant.integer import quantize
 from xaicompress.train import predict, seed_everything, train
@@ -39,7 +40,7 @@ def _masked(ckpt: Checkpoint) -> Checkpoint:
     for name, m in out.model.named_modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
             w = m.weight.detach().abs()
-            out.state.get(name).mask = w > w.flatten().kthvalue(w.numel() // 2).values
+            out.state.get(name).mask = Mask(w > w.flatten().kthvalue(w.numel() // 2).values)
     out.state.apply(out.model)
     return out
 
@@ -49,9 +50,8 @@ def _shared(ckpt: Checkpoint) -> Checkpoint:
     w = out.model.fc2.weight if hasattr(out.model, "fc2") else out.model.fc.weight
     name = "fc2" if hasattr(out.model, "fc2") else "fc"
     codebook = torch.linspace(float(w.detach().min()), float(w.detach().max()), 8)
-    lc = out.state.get(name)
-    lc.codebook = codebook
-    lc.indices = (w.detach()[..., None] - codebook).abs().argmin(-1)
+    out.state.get(name).weights = Codebook(codebook,
+                                           (w.detach()[..., None] - codebook).abs().argmin(-1))
     out.state.apply(out.model)
     return out
 
@@ -101,7 +101,7 @@ def test_onnxruntime_matches_pytorch(models, bundle, model_name, tmp_path):
         ops = [n.op_type for n in graph.node]
         dim0 = graph.input[0].type.tensor_type.shape.dim[0]
         assert dim0.dim_param and not dim0.dim_value
-        n_quant = sum(lc.bits is not None for lc in ckpt.state.layers.values())
+        n_quant = sum(lc.grid is not None for lc in ckpt.state.layers.values())
         assert ops.count("DequantizeLinear") >= n_quant
         if n_quant:
             int8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8
@@ -110,7 +110,7 @@ def test_onnxruntime_matches_pytorch(models, bundle, model_name, tmp_path):
             axes = [a.i for n in graph.node if n.op_type == "DequantizeLinear"
                     for a in n.attribute if a.name == "axis"]
             assert axes.count(0) == n_quant
-        n_act = sum(lc.act_bits is not None for lc in ckpt.state.layers.values())
+        n_act = len(ckpt.state.activations())
         assert ops.count("QuantizeLinear") == n_act
         if "act4" in kind:
             assert ops.count("Clip") == n_act

@@ -1,11 +1,17 @@
 """The packed model file: identical outputs after reload for every kind of model, size close
 to the theoretical bit count, clear errors on damaged or foreign files."""
 
+import json
+import time
+import zlib
+
 import numpy as np
 import pytest
 import torch
 
+from tests.badinput.makers_files import write_xcpk, xcpk_parts, zlib_bomb
 from xaicompress.checkpoint import Checkpoint, ModelSpec, apply_widths, save_checkpoint
+from xaicompress.encoding import IntGrid, Mask
 from xaicompress.errors import XaiCompressError
 from xaicompress.export.packed import (
     load_any,
@@ -14,7 +20,7 @@ from xaicompress.export.packed import (
     packed_report,
     write_packed,
 )
-from xaicompress.metrics import packed_size
+from xaicompress.export.xcpk_reader import MAX_HEADER_JSON, PREFIX, TRAILER
 from xaicompress.quant.codebook import share_weights
 from xaicompress.relevance import prunable_layers
 
@@ -38,21 +44,18 @@ def _mask(ckpt: Checkpoint, frac: float = 0.6) -> Checkpoint:
     out = ckpt.copy()
     for name, m in prunable_layers(out.model).items():
         w = m.weight.detach().abs()
-        out.state.get(name).mask = w > w.flatten().kthvalue(int(frac * w.numel())).values
+        out.state.get(name).mask = Mask(w > w.flatten().kthvalue(int(frac * w.numel())).values)
     out.state.apply(out.model)
     return out
 
 
 def _quantize(ckpt: Checkpoint, bits: int = 4) -> Checkpoint:
     out = ckpt.copy()
-    qmax = 2 ** (bits - 1) - 1
     for i, (name, m) in enumerate(prunable_layers(out.model).items()):
-        lc = out.state.get(name)
-        lc.bits = bits + i % 3  # mixed precision: 4, 5, 6 bits
+        b = bits + i % 3  # mixed precision: 4, 5, 6 bits
         w = m.weight.detach()
-        lc.scale = (w.reshape(w.shape[0], -1).abs().amax(1) / (2 ** (lc.bits - 1) - 1)).clamp(
-            min=1e-8)
-        assert qmax > 0
+        scale = (w.reshape(w.shape[0], -1).abs().amax(1) / (2 ** (b - 1) - 1)).clamp(min=1e-8)
+        out.state.get(name).weights = IntGrid(b, scale)
     out.state.apply(out.model)
     return out
 
@@ -78,6 +81,21 @@ def _same_outputs(a: Checkpoint, b: Checkpoint) -> None:
         assert torch.equal(v, b.model.state_dict()[k]), k
 
 
+def _same_state(ref: Checkpoint, got: Checkpoint) -> None:
+    assert set(got.state.layers) == {n for n, lc in ref.state.layers.items() if not lc.is_empty()}
+    for name, lc in ref.state.items():
+        back = got.state.layers[name]
+        assert (lc.mask is None) == (back.mask is None)
+        if lc.mask is not None:
+            assert torch.equal(lc.mask.keep, back.mask.keep)
+        assert type(lc.weights) is type(back.weights)
+        if lc.codebook is not None:
+            assert torch.equal(lc.codebook.values, back.codebook.values)
+        if lc.grid is not None:
+            assert lc.grid.bits == back.grid.bits
+            assert torch.equal(lc.grid.scale, back.grid.scale)
+
+
 @pytest.mark.parametrize("model", ["lenet5", "resnet20"])
 def test_reload_gives_identical_outputs_for_every_kind(model, tmp_path):
     for kind, ck in _kinds(model).items():
@@ -85,17 +103,19 @@ def test_reload_gives_identical_outputs_for_every_kind(model, tmp_path):
         write_packed(ck, path)
         back = load_packed(path)
         _same_outputs(ck, back)
-        assert back.data == "mnist5k" and back.history == ck.history
-        for name, lc in ck.state.layers.items():
-            got = back.state.layers[name]
-            for f in ("mask", "codebook", "scale"):
-                ref = getattr(lc, f)
-                assert (ref is None) == (getattr(got, f) is None), (kind, name, f)
-                if ref is not None:
-                    assert torch.equal(ref.float(), getattr(got, f).float()), (kind, name, f)
-            assert lc.bits == got.bits
+        _same_state(ck, back)
+        # the model travels, the run's bookkeeping does not
+        assert back.data == "mnist5k" and back.history == [] and back.metrics == {}
         # the file is exactly what the size metric counts
-        assert path.stat().st_size == packed_size(ck) == len(packed_bytes(ck))
+        assert path.stat().st_size == packed_report(ck).file_bytes == len(packed_bytes(ck))
+
+
+def test_history_and_metrics_do_not_change_the_file():
+    ck = _share(_ckpt("lenet5"), 4)
+    noisy = ck.copy()
+    noisy.history = [{"stage": "x", "log": "y" * 10_000}]
+    noisy.metrics = {"accuracy": 97.5}
+    assert packed_bytes(noisy) == packed_bytes(ck)
 
 
 def test_structurally_pruned_architecture_is_rebuilt(tmp_path):
@@ -123,7 +143,7 @@ def test_sizes_are_close_to_theoretical():
     for rep in (plain, shared, packed_report(_mask(base)), packed_report(_quantize(base)),
                 packed_report(_share(_mask(base), 16))):
         assert rep.payload_overhead < 0.02
-        assert rep.file_bytes == rep.header_bytes + rep.payload_bytes
+        assert rep.file_bytes == rep.header_bytes + rep.payload_bytes + TRAILER.size
     assert shared.file_overhead < 0.04  # header included (~0.4 kB on ~16 kB)
     big = packed_report(_share(_ckpt("lenet300"), 16))
     assert big.file_overhead < 0.02
@@ -133,9 +153,31 @@ def test_fp32_codebook_costs_32_bits_per_entry():
     base = _ckpt("lenet5")
     sh = _share(base, 4, "fp32")
     rep = packed_report(sh)
-    exact16 = all(torch.equal(lc.codebook.half().float(), lc.codebook)
+    exact16 = all(torch.equal(lc.codebook.values.half().float(), lc.codebook.values)
                   for lc in sh.state.layers.values())
-    assert rep.parts_bits["codebooks"] == 5 * 4 * (16 if exact16 else 32)
+    assert rep.parts_bits["codebook"] == 5 * 4 * (16 if exact16 else 32)
+
+
+def test_header_is_readable_json():
+    ck = _quantize(_mask(_ckpt("lenet5")))
+    header, payload = xcpk_parts_of(ck)
+    assert set(header) == {"model", "widths", "data", "tensors", "activations"}
+    rec = header["tensors"]["fc1.weight"]
+    assert rec["encoding"] == "intgrid" and rec["bits"] == 6 and rec["masked"] is True
+    assert rec["shape"] == [120, 400]
+    assert [s["role"] for s in rec["streams"]] == ["positions", "scales", "values"]
+    assert rec["streams"][2]["coding"] == "uint6"
+    assert header["tensors"]["fc1.bias"] == {"shape": [120], "encoding": "dense", "streams": [
+        {"role": "values", "coding": "float32", "bytes": 480}]}
+    assert sum(s["bytes"] for r in header["tensors"].values() for s in r["streams"]) == \
+        len(payload)
+
+
+def xcpk_parts_of(ck: Checkpoint):
+    raw = packed_bytes(ck)
+    _, _, hlen = PREFIX.unpack_from(raw)
+    return (json.loads(zlib.decompress(raw[PREFIX.size:PREFIX.size + hlen])),
+            raw[PREFIX.size + hlen:-TRAILER.size])
 
 
 def test_load_any_reads_both_formats(tmp_path):
@@ -161,19 +203,29 @@ def _expect_error(path, match):
 
 def test_truncated_files(packed_file):
     raw = packed_file.read_bytes()
-    for cut in (3, 9, 40, len(raw) // 2, len(raw) - 1):
+    for cut in (3, 9, 12, 40, len(raw) // 2, len(raw) - 4, len(raw) - 1):
         packed_file.write_bytes(raw[:cut])
-        _expect_error(packed_file, "packed")
+        _expect_error(packed_file, "not an xaicompress packed|truncated|checksum mismatch")
 
 
-def test_trailing_and_flipped_bytes(packed_file):
+def test_every_flipped_bit_is_an_error(packed_file):
     raw = packed_file.read_bytes()
-    packed_file.write_bytes(raw + b"\x00\x01")
-    _expect_error(packed_file, "unexpected bytes")
-    bad = bytearray(raw)
-    bad[12] ^= 0xFF  # inside the zlib header
-    packed_file.write_bytes(bytes(bad))
-    _expect_error(packed_file, "corrupt packed file header")
+    rng = np.random.default_rng(0)
+    # every bit of the prefix and the first header bytes, then a sample over the whole file
+    bits = list(range(8 * 16)) + sorted(rng.choice(8 * len(raw), 300, replace=False).tolist())
+    t0 = time.perf_counter()
+    for bit in bits:
+        bad = bytearray(raw)
+        bad[bit // 8] ^= 1 << (bit % 8)
+        packed_file.write_bytes(bytes(bad))
+        _expect_error(packed_file, "checksum mismatch|version|not an xaicompress packed|"
+                                   "does not fit")
+    assert time.perf_counter() - t0 < 30  # each refusal is quick (~ms)
+
+
+def test_trailing_bytes(packed_file):
+    packed_file.write_bytes(packed_file.read_bytes() + b"\x00\x01")
+    _expect_error(packed_file, "checksum mismatch")
 
 
 def test_foreign_and_missing_files(tmp_path):
@@ -186,19 +238,29 @@ def test_foreign_and_missing_files(tmp_path):
     _expect_error(tmp_path / "absent.xcpk", "does not exist")
 
 
-def test_newer_version_and_wrong_model(packed_file):
-    import json
-    import zlib
-
-    raw = bytearray(packed_file.read_bytes())
-    raw[4] = 99
-    packed_file.write_bytes(bytes(raw))
+def test_versions(packed_file):
+    header, payload = xcpk_parts(packed_file)
+    write_xcpk(packed_file, header, payload, version=99)
     _expect_error(packed_file, "version 99")
-    raw[4] = 1
-    hlen = int.from_bytes(raw[5:9], "little")
-    header = json.loads(zlib.decompress(bytes(raw[9:9 + hlen])))
+    write_xcpk(packed_file, header, payload, version=1)
+    _expect_error(packed_file, "version 1 is no longer read.*safetensors")
+
+
+def test_wrong_model_is_refused_before_allocating(packed_file):
+    header, payload = xcpk_parts(packed_file)
     header["model"]["name"] = "lenet300"  # tensors no longer fit the architecture
-    new = zlib.compress(json.dumps(header).encode())
-    packed_file.write_bytes(bytes(raw[:5]) + len(new).to_bytes(4, "little") + new
-                            + bytes(raw[9 + hlen:]))
-    _expect_error(packed_file, "does not have|truncated|corrupt")
+    write_xcpk(packed_file, header, payload)
+    _expect_error(packed_file, "do not match model 'lenet300'")
+    header["model"]["name"] = "lenet5"
+    header["model"]["kwargs"] = {"width": 1e9}
+    write_xcpk(packed_file, header, payload)
+    _expect_error(packed_file, "takes no argument 'width'")
+
+
+def test_zlib_bomb_is_refused_quickly(tmp_path):
+    # 3 GiB of zeros deflate to ~3 MB; the reader stops inflating at its header cap
+    path = write_xcpk(tmp_path / "bomb.xcpk", None, b"", compressed=zlib_bomb(3 << 30))
+    assert path.stat().st_size < 4 << 20
+    t0 = time.perf_counter()
+    _expect_error(path, f"more than {MAX_HEADER_JSON} bytes")
+    assert time.perf_counter() - t0 < 1.0

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from xaicompress.encoding.bitpack import index_bits, pack_bits, packed_length, unpack_bits
 from xaicompress.errors import XaiCompressError
-from xaicompress.quant.packing import index_bits, pack_bits, packed_length, unpack_bits
 
 
 @pytest.mark.parametrize("k", range(2, 257))
@@ -46,7 +46,7 @@ def test_layout_is_lsb_first_little_endian():
 
 
 def test_large_array_crosses_chunks():
-    import xaicompress.quant.packing as packing
+    import xaicompress.encoding.bitpack as packing
 
     n = packing._CHUNK + 123
     values = np.arange(n, dtype=np.int64) % 7

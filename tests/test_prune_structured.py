@@ -13,6 +13,7 @@ from xaicompress.checkpoint import (
     save_checkpoint,
 )
 from xaicompress.data import load_dataset, subset
+from xaicompress.encoding import Mask
 from xaicompress.errors import XaiCompressError
 from xaicompress.metrics import count_macs
 from xaicompress.prune import RelevanceImportance, prune_structured
@@ -198,7 +199,7 @@ def test_bad_options_are_clear_errors(kw, msg):
 
 def test_refuses_after_unstructured_masks():
     ck = _ckpt("lenet5", {}, (1, 28, 28))
-    ck.state.get("fc1").mask = torch.ones_like(ck.model.fc1.weight, dtype=torch.bool)
+    ck.state.get("fc1").mask = Mask(torch.ones_like(ck.model.fc1.weight, dtype=torch.bool))
     with pytest.raises(XaiCompressError, match="must come before unstructured"):
         prune_structured(ck, "l1", _fake_train((1, 28, 28)))
 

@@ -40,7 +40,7 @@ def test_fc_layers_masked_to_exact_sparsity_convs_untouched():
     out = prune_unstructured(ck, "l1", _fake(), ratio=0.9, scope="layer")
     m = out.model
     for name in ("fc1", "fc2", "fc3"):
-        mask = out.state.layers[name].mask
+        mask = out.state.layers[name].mask.keep
         w = getattr(m, name).weight
         assert mask.dtype == torch.bool and mask.shape == w.shape
         assert (~mask).sum().item() == round(0.9 * w.numel())
@@ -62,7 +62,7 @@ def test_masks_survive_save_and_reload(tmp_path):
     x = torch.randn(3, 1, 28, 28)
     assert torch.equal(back.model(x), out.model(x))
     for name, lc in out.state.layers.items():
-        assert torch.equal(back.state.layers[name].mask, lc.mask)
+        assert torch.equal(back.state.layers[name].mask.keep, lc.mask.keep)
 
 
 def test_pruned_weights_stay_exactly_zero_during_finetuning(mnist):
@@ -71,9 +71,9 @@ def test_pruned_weights_stay_exactly_zero_during_finetuning(mnist):
     pruned = prune_unstructured(ck, "l1", small, ratio=0.9)
     tuned = prune_unstructured(ck, "l1", small, ratio=0.9, finetune_epochs=1)
     for name in ("fc1", "fc2", "fc3"):
-        mask = tuned.state.layers[name].mask
+        mask = tuned.state.layers[name].mask.keep
         w = getattr(tuned.model, name).weight
-        assert torch.equal(mask, pruned.state.layers[name].mask)
+        assert torch.equal(mask, pruned.state.layers[name].mask.keep)
         assert torch.count_nonzero(w[~mask]) == 0
         assert not torch.equal(w[mask], getattr(pruned.model, name).weight[mask])  # it trained
     assert [h["stage"] for h in tuned.history] == ["prune_unstructured"]
@@ -83,7 +83,7 @@ def test_global_scope_total_sparsity_and_no_empty_layer():
     ck = _ckpt("lenet300")
     out = prune_unstructured(ck, "l1", _fake(), ratio=0.95, layers="all", scope="global",
                              norm="l1")
-    masks = [out.state.layers[n].mask for n in ("fc1", "fc2", "fc3")]
+    masks = [out.state.layers[n].mask.keep for n in ("fc1", "fc2", "fc3")]
     kept = sum(int(m.sum()) for m in masks)
     total = sum(m.numel() for m in masks)
     assert kept == total - round(0.95 * total)
@@ -96,9 +96,9 @@ def test_default_is_classic_global_magnitude():
     ck = _ckpt("lenet300")
     out = prune_unstructured(ck, "l1", _fake(), ratio=0.9, layers="all")
     assert out.history[-1]["scope"] == "global" and out.history[-1]["norm"] == "none"
-    kept = torch.cat([ck.model.fc1.weight.abs()[out.state.layers["fc1"].mask],
-                      ck.model.fc3.weight.abs()[out.state.layers["fc3"].mask]])
-    gone = ck.model.fc2.weight.abs()[~out.state.layers["fc2"].mask]
+    kept = torch.cat([ck.model.fc1.weight.abs()[out.state.layers["fc1"].mask.keep],
+                      ck.model.fc3.weight.abs()[out.state.layers["fc3"].mask.keep]])
+    gone = ck.model.fc2.weight.abs()[~out.state.layers["fc2"].mask.keep]
     assert gone.max() <= kept.min()
 
 
@@ -107,7 +107,7 @@ def test_second_prune_keeps_earlier_zeros():
                                scope="layer")
     second = prune_unstructured(first, "l1", _fake(), ratio=0.7, layers="conv", scope="layer")
     for name in ("conv1", "conv2"):
-        m1, m2 = first.state.layers[name].mask, second.state.layers[name].mask
+        m1, m2 = first.state.layers[name].mask.keep, second.state.layers[name].mask.keep
         assert not (m2 & ~m1).any()  # nothing revived
         assert abs(1 - m2.float().mean().item() - 0.7) < 0.01
 
@@ -117,11 +117,11 @@ def test_sparse_bytes_counts_positions_and_values():
     out = prune_unstructured(ck, "l1", _fake(), ratio=0.95, layers="all")
     assert sparse_bytes(ck) == fp32_bytes(ck.model)
     dense_weights = sum(m.weight.numel() for m in (out.model.fc1, out.model.fc2, out.model.fc3))
-    nnz = sum(int(out.state.layers[n].mask.sum()) for n in ("fc1", "fc2", "fc3"))
+    nnz = sum(int(out.state.layers[n].mask.keep.sum()) for n in ("fc1", "fc2", "fc3"))
     bias = fp32_bytes(ck.model) - 4 * dense_weights
     sb = sparse_bytes(out)
     assert bias + 4 * nnz < sb < bias + 4 * nnz + dense_weights / 8 / 2
-    assert checkpoint_from_bytes(checkpoint_bytes(out)).state.layers["fc1"].mask.sum() > 0
+    assert checkpoint_from_bytes(checkpoint_bytes(out)).state.layers["fc1"].mask.keep.sum() > 0
 
 
 def test_trained_lenet5_fc_80_percent_still_predicts(mnist):

@@ -7,9 +7,10 @@ import torch
 
 from xaicompress.checkpoint import Checkpoint, ModelSpec, load_checkpoint, save_checkpoint
 from xaicompress.data import load_dataset, subset
+from xaicompress.encoding import Codebook, Mask, qmax
+from xaicompress.encoding.activation import act_range
 from xaicompress.errors import XaiCompressError
-from xaicompress.quant.activations import act_range, install_activation_quant
-from xaicompress.quant.integer import channel_scales, fake_quant_weight, qmax, quantize
+from xaicompress.quant.integer import channel_scales, fake_quant_weight, quantize
 from xaicompress.train import accuracy, predict, seed_everything, train
 
 
@@ -72,16 +73,16 @@ def test_quantize_stores_bits_and_keeps_accuracy(base, bundle, tmp_path):
     assert step["achieved_avg_bits"] <= 4 + 1e-9
     mods = dict(q.model.named_modules())
     for name, b in step["bits"].items():
-        lc = q.state.layers[name]
-        assert lc.bits == b and lc.scale.shape == (mods[name].weight.shape[0],)
-        assert _on_grid(mods[name].weight.detach(), lc.scale, b)
+        grid = q.state.layers[name].grid
+        assert grid.bits == b and grid.scale.shape == (mods[name].weight.shape[0],)
+        assert _on_grid(mods[name].weight.detach(), grid.scale, b)
     # the input is untouched (pure step)
     assert "conv1" not in base.state
     assert abs(accuracy(q.model, bundle.test) - base.metrics["accuracy"]) <= 1.0
     path = tmp_path / "q.safetensors"
     save_checkpoint(q, path)
     back = load_checkpoint(path)
-    assert back.state.layers["fc1"].bits == step["bits"]["fc1"]
+    assert back.state.layers["fc1"].grid.bits == step["bits"]["fc1"]
     assert torch.equal(predict(back.model, bundle.test)[0], predict(q.model, bundle.test)[0])
 
 
@@ -107,13 +108,13 @@ def test_pruned_weights_stay_zero_and_qat_keeps_the_grid(base, bundle):
     pruned = base.copy()
     w = pruned.model.fc1.weight
     mask = w.detach().abs() > w.detach().abs().median()
-    pruned.state.get("fc1").mask = mask
+    pruned.state.get("fc1").mask = Mask(mask)
     pruned.state.apply(pruned.model)
     q = quantize(pruned, "none", bundle, avg_bits=2, qat_epochs=0.3, seed=0)
     wq = q.model.fc1.weight.detach()
     assert (wq[~mask] == 0).all()
-    lc = q.state.layers["fc1"]
-    assert _on_grid(wq, lc.scale, lc.bits)
+    grid = q.state.layers["fc1"].grid
+    assert _on_grid(wq, grid.scale, grid.bits)
     assert q.history[-1]["bits"]["fc1"] == 2
     # budget counts the stored (kept) weights only
     assert q.history[-1]["achieved_avg_bits"] <= 2 + 1e-9
@@ -127,21 +128,21 @@ def test_pruned_weights_stay_zero_and_qat_keeps_the_grid(base, bundle):
 
 def test_activation_quantization_is_real_and_survives_save_load(base, bundle, tmp_path):
     q = quantize(base, "l1", bundle, avg_bits=4, act_bits=4, seed=0, samples=128)
-    lc = q.state.layers["fc2"]
-    assert lc.act_bits == 4 and lc.act_scale.numel() == 1
+    act = q.state.layers["fc2"].activation
+    assert act.bits == 4 and act.scale.numel() == 1
     seen = {}
     def grab(_m, args, _out):
         seen.setdefault("x", args[0].detach())
 
     q.model.fc2.register_forward_hook(grab)
     logits = predict(q.model, bundle.test)[0]
-    x = seen["x"] / lc.act_scale
+    x = seen["x"] / act.scale
     lo, hi = act_range(4)
     assert torch.allclose(x, x.round(), atol=1e-3) and x.min() >= lo and x.max() <= hi
     plain = q.copy()
     for lc2 in plain.state.layers.values():
-        lc2.act_bits = lc2.act_scale = None
-    install_activation_quant(plain.model, plain.state)
+        lc2.activation = None
+    plain.state.install_hooks(plain.model)
     assert not torch.equal(predict(plain.model, bundle.test)[0], logits)
     path = tmp_path / "qa.safetensors"
     save_checkpoint(q, path)
@@ -177,9 +178,8 @@ def test_bad_options_are_user_errors(base, bundle, kwargs, match):
 
 def test_weight_shared_layers_are_refused(base, bundle):
     shared = base.copy()
-    lc = shared.state.get("fc3")
-    lc.codebook = torch.tensor([-0.1, 0.0, 0.1])
-    lc.indices = torch.ones_like(shared.model.fc3.weight, dtype=torch.int64)
+    shared.state.get("fc3").weights = Codebook(
+        torch.tensor([-0.1, 0.0, 0.1]), torch.ones_like(shared.model.fc3.weight, dtype=torch.int64))
     with pytest.raises(XaiCompressError, match="weight-shared"):
         quantize(shared, "none", bundle, avg_bits=4)
 
@@ -194,7 +194,7 @@ def test_cli_quantize(base, tmp_path, run_cli):
     assert code == 0, err
     assert "fc1" in stdout and "bits per layer" in stdout and "accuracy" in stdout
     q = load_checkpoint(out)
-    assert all(q.state.layers[n].bits == 3 for n in ("conv1", "fc1", "fc3"))
+    assert all(q.state.layers[n].grid.bits == 3 for n in ("conv1", "fc1", "fc3"))
     code, _, err = run_cli("quantize", src, "--criterion", "l1", "--out", tmp_path / "x.st")
     assert code == 2 and "--avg-bits" in err and "Traceback" not in err
     code, _, err = run_cli("quantize", src, "--criterion", "nosuch", "--avg-bits", "3",

@@ -8,17 +8,16 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from xaicompress.checkpoint import Checkpoint, ModelSpec, load_checkpoint, save_checkpoint
+from xaicompress.encoding import IntGrid, Mask
 from xaicompress.errors import XaiCompressError
 from xaicompress.export.packed import load_packed, packed_report
 from xaicompress.quant.codebook import (
-    SharedWeight,
-    centroid_lr,
     cluster_weights,
-    finetune_shared,
     initial_centroids,
     layer_sample_weights,
     share_weights,
 )
+from xaicompress.quant.share_finetune import SharedWeight, centroid_lr, finetune_shared
 from xaicompress.relevance import Criterion, Relevance, prunable_layers
 
 SHAPE = (1, 28, 28)
@@ -48,12 +47,12 @@ def test_shared_layer_holds_exactly_k_values(k, dtype):
     sh = share_weights(ck, "none", None, clusters=k, codebook_dtype=dtype)
     assert _distinct(sh) == {n: k for n in before}
     for name, m in prunable_layers(sh.model).items():
-        lc = sh.state.get(name)
-        assert lc.codebook.dtype == torch.float32 and lc.codebook.shape == (k,)
+        lc = sh.state.get(name).codebook
+        assert lc.values.dtype == torch.float32 and lc.values.shape == (k,)
         assert lc.indices.dtype == torch.int64 and lc.indices.shape == m.weight.shape
-        assert torch.equal(m.weight.detach(), lc.codebook[lc.indices])
+        assert torch.equal(m.weight.detach(), lc.values[lc.indices])
         if dtype == "fp16":
-            assert torch.equal(lc.codebook.half().float(), lc.codebook)
+            assert torch.equal(lc.values.half().float(), lc.values)
         # the input checkpoint is untouched
         assert torch.equal(prunable_layers(ck.model)[name].weight, before[name])
     assert sh.history[-1]["stage"] == "share" and not ck.state.layers
@@ -65,7 +64,7 @@ def test_fewer_distinct_weights_than_k():
         ck.model.fc3.weight.copy_(torch.tensor([-0.5, 0.0, 0.25]).repeat(280)[:840].reshape(
             10, 84))
     sh = share_weights(ck, "none", None, clusters=8)
-    assert sorted(sh.state.get("fc3").codebook.tolist()) == [-0.5, 0.0, 0.25]
+    assert sorted(sh.state.get("fc3").codebook.values.tolist()) == [-0.5, 0.0, 0.25]
     assert torch.equal(sh.model.fc3.weight, ck.model.fc3.weight)
 
 
@@ -114,7 +113,7 @@ def _pruned(ck: Checkpoint, frac: float = 0.7) -> Checkpoint:
     out = ck.copy()
     for name, m in prunable_layers(out.model).items():
         w = m.weight.detach().abs()
-        out.state.get(name).mask = w > w.flatten().kthvalue(int(frac * w.numel())).values
+        out.state.get(name).mask = Mask(w > w.flatten().kthvalue(int(frac * w.numel())).values)
     out.state.apply(out.model)
     return out
 
@@ -127,12 +126,12 @@ def test_pruned_zeros_stay_zero_through_sharing_and_finetuning():
         for name, m in prunable_layers(ck.model).items():
             lc = ck.state.get(name)
             w = m.weight.detach()
-            assert torch.equal(lc.mask, pr.state.get(name).mask)
-            assert (w[~lc.mask] == 0).all()
-            kept = torch.unique(w[lc.mask])
+            assert torch.equal(lc.mask.keep, pr.state.get(name).mask.keep)
+            assert (w[~lc.mask.keep] == 0).all()
+            kept = torch.unique(w[lc.mask.keep])
             assert kept.numel() == 4 and (kept != 0).all()  # no cluster spent on the zeros
-            assert torch.equal(w, lc.codebook[lc.indices] * lc.mask)
-    moved = [not torch.equal(sh.state.get(n).codebook, ft.state.get(n).codebook)
+            assert torch.equal(w, lc.codebook.values[lc.codebook.indices] * lc.mask.keep)
+    moved = [not torch.equal(sh.state.get(n).codebook.values, ft.state.get(n).codebook.values)
              for n in sh.state.layers]
     assert all(moved)
     assert ft.history[-1]["stage"] == "finetune_shared"
@@ -143,15 +142,15 @@ def test_centroid_gradient_is_the_sum_of_member_gradients():
     lin = torch.nn.Linear(6, 3)
     sh = share_weights(Checkpoint(lin, ModelSpec("lenet5", SHAPE, 10)), "none", None,
                        clusters=3, codebook_dtype="fp32")
-    lc = sh.state.get("")
+    lc = sh.state.get("").codebook
     x, y = torch.randn(5, 6), torch.tensor([0, 1, 2, 0, 1])
     plain = torch.nn.Linear(6, 3)
     with torch.no_grad():
-        plain.weight.copy_(lc.codebook[lc.indices])
+        plain.weight.copy_(lc.values[lc.indices])
         plain.bias.copy_(sh.model.bias)
     F.cross_entropy(plain(x), y).backward()
     expected = torch.zeros(3).index_add_(0, lc.indices.reshape(-1), plain.weight.grad.reshape(-1))
-    param = SharedWeight(lc.codebook, lc.indices, torch.ones(3, 6))
+    param = SharedWeight(lc.values, lc.indices, torch.ones(3, 6))
     w = param(plain.weight)
     F.cross_entropy(F.linear(x, w, plain.bias.detach()), y).backward()
     assert torch.allclose(param.codebook.grad, expected, atol=1e-6)
@@ -170,7 +169,7 @@ def test_finetuning_trains_centroids_and_keeps_outputs_consistent(tmp_path):
     assert loss(ft) < loss(sh)
     assert _distinct(ft) == _distinct(sh)  # indices fixed: still 8 values per layer
     for name, lc in ft.state.layers.items():
-        assert torch.equal(lc.indices, sh.state.get(name).indices)
+        assert torch.equal(lc.codebook.indices, sh.state.get(name).codebook.indices)
     # no parametrisation is left behind and the packed file reproduces the model
     assert not any("parametrizations" in k for k in ft.model.state_dict())
     assert all(p.requires_grad for p in ft.model.parameters())  # trainable for later stages
@@ -187,10 +186,10 @@ def test_avg_bits_allocates_cluster_counts_within_budget():
     assert h["used_bits"] <= h["budget_bits"]
     for name, b in h["allocated_bits"].items():
         assert 1 <= b <= 8
-        assert sh.state.get(name).codebook.numel() == 2 ** b
+        assert sh.state.get(name).codebook.k == 2 ** b
     rep = packed_report(sh)
     # the allocation's budget is the size of 3 bits everywhere (indices + fp16 codebooks)
-    assert rep.parts_bits["indices"] + rep.parts_bits["codebooks"] <= h["budget_bits"]
+    assert rep.parts_bits["indices"] + rep.parts_bits["codebook"] <= h["budget_bits"]
 
 
 def test_resnet_and_vgg_share():
@@ -218,7 +217,7 @@ def test_user_errors():
     with pytest.raises(XaiCompressError, match="--criterion"):
         share_weights(ck, "nonsense", None, clusters=4)
     q = ck.copy()
-    q.state.get("fc1").bits, q.state.get("fc1").scale = 4, torch.ones(120)
+    q.state.get("fc1").weights = IntGrid(4, torch.ones(120))
     with pytest.raises(XaiCompressError, match="integer-quantized"):
         share_weights(q, "none", None, clusters=4)
     with pytest.raises(XaiCompressError, match="no shared layers"):

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from xaicompress.encoding.positions import decode_positions, encode_positions, position_bits
 from xaicompress.errors import XaiCompressError
-from xaicompress.prune.sparse import decode_positions, encode_positions, position_bits
 
 
 @settings(max_examples=150, deadline=None)

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from xaicompress.checkpoint import Checkpoint, count_nonzero, count_params, fp32_bytes
+from xaicompress.export.packed import packed_report
 from xaicompress.train import accuracy
 
 
@@ -20,7 +21,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
     Counts dense MACs: unstructured sparsity does not reduce it (a dense runtime would not
     skip the zeros); structured pruning does.
     """
-    import torch_pruning as tp
+    import torch_pruning as tp  # heavy import (~1 s); only MAC counting needs it
 
     was_training = model.training
     model.eval()
@@ -45,13 +46,6 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, int, int], batch: 
     return float(statistics.median(times))
 
 
-def packed_size(ckpt: Checkpoint) -> int:
-    """Bytes of the model as deployed: the size of its packed file (export/packed.py)."""
-    from xaicompress.export.packed import packed_bytes
-
-    return len(packed_bytes(ckpt))
-
-
 def evaluate(ckpt: Checkpoint, test_set: Dataset | None, *, latency: bool = True,
              latency_repeats: int = 30) -> dict[str, Any]:
     """The standard measurement dictionary of a checkpoint."""
@@ -62,7 +56,8 @@ def evaluate(ckpt: Checkpoint, test_set: Dataset | None, *, latency: bool = True
         "nonzero_params": count_nonzero(model),
         "macs": count_macs(model, ckpt.spec.input_shape),
         "fp32_bytes": fp32_bytes(model),
-        "size_bytes": packed_size(ckpt),
+        # the model as deployed: the size of its packed file (export/packed.py)
+        "size_bytes": packed_report(ckpt).file_bytes,
     }
     out["latency_ms"] = (measure_latency(model, ckpt.spec.input_shape, repeats=latency_repeats)
                          if latency else None)

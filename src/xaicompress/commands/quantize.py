@@ -70,8 +70,8 @@ def quantize_cmd(
     for col in ("layer", "weights", "bits", "act bits"):
         t.add_column(col, justify="left" if col == "layer" else "right")
     for name, b in step["bits"].items():
-        ab = q.state.layers[name].act_bits
-        t.add_row(name, str(params[name]), str(b), "-" if ab is None else str(ab))
+        act = q.state.layers[name].activation
+        t.add_row(name, str(params[name]), str(b), "-" if act is None else str(act.bits))
     con.print(t)
     m = Table(title=f"{checkpoint} -> {out}")
     m.add_column("metric")

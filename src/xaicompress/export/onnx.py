@@ -5,7 +5,11 @@ The graph has a dynamic batch dimension (input "input" (N, C, H, W) -> output "l
 An integer-quantized layer exports its weight as an int8 initializer feeding a per-channel
 DequantizeLinear (axis 0) into the Conv / Gemm, and layers with quantized activations get a
 QuantizeLinear / DequantizeLinear pair (int8, zero point 0; plus a Clip below 8 bits) on their
-input: what the in-memory model computes, so ONNX Runtime reproduces it.
+input: what the in-memory model computes, so ONNX Runtime reproduces it. Which layers get
+which nodes follows their encoding (`LayerEncoding.grid`, `.activation`).
+
+Before the file is renamed into place, ONNX Runtime runs it on the fixed probe batch and
+its logits must match PyTorch's within `verify_tolerance` (docs/format.md, "verify").
 
 We use the TorchScript exporter (`dynamo=False`): it runs offline and lets a small
 `torch.autograd.Function` emit the Q/DQ nodes directly through its `symbolic`, so no graph
@@ -25,9 +29,14 @@ import torch
 from torch import Tensor, nn
 
 from xaicompress.atomic import atomic_write_bytes, check_writable
-from xaicompress.checkpoint import Checkpoint
+from xaicompress.checkpoint import Checkpoint, check_finite_model, probe_batch, probe_outputs
+from xaicompress.encoding import ActQuant, IntGrid
+from xaicompress.encoding.activation import (
+    act_range,
+    fake_quant_activation,
+    remove_activation_quant,
+)
 from xaicompress.errors import XaiCompressError
-from xaicompress.quant.activations import act_range, fake_quant_activation, remove_activation_quant
 
 OPSET = 17
 INPUT_NAME = "input"
@@ -72,25 +81,23 @@ class _QuantLayer(nn.Module):
     """A Conv2d / Linear whose weight is int8 + per-channel scale, and/or whose input is
     fake-quantized. Same outputs as the original layer with the state applied."""
 
-    def __init__(self, inner: nn.Module, bits: int | None, scale: Tensor | None,
-                 act_bits: int | None, act_scale: Tensor | None) -> None:
+    def __init__(self, inner: nn.Module, grid: IntGrid | None, act: ActQuant | None) -> None:
         super().__init__()
         self.inner = inner
-        self.act_bits = act_bits
-        if act_bits is not None and act_scale is not None:
-            s = act_scale.detach().float().reshape(()).clone()
-            lo, hi = act_range(act_bits)
+        self.act_bits = act.bits if act is not None else None
+        if act is not None:
+            s = act.scale.clone()
+            lo, hi = act_range(act.bits)
             self.register_buffer("act_scale", s)
             self.register_buffer("act_lo", torch.tensor(float(lo)) * s)
             self.register_buffer("act_hi", torch.tensor(float(hi)) * s)
-        self.quantized = bits is not None and scale is not None
-        if self.quantized:
-            w = inner.weight.detach().float()
-            s = scale.detach().float()
-            qmax = 2 ** (bits - 1) - 1  # type: ignore[operator]
-            q = torch.clamp(torch.round(w / s.reshape(-1, *([1] * (w.dim() - 1)))), -qmax, qmax)
-            self.register_buffer("qweight", q.to(torch.int8))
-            self.register_buffer("wscale", s.clone())
+        self.quantized = grid is not None
+        if grid is not None:
+            if grid.bits > 8:
+                raise XaiCompressError(f"ONNX export: {grid.bits}-bit weights do not fit int8")
+            self.register_buffer("qweight", grid.quantize(inner.weight.detach().float())
+                                 .to(torch.int8))
+            self.register_buffer("wscale", grid.scale.clone())
 
     def forward(self, x: Tensor) -> Tensor:
         if self.act_bits is not None:
@@ -109,15 +116,13 @@ def export_model(ckpt: Checkpoint) -> nn.Module:
     ckpt.state.apply(model)
     modules = dict(model.named_modules())
     for name, lc in ckpt.state.layers.items():
-        wants_int = lc.bits is not None and lc.scale is not None and lc.codebook is None
-        if not wants_int and lc.act_bits is None:
+        if lc.grid is None and lc.activation is None:
             continue
         m = modules.get(name)
         if not isinstance(m, (nn.Conv2d, nn.Linear)):
             raise XaiCompressError(f"ONNX export: quantized layer {name!r} is "
                                    f"{type(m).__name__}, expected Conv2d or Linear")
-        new = _QuantLayer(m, lc.bits if wants_int else None, lc.scale if wants_int else None,
-                          lc.act_bits, lc.act_scale)
+        new = _QuantLayer(m, lc.grid, lc.activation)
         parent_name, _, attr = name.rpartition(".")
         setattr(modules[parent_name] if parent_name else model, attr, new)
     return model.eval()
@@ -125,7 +130,7 @@ def export_model(ckpt: Checkpoint) -> nn.Module:
 
 def onnx_bytes(ckpt: Checkpoint, *, opset: int = OPSET) -> bytes:
     """The serialised ONNX model of `ckpt` (checked with `onnx.checker`)."""
-    import onnx
+    import onnx  # heavy import (~0.5 s), only export needs it
 
     model = export_model(ckpt)
     dummy = torch.zeros(2, *ckpt.spec.input_shape)
@@ -143,10 +148,34 @@ def onnx_bytes(ckpt: Checkpoint, *, opset: int = OPSET) -> bytes:
     return proto.SerializeToString()
 
 
+def verify_tolerance(ckpt: Checkpoint, reference: Tensor) -> float:
+    """Largest |ONNX Runtime - PyTorch| accepted on the probe batch: 1e-4 * (1 + max|logit|)
+    (ORT's Conv/Gemm sum in another order, ~1e-7 relative), 0.05 * (1 + max|logit|) with
+    quantized activations (an input within that round-off of a rounding boundary of its
+    grid moves by one step; tests/test_onnx.py measures how often)."""
+    rel = 0.05 if ckpt.state.activations() else 1e-4
+    return rel * (1.0 + float(reference.abs().max()))
+
+
 def export_onnx(ckpt: Checkpoint, path: str | os.PathLike[str], *, opset: int = OPSET) -> Path:
-    """Write `ckpt` as ONNX to `path` atomically (nothing partial on failure)."""
+    """Write `ckpt` as ONNX to `path` atomically (nothing partial on failure), after checking
+    that ONNX Runtime runs the file to PyTorch's outputs within `verify_tolerance`."""
     check_writable(path)
-    atomic_write_bytes(path, onnx_bytes(ckpt, opset=opset))
+    check_finite_model(ckpt, path)
+    want = probe_outputs(ckpt.model, ckpt.spec.input_shape)
+
+    def verify(tmp: Path) -> None:
+        try:
+            got = onnx_predict(tmp, probe_batch(ckpt.spec.input_shape))
+        except Exception as exc:  # onnxruntime raises its own types for a bad graph
+            raise XaiCompressError(f"{path}: not written: ONNX Runtime cannot run it "
+                                   f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        diff = float((got - want).abs().max())
+        if not diff <= verify_tolerance(ckpt, want):
+            raise XaiCompressError(f"{path}: not written: ONNX Runtime's outputs differ from "
+                                   f"PyTorch's by {diff:.3g}; please report this bug")
+
+    atomic_write_bytes(path, onnx_bytes(ckpt, opset=opset), verify=verify)
     return Path(path)
 
 
@@ -158,7 +187,7 @@ def onnx_predict(path: str | os.PathLike[str], x: Tensor, batch_size: int = 256,
     reproduces PyTorch; optimize=True lets ORT fuse Q/DQ pairs into integer kernels
     (QLinearConv, ...), which round intermediate results differently.
     """
-    import onnxruntime as ort
+    import onnxruntime as ort  # heavy import (~0.3 s), only running a file needs it
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1

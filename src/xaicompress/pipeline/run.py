@@ -16,18 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from xaicompress.atomic import check_writable
-from xaicompress.checkpoint import Checkpoint, check_data_fits, load_checkpoint, save_checkpoint
+from xaicompress.checkpoint import Checkpoint, check_data_fits, load_checkpoint
 from xaicompress.data import DatasetBundle, load_dataset
 from xaicompress.errors import XaiCompressError
 from xaicompress.metrics import evaluate
 from xaicompress.pipeline.cache import StageCache, baseline_key, file_hash, stage_key
 from xaicompress.pipeline.config import PipelineConfig
+from xaicompress.pipeline.outputs import load_report, write_outputs
 from xaicompress.pipeline.stages import run_stage
 from xaicompress.progress import track
 
-PACKED_NAME = "model.xcpk"  # the packed format's magic is b"XCPK"
-ONNX_NAME = "model.onnx"
-CHECKPOINT_NAME = "model.safetensors"
 IDENTITY_FIDELITY = {"cosine": 1.0, "top10_overlap": 1.0, "agreement": 100.0}
 
 
@@ -130,21 +128,12 @@ def _measure(ckpt: Checkpoint, bundle: DatasetBundle, config: PipelineConfig, *,
              name: str, kind: str, criterion: str | None, seconds: float,
              fidelity: dict[str, Any]) -> Checkpoint:
     ckpt.metrics = {}
-    # Measured on what goes into the packed file, so size_bytes is that file's size.
-    m = evaluate(deployable(ckpt), bundle.test, latency_repeats=config.report.latency_repeats)
+    # size_bytes is the size of this model's packed file (it holds no run bookkeeping)
+    m = evaluate(ckpt, bundle.test, latency_repeats=config.report.latency_repeats)
     ckpt.metrics = {"accuracy": m["accuracy"], "pipeline": {
         "key": key, "name": name, "type": kind, "criterion": criterion,
         "seconds": round(seconds, 3), "eval": m, "fidelity": fidelity}}
     return ckpt
-
-
-def deployable(ckpt: Checkpoint) -> Checkpoint:
-    """What goes into the packed file: the model and its compression state, without the
-    pipeline's bookkeeping (metrics, stage history), which stays in model.safetensors and
-    report.json. Sizes reported per stage are of this same file."""
-    lean = ckpt.copy()
-    lean.metrics, lean.history = {}, []
-    return lean
 
 
 def _store(cache: StageCache, ckpt: Checkpoint, key: str, label: str) -> Checkpoint:
@@ -165,7 +154,6 @@ def run_pipeline(config: PipelineConfig, out_dir: str | os.PathLike[str], *,
     echo: called with one line per step (e.g. print), for a terminal log.
     """
     from xaicompress.report.fidelity import FidelityProbe
-    from xaicompress.report.report import write_outputs
 
     say = echo or (lambda _msg: None)
     t_start = time.perf_counter()
@@ -221,7 +209,6 @@ def run_pipeline(config: PipelineConfig, out_dir: str | os.PathLike[str], *,
         ckpt = hit
 
     from xaicompress.distributed import broadcast_object, is_rank0
-    from xaicompress.report.report import load_report
 
     # Only rank 0 writes the outputs (no collectives in there); the others wait for its
     # list of files and read its report.
@@ -232,22 +219,3 @@ def run_pipeline(config: PipelineConfig, out_dir: str | os.PathLike[str], *,
     report = load_report(files["report_json"])
     return PipelineResult(out, report, baseline, ckpt, cached, files,
                           time.perf_counter() - t_start)
-
-
-def export_final(final: Checkpoint, out: Path, config: PipelineConfig) -> dict[str, Path]:
-    """Write the final checkpoint, the packed file and ONNX into `out`; returns their paths."""
-    files: dict[str, Path] = {}
-    lean = deployable(final)
-    if config.export.packed:
-        from xaicompress.export.packed import write_packed
-
-        files["packed"] = write_packed(lean, out / PACKED_NAME)
-    if config.export.onnx:
-        from xaicompress.export.onnx import export_onnx
-
-        files["onnx"] = Path(export_onnx(lean, out / ONNX_NAME))
-    full = final.copy()
-    pipe = full.metrics.get("pipeline", {})
-    full.metrics = dict(pipe.get("eval", {}))
-    files["checkpoint"] = save_checkpoint(full, out / CHECKPOINT_NAME)
-    return files

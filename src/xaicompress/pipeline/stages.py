@@ -105,11 +105,11 @@ def _finetune(ckpt: Checkpoint, bundle: DatasetBundle, st: FinetuneStage,
     layers = ckpt.state.layers.values()
     batch = {"batch_size": st.batch_size} if st.batch_size is not None else {}
     if any(lc.codebook is not None for lc in layers):
-        from xaicompress.quant.codebook import finetune_shared
+        from xaicompress.quant.share_finetune import finetune_shared
 
         return finetune_shared(ckpt, bundle.train, epochs=st.epochs, lr=st.lr, seed=seed,
                                **batch)
-    if any(lc.bits is not None for lc in layers):
+    if any(lc.grid is not None for lc in layers):
         from xaicompress.quant.qat import qat_train
 
         out = ckpt.copy()

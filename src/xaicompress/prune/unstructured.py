@@ -1,8 +1,9 @@
 """Unstructured pruning: zero individual weights chosen by a criterion's per-weight scores.
 
-The mask of every pruned layer goes to ``ckpt.state.get(layer).mask`` (bool, weight shape,
-True = kept) and the model's weights are zeroed there; `finetune_checkpoint` re-imposes the
-mask after every optimizer step, so pruned weights stay exactly zero. Biases are kept.
+The mask of every pruned layer goes to ``ckpt.state.get(layer).mask`` (an `encoding.Mask`:
+bool, weight shape, True = kept) and the model's weights are zeroed there;
+`finetune_checkpoint` re-imposes the mask after every optimizer step, so pruned weights stay
+exactly zero. Biases are kept.
 
 Selection: scope "layer" removes `ratio` of each selected layer's weights, lowest scores
 first; scope "global" (the default) removes `ratio` of all selected weights ranked across
@@ -13,7 +14,7 @@ strip the widest layer) and layer scope, for magnitude and DeepLIFT alike
 (docs/results/pruning.md); "l1" and "mean" (relative to the layer's mean) remain options.
 Weights an earlier mask already removed are counted as removed, so `ratio` is the target
 sparsity of the selected layers. Storage is accounted as deployed: positions in the cheaper
-of a bitmap or relative indices (`prune/sparse.py`), plus one value per kept weight.
+of a bitmap or relative indices (`encoding/positions.py`), plus one value per kept weight.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from xaicompress.checkpoint import Checkpoint
+from xaicompress.encoding import Mask
 from xaicompress.errors import XaiCompressError
 from xaicompress.prune.importance import l1_normalise
 from xaicompress.prune.schedule import (
@@ -32,7 +34,6 @@ from xaicompress.prune.schedule import (
     check_ratio,
     check_scope,
 )
-from xaicompress.prune.sparse import position_bits
 from xaicompress.relevance.base import Criterion, Relevance, compute_relevance, get_criterion
 from xaicompress.train import finetune_checkpoint
 
@@ -140,10 +141,11 @@ def prune_unstructured(
     if scope == "global" and norm != "none":
         scores = {n: l1_normalise(s).reshape(s.shape) * (s.numel() if norm == "mean" else 1)
                   for n, s in scores.items()}
-    prior = {n: out.state.layers[n].mask if n in out.state.layers else None for n in names}
+    prior = {n: out.state.layers[n].mask.keep if n in out.state.layers and
+             out.state.layers[n].mask is not None else None for n in names}
     masks = weight_masks(scores, prior, ratio, scope)
     for name, mask in masks.items():
-        out.state.get(name).mask = mask
+        out.state.get(name).mask = Mask(mask)
     out.state.apply(model)
     if finetune_epochs > 0:
         out = finetune_checkpoint(out, train_set, epochs=finetune_epochs,
@@ -173,7 +175,7 @@ def sparse_bytes(ckpt: Checkpoint, value_bits: int = 32) -> int:
         if lc.mask is None or name not in modules:
             continue
         sparse_params.add(id(modules[name].weight))
-        bits += position_bits(lc.mask) + int(lc.mask.sum()) * value_bits
+        bits += lc.mask.position_bits() + lc.mask.kept * value_bits
     for p in ckpt.model.parameters():
         if id(p) not in sparse_params:
             bits += p.numel() * value_bits

@@ -1,11 +1,8 @@
-"""8-bit (or b-bit) activations: calibration on training samples and fake quantization.
+"""Calibration of b-bit activations on training samples.
 
-The activations entering a quantized layer are quantized symmetrically with one calibrated
-scale per layer: x_q = s * clamp(round(x / s), -2^(b-1), 2^(b-1) - 1), exactly what an ONNX
-QuantizeLinear(int8, zero point 0) + DequantizeLinear computes at b = 8 (and, followed by a
-Clip, at b < 8). The in-memory model really runs this: `install_activation_quant` puts a
-forward pre-hook on every layer whose state has `act_bits`. The hook reads its bits and scale
-from attributes of the module, so `copy.deepcopy` (hence `Checkpoint.copy`) carries them.
+The quantizer itself (`encoding.ActQuant`: x_q = s * clamp(round(x / s), -2^(b-1),
+2^(b-1) - 1), and the hooks that make the in-memory model compute it) lives with the other
+encodings; this module only finds the scale s of every layer from data.
 """
 
 from __future__ import annotations
@@ -16,87 +13,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from xaicompress.data import make_loader, subset
+from xaicompress.encoding.activation import MAX_BITS, MIN_BITS, act_range
 from xaicompress.errors import XaiCompressError
-from xaicompress.state import CompressionState
 
-_BITS_ATTR = "_xc_act_bits"
-_SCALE_ATTR = "_xc_act_scale"
-_HANDLE_ATTR = "_xc_act_handle"
-
-ACT_BITS_CHOICES = range(2, 9)
-
-
-def act_range(bits: int) -> tuple[int, int]:
-    """Integer range of signed b-bit activations: [-2^(b-1), 2^(b-1) - 1] (int8 saturation)."""
-    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-
-
-def fake_quant_activation(x: Tensor, scale: Tensor, bits: int) -> Tensor:
-    """Quantize-dequantize `x` (any shape) with scalar `scale` at `bits` bits.
-
-    With gradients enabled the straight-through estimator passes the gradient unchanged; in
-    inference the exact quantized values are returned (no `x + (q - x)` float round-off), so
-    the in-memory model equals what ONNX Runtime computes.
-    """
-    lo, hi = act_range(bits)
-    s = scale.to(x.dtype)
-    q = torch.clamp(torch.round(x / s), lo, hi) * s
-    if torch.is_grad_enabled() and x.requires_grad:
-        return x + (q - x).detach()
-    return q
-
-
-def _pre_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    bits = getattr(module, _BITS_ATTR, None)
-    if bits is None:
-        return args
-    return (fake_quant_activation(args[0], getattr(module, _SCALE_ATTR), bits), *args[1:])
-
-
-def remove_activation_quant(model: nn.Module) -> None:
-    """Remove every activation fake-quantization hook from `model` (in place)."""
-    for m in model.modules():
-        handle = getattr(m, _HANDLE_ATTR, None)
-        if handle is not None:
-            handle.remove()
-        # A deep-copied module holds a copy of the hook, not the handle's: drop it by identity.
-        for key, hook in list(m._forward_pre_hooks.items()):
-            if hook is _pre_hook:
-                del m._forward_pre_hooks[key]
-        for attr in (_HANDLE_ATTR, _BITS_ATTR, _SCALE_ATTR):
-            if hasattr(m, attr):
-                delattr(m, attr)
-
-
-def install_activation_quant(model: nn.Module, state: CompressionState) -> int:
-    """Make `model` fake-quantize the inputs of every layer with `act_bits` in `state`.
-
-    Replaces hooks installed earlier (idempotent). Returns the number of layers hooked.
-    """
-    remove_activation_quant(model)
-    modules = dict(model.named_modules())
-    n = 0
-    for name, lc in state.layers.items():
-        if lc.act_bits is None:
-            continue
-        if lc.act_scale is None:
-            raise XaiCompressError(f"compression state: layer {name!r} has act_bits but no "
-                                   "act_scale")
-        if name not in modules:
-            raise XaiCompressError(f"compression state names unknown layer {name!r}")
-        if lc.act_bits not in ACT_BITS_CHOICES:
-            raise XaiCompressError(f"compression state: layer {name!r} act_bits={lc.act_bits}, "
-                                   "expected 2..8")
-        m = modules[name]
-        setattr(m, _BITS_ATTR, int(lc.act_bits))
-        setattr(m, _SCALE_ATTR, lc.act_scale.detach().float().reshape(()).clone())
-        setattr(m, _HANDLE_ATTR, m.register_forward_pre_hook(_pre_hook))
-        n += 1
-    return n
-
-
-def has_activation_quant(state: CompressionState) -> bool:
-    return any(lc.act_bits is not None for lc in state.layers.values())
+ACT_BITS_CHOICES = range(MIN_BITS, MAX_BITS + 1)
 
 
 @torch.no_grad()
@@ -109,8 +30,6 @@ def calibrate_activations(model: nn.Module, dataset: Dataset, layers: list[str],
     The model is run as it is (weights already quantized), layer by layer in one pass, with
     earlier activation quantizers not yet active (scales are calibrated on float inputs).
     """
-    from xaicompress.data import make_loader, subset
-
     if bits not in ACT_BITS_CHOICES:
         raise XaiCompressError(f"--act-bits {bits}: expected 2..8")
     if samples < 1:

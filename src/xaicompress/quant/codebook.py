@@ -24,14 +24,16 @@ import torch
 from torch.utils.data import Dataset
 
 from xaicompress.checkpoint import Checkpoint
+from xaicompress.encoding import Codebook
+from xaicompress.encoding.bitpack import index_bits
+from xaicompress.encoding.codebook import CODEBOOK_BITS, CODEBOOK_DTYPES, round_to_dtype
 from xaicompress.errors import XaiCompressError
 from xaicompress.progress import track
-from xaicompress.quant.packing import index_bits
+from xaicompress.quant.allocate import allocate_bits
+from xaicompress.quant.share_finetune import finetune_shared
 from xaicompress.relevance import Criterion, Relevance, compute_relevance, get_criterion
 from xaicompress.relevance.base import prunable_layers
 
-CODEBOOK_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
-CODEBOOK_BITS = {"fp16": 16, "fp32": 32}
 MAX_CLUSTERS = 256
 #: default exponent of the per-weight relevance before it weights the k-means. Why not 1:
 #: relevance scores (|w x m| summed over samples) are heavy-tailed, and at k = 4 the raw scores
@@ -50,12 +52,6 @@ _WEIGHT_FLOOR = 1e-6
 
 
 # ------------------------------------------------------------------ one layer
-def round_to_dtype(x: np.ndarray, codebook_dtype: str) -> np.ndarray:
-    """Values (any shape) rounded to the nearest value the codebook dtype holds, as float32."""
-    t = torch.as_tensor(np.asarray(x, dtype=np.float32))
-    return t.to(CODEBOOK_DTYPES[codebook_dtype]).float().numpy()
-
-
 def _nearest(centers: np.ndarray, values: np.ndarray) -> np.ndarray:
     """Index (int64) of the nearest of sorted `centers` (k,) for every value (n,)."""
     if len(centers) == 1:
@@ -83,7 +79,7 @@ def initial_centroids(values: np.ndarray, sample_weight: np.ndarray, k: int, ini
         at = (np.arange(k) + 0.5) / k * cum[-1]
         return v[order][np.minimum(np.searchsorted(cum, at), v.size - 1)]
     if init == "kmeans++":
-        from sklearn.cluster import kmeans_plusplus
+        from sklearn.cluster import kmeans_plusplus  # heavy import, only this init needs it
 
         centers, _ = kmeans_plusplus(v.reshape(-1, 1), k, sample_weight=sw, random_state=seed)
         return np.sort(centers.ravel())
@@ -108,6 +104,7 @@ def cluster_weights(values: np.ndarray, sample_weight: np.ndarray, k: int, *,
     distinct = np.unique(vr)
     if len(distinct) <= k:
         return distinct.astype(np.float32), _nearest(distinct, vr)
+    # sklearn takes ~1 s to import; a run that never clusters should not pay for it
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
 
@@ -225,8 +222,8 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
     ks = _requested_clusters(clusters, layers) if clusters is not None else None
     for name in layers:
         lc = out.state.layers.get(name)
-        if lc is not None and lc.bits is not None and lc.codebook is None:
-            raise XaiCompressError(f"layer {name!r} is integer-quantized ({lc.bits} bits); "
+        if lc is not None and lc.grid is not None:
+            raise XaiCompressError(f"layer {name!r} is integer-quantized ({lc.grid.bits} bits); "
                                    "share the weights of a float checkpoint instead")
     # The bundle, when given, tells DeepLIFT the data's normalisation (its reference).
     rel = relevance if relevance is not None else compute_relevance(
@@ -237,8 +234,8 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
     for name, m in layers.items():
         w = m.weight.detach().float().reshape(-1).numpy()
         lc = out.state.layers.get(name)
-        keep = (lc.mask.reshape(-1).numpy().astype(bool) if lc is not None and
-                lc.mask is not None else np.ones(w.size, dtype=bool))
+        keep = (lc.mask.keep.reshape(-1).numpy() if lc is not None and lc.mask is not None
+                else np.ones(w.size, dtype=bool))
         data[name] = (w[keep], layer_sample_weights(rel, name, tuple(m.weight.shape), keep,
                                                       power=weight_power, mix=uniform_mix),
                       keep)
@@ -260,10 +257,8 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
         keep = data[name][2]
         idx = np.zeros(keep.size, dtype=np.int64)
         idx[keep] = labels
-        lc = out.state.get(name)
-        lc.codebook = torch.from_numpy(codebook.astype(np.float32))
-        lc.indices = torch.from_numpy(idx).reshape(m.weight.shape)
-        lc.bits, lc.scale = None, None
+        out.state.get(name).weights = Codebook(torch.from_numpy(codebook.astype(np.float32)),
+                                               torch.from_numpy(idx).reshape(m.weight.shape))
         chosen[name] = {"k": int(len(codebook)), "bits": index_bits(len(codebook)),
                         "weights": int(keep.sum())}
     out.state.apply(out.model)
@@ -345,8 +340,6 @@ def avg_bits_budget(weights: Mapping[str, int], avg_bits: float, codebook_dtype:
 def _allocate(data: Mapping[str, tuple[np.ndarray, np.ndarray, Any]], avg_bits: float,
               codebook_dtype: str, seed: int, init: str = "linear"
               ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, Any]]:
-    from xaicompress.quant.allocate import allocate_bits
-
     budget = avg_bits_budget({n: d[0].size for n, d in data.items()}, avg_bits, codebook_dtype)
     errors, costs, found = codebook_error_table(data, codebook_dtype=codebook_dtype, seed=seed,
                                                 init=init)
@@ -355,21 +348,3 @@ def _allocate(data: Mapping[str, tuple[np.ndarray, np.ndarray, Any]], avg_bits: 
     used = sum(costs[n][b] for n, b in picks.items())
     return results, {"budget_bits": budget, "used_bits": used,
                      "allocated_bits": {n: int(b) for n, b in picks.items()}}
-
-
-# ------------------------------------------------------------ fine-tuning
-def codebook_dtype_of(codebook: torch.Tensor) -> str:
-    """'fp16' when every entry is exactly an fp16 value, else 'fp32'."""
-    c = codebook.float()
-    return "fp16" if bool(torch.equal(c.half().float(), c)) else "fp32"
-
-
-# Fine-tuning lives in share_finetune.py; re-exported here, where callers have always found it.
-from xaicompress.quant.share_finetune import (  # noqa: E402
-    SharedWeight,
-    centroid_lr,
-    finetune_shared,
-)
-
-__all__ = ["SharedWeight", "centroid_lr", "cluster_weights", "codebook_dtype_of",
-           "finetune_shared", "share_weights"]

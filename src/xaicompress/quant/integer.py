@@ -17,22 +17,21 @@ sum_w R_w (w - Q_b(w))^2 under a storage budget with the exact MILP of `allocate
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from xaicompress.checkpoint import Checkpoint
+from xaicompress.encoding import ActQuant, IntGrid, qmax
+from xaicompress.encoding.activation import remove_activation_quant
 from xaicompress.errors import XaiCompressError
-from xaicompress.quant.activations import (
-    ACT_BITS_CHOICES,
-    calibrate_activations,
-    install_activation_quant,
-    remove_activation_quant,
-)
+from xaicompress.export.packed import packed_report
+from xaicompress.quant.activations import ACT_BITS_CHOICES, calibrate_activations
 from xaicompress.quant.allocate import allocate_bits, budget_from_avg_bits, budget_from_size_kb
-from xaicompress.state import LayerCompression, effective_weight
+from xaicompress.quant.qat import qat_train
+from xaicompress.relevance import compute_relevance, get_criterion, prunable_layers
+from xaicompress.train import seed_everything
 
 BITS_CHOICES: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
 CLIP_MODES = ("max", "mse", "wmse")
@@ -41,17 +40,11 @@ ALLOCATIONS = ("milp", "uniform")
 _CLIP_GRID = torch.linspace(0.2, 1.0, 33)
 #: smallest scale: a channel of zeros must not divide by zero (any positive scale maps 0 to 0)
 _MIN_SCALE = 1e-12
-#: bytes of the --size-kb budget kept free for header metadata added after quantizing
-_HEADER_SLACK = 256
-
-
-def qmax(bits: int) -> int:
-    return 2 ** (bits - 1) - 1
 
 
 def fake_quant_weight(w: Tensor, scale: Tensor, bits: int) -> Tensor:
-    """s_c * clamp(round(w / s_c)) for w (out, ...), scale (out,): the state's formula."""
-    return effective_weight(w, LayerCompression(bits=bits, scale=scale))
+    """s_c * clamp(round(w / s_c)) for w (out, ...), scale (out,): `IntGrid`'s weight."""
+    return IntGrid(bits, scale).effective(w)
 
 
 def channel_scales(w: Tensor, bits: int, *, clip: str = "mse",
@@ -97,8 +90,6 @@ def weighted_error(w: Tensor, importance: Tensor, bits: int, clip: str = "mse",
 
 def quantizable_layers(ckpt: Checkpoint) -> dict[str, nn.Module]:
     """Conv2d / Linear layers by name; refuses weight-shared layers (one quantizer each)."""
-    from xaicompress.relevance import prunable_layers
-
     layers = prunable_layers(ckpt.model)
     for name in layers:
         lc = ckpt.state.layers.get(name)
@@ -113,7 +104,7 @@ def stored_params(ckpt: Checkpoint, layers: dict[str, nn.Module]) -> dict[str, i
     out = {}
     for name, m in layers.items():
         lc = ckpt.state.layers.get(name)
-        out[name] = int(lc.mask.sum()) if lc is not None and lc.mask is not None \
+        out[name] = lc.mask.kept if lc is not None and lc.mask is not None \
             else m.weight.numel()
     return out
 
@@ -134,7 +125,7 @@ def error_table(ckpt: Checkpoint, importance: dict[str, Tensor], layers: dict[st
     table = {}
     for name, m in layers.items():
         lc = ckpt.state.layers.get(name)
-        mask = lc.mask if lc is not None else None
+        mask = lc.mask.keep if lc is not None and lc.mask is not None else None
         table[name] = {b: weighted_error(m.weight, importance[name], b, clip, mask)
                        for b in bits_choices}
     return table
@@ -213,20 +204,10 @@ def apply_bits(ckpt: Checkpoint, bits: dict[str, int], importance: dict[str, Ten
         w = modules[name].weight.detach()
         lc = ckpt.state.get(name)
         if lc.mask is not None:
-            w = w * lc.mask
+            w = lc.mask.apply(w)
         imp = importance[name] if importance is not None else None
-        lc.bits = int(b)
-        lc.scale = channel_scales(w, b, clip=clip, importance=imp)
+        lc.weights = IntGrid(int(b), channel_scales(w, b, clip=clip, importance=imp))
     ckpt.state.apply(ckpt.model)
-
-
-def packed_file_bytes(ckpt: Checkpoint) -> int | None:
-    """Size of the packed model file, or None when the packed format is not available."""
-    try:
-        from xaicompress.export.packed import packed_bytes
-    except ImportError:
-        return None
-    return len(packed_bytes(ckpt))
 
 
 def _restore(ckpt: Checkpoint, floats: dict[str, Tensor]) -> None:
@@ -235,29 +216,22 @@ def _restore(ckpt: Checkpoint, floats: dict[str, Tensor]) -> None:
     with torch.no_grad():
         for name, w in floats.items():
             modules[name].weight.copy_(w)
-            lc = ckpt.state.get(name)
-            lc.bits = lc.scale = None
+            ckpt.state.get(name).weights = None
 
 
 def _fit_packed_size(ckpt: Checkpoint, importance: dict[str, Tensor], bits: dict[str, int],
                      info: dict[str, Any], size_kb: float, allocation: str, clip: str,
-                     floats: dict[str, Tensor], entry: Callable[..., dict[str, Any]]
-                     ) -> tuple[dict[str, int], dict[str, Any]]:
+                     floats: dict[str, Tensor]) -> tuple[dict[str, int], dict[str, Any]]:
     """Shrink the bit budget until the real packed file fits in `size_kb` KiB.
 
     `fixed_bytes` estimates what is not quantized weights; the packed file also stores a
-    header (history, metrics) and sparse positions, so the budget is corrected by the
-    measured excess. The file is measured with this step's history entry in it, and
-    `_HEADER_SLACK` bytes are kept free for metrics written later (e.g. by the CLI).
+    header, sparse positions and a checksum, so the budget is corrected by the measured
+    excess. (The file holds no run history, so what is measured here is what is written.)
     """
-    target = size_kb * 1024 - _HEADER_SLACK
+    target = size_kb * 1024
     for _ in range(8):
-        ckpt.history.append(entry(bits, info))
-        try:
-            size = packed_file_bytes(ckpt)
-        finally:
-            ckpt.history.pop()
-        if size is None or size <= target:
+        size = packed_report(ckpt).file_bytes
+        if size <= target:
             info["packed_bytes"] = size
             return bits, info
         # From the bits actually used (<= budget); each tensor is byte-aligned in the file.
@@ -295,9 +269,6 @@ def quantize(ckpt: Checkpoint, criterion: Any, bundle: Any, *, avg_bits: float |
     Returns the new checkpoint; its state holds bits/scale (and act_bits/act_scale) per
     layer, its history a "quantize" entry with the chosen bits.
     """
-    from xaicompress.relevance import compute_relevance, get_criterion
-    from xaicompress.train import seed_everything
-
     if isinstance(criterion, str):
         criterion = get_criterion(criterion)
     if act_bits is not None and act_bits not in ACT_BITS_CHOICES:
@@ -309,7 +280,9 @@ def quantize(ckpt: Checkpoint, criterion: Any, bundle: Any, *, avg_bits: float |
     # Scores and calibration see the float model: drop quantizers left from an earlier run.
     remove_activation_quant(out.model)
     for lc in out.state.layers.values():
-        lc.bits = lc.scale = lc.act_bits = lc.act_scale = None
+        if lc.grid is not None:
+            lc.weights = None
+        lc.activation = None
     seed_everything(seed)
     layers = quantizable_layers(out)
     # The bundle (not only its train split) tells DeepLIFT the input normalisation.
@@ -332,17 +305,14 @@ def quantize(ckpt: Checkpoint, criterion: Any, bundle: Any, *, avg_bits: float |
     apply_bits(out, bits, importance, clip)
     if size_kb is not None:
         bits, info = _fit_packed_size(out, importance, bits, info, float(size_kb),
-                                      allocation, clip, floats, entry)
+                                      allocation, clip, floats)
     if act_bits is not None:
         scales = calibrate_activations(out.model, train_set, list(layers), act_bits,
                                        samples=samples, seed=seed)
         for name, s in scales.items():
-            lc = out.state.get(name)
-            lc.act_bits, lc.act_scale = int(act_bits), s
-        install_activation_quant(out.model, out.state)
+            out.state.get(name).activation = ActQuant(int(act_bits), s)
+        out.state.install_hooks(out.model)
     if qat_epochs > 0:
-        from xaicompress.quant.qat import qat_train
-
         qat_train(out, train_set, epochs=qat_epochs, lr=qat_lr, seed=seed)
     out.history.append(entry(bits, info))
     return out

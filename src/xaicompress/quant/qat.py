@@ -16,24 +16,22 @@ from torch.nn.utils import parametrize
 from torch.utils.data import Dataset
 
 from xaicompress.checkpoint import Checkpoint
-from xaicompress.quant.activations import install_activation_quant
-from xaicompress.state import LayerCompression, effective_weight
+from xaicompress.encoding import IntGrid, Mask
+from xaicompress.train import train
 
 
 class STEQuant(nn.Module):
     """Parametrization: latent weight (out, ...) -> quantized weight with an STE gradient."""
 
-    def __init__(self, bits: int, scale: Tensor, mask: Tensor | None) -> None:
+    def __init__(self, grid: IntGrid, mask: Mask | None) -> None:
         super().__init__()
-        self.lc = LayerCompression(bits=bits, scale=scale.detach().clone(),
-                                   mask=None if mask is None else mask.detach().clone())
+        self.grid = grid.copy()
+        self.mask = None if mask is None else mask.copy()
 
     def forward(self, w: Tensor) -> Tensor:
-        q = effective_weight(w.detach(), self.lc)
+        q = self.grid.effective(w.detach())
         out = w + (q - w).detach()
-        if self.lc.mask is not None:
-            out = out * self.lc.mask.to(w.dtype)
-        return out
+        return self.mask.apply(out) if self.mask is not None else out
 
 
 def qat_train(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1, lr: float = 1e-4,
@@ -42,14 +40,11 @@ def qat_train(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1, lr: fl
 
     Activation quantizers installed on the model stay active (with their own STE).
     """
-    from xaicompress.train import train
-
     modules = dict(ckpt.model.named_modules())
-    quantized = {n: lc for n, lc in ckpt.state.layers.items()
-                 if lc.bits is not None and lc.scale is not None}
+    quantized = {n: lc for n, lc in ckpt.state.layers.items() if lc.grid is not None}
     for name, lc in quantized.items():
         parametrize.register_parametrization(modules[name], "weight",
-                                             STEQuant(lc.bits, lc.scale, lc.mask))
+                                             STEQuant(lc.grid, lc.mask))
     try:
         train(ckpt.model, train_set, epochs=epochs, lr=lr, seed=seed, batch_size=batch_size,
               description="QAT")
@@ -60,6 +55,6 @@ def qat_train(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1, lr: fl
                                                 leave_parametrized=False)
     with torch.no_grad():
         ckpt.state.apply(ckpt.model)
-    install_activation_quant(ckpt.model, ckpt.state)
+    ckpt.state.install_hooks(ckpt.model)
     ckpt.model.eval()
     return ckpt

@@ -13,16 +13,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils.data import Dataset
 
 from xaicompress.checkpoint import Checkpoint
+from xaicompress.data import make_loader
+from xaicompress.encoding import Codebook, CompressionState
+from xaicompress.encoding.codebook import codebook_dtype_of, round_to_dtype
 from xaicompress.errors import XaiCompressError
 from xaicompress.progress import track
+from xaicompress.relevance.distributed import all_reduce_sums
+from xaicompress.train import _maybe_ddp, random_shift, seed_everything
 
 #: codebook Adam rate = LR_SCALE * std of the layer's kept weights. The result hardly depends
 #: on it: 0.02..0.2 within 0.5 pt at k = 2 and 4 (lenet5 / lenet300, 2 seeds, biases 1e-3);
@@ -79,9 +86,6 @@ def centroid_lr(weights: torch.Tensor, mask: torch.Tensor | None = None,
 def _train_loss(model: nn.Module, train_set: Dataset, batch_size: int = 512) -> float:
     """Mean cross-entropy over `train_set`; under torch.distributed each rank scores its shard
     and the sums are added, so every rank sees the same number (and keeps the same state)."""
-    from xaicompress.data import make_loader
-    from xaicompress.relevance.distributed import all_reduce_sums
-
     was = model.training
     model.eval()
     total, n = 0.0, 0
@@ -92,6 +96,126 @@ def _train_loss(model: nn.Module, train_set: Dataset, batch_size: int = 512) -> 
     sums = all_reduce_sums({"loss": torch.tensor([total], dtype=torch.float64),
                             "n": torch.tensor([float(n)], dtype=torch.float64)})
     return float(sums["loss"]) / max(1.0, float(sums["n"]))
+
+
+def _check_options(epochs: float, rates: dict[str, float | None]) -> None:
+    for label, value in rates.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise XaiCompressError(f"codebook fine-tuning {label} {value}: expected a positive "
+                                   "number")
+    if not math.isfinite(epochs) or epochs < 0:
+        raise XaiCompressError(f"--finetune-epochs {epochs}: expected a number >= 0")
+
+
+def _parametrize(out: Checkpoint, shared: dict[str, Codebook], lr: float | None,
+                 lr_scale: float, centroid_lrs: Mapping[str, float] | None) -> dict[str, float]:
+    """Make every shared layer's weight codebook[indices] * mask; returns the codebook rates."""
+    modules = dict(out.model.named_modules())
+    rates: dict[str, float] = {}
+    for name, cb in shared.items():
+        w = modules[name].weight
+        lc = out.state.layers[name]
+        mask = lc.mask.keep if lc.mask is not None else torch.ones(w.shape, dtype=torch.bool)
+        rates[name] = (float(centroid_lrs[name]) if centroid_lrs and name in centroid_lrs
+                       else lr if lr is not None else centroid_lr(w, mask, lr_scale))
+        if not (math.isfinite(rates[name]) and rates[name] > 0):
+            raise XaiCompressError(f"codebook fine-tuning: learning rate {rates[name]} of layer "
+                                   f"{name!r}: expected a positive number")
+        parametrize.register_parametrization(modules[name], "weight",
+                                             SharedWeight(cb.values, cb.indices, mask))
+        # never read by the forward: frozen, so DDP does not wait for its gradient
+        modules[name].parametrizations.weight.original.requires_grad_(False)
+    return rates
+
+
+def _param_groups(model: nn.Module, shared: dict[str, Codebook], rates: dict[str, float],
+                  other_lr: float) -> list[dict[str, Any]]:
+    """One Adam group per codebook (its own rate), one for everything else."""
+    books = {f"{n}.parametrizations.weight.0.codebook": n for n in shared}
+    groups: list[dict[str, Any]] = [{"params": [], "lr": other_lr}]
+    for n, p in model.named_parameters():
+        if n.endswith("parametrizations.weight.original"):
+            continue  # replaced by the codebook: never read, never trained
+        if n in books:
+            groups.append({"params": [p], "lr": rates[books[n]]})
+        else:
+            groups[0]["params"].append(p)
+    return [g for g in groups if g["params"]]
+
+
+def _unparametrize(model: nn.Module, shared: dict[str, Codebook]) -> dict[str, torch.Tensor]:
+    """Remove the parametrisations; returns the trained codebooks."""
+    modules = dict(model.named_modules())
+    new = {}
+    for name in shared:
+        new[name] = modules[name].parametrizations.weight[0].codebook.detach().clone()
+        parametrize.remove_parametrizations(modules[name], "weight", leave_parametrized=False)
+        modules[name].weight.requires_grad_(True)  # frozen above, trainable again
+    return new
+
+
+@dataclass
+class _Run:
+    """One fine-tuning run: the loop, and the best state by training loss."""
+
+    out: Checkpoint
+    train_set: Dataset
+    groups: list[dict[str, Any]]
+    others: CompressionState
+    clip: float | None
+    augment: int | None
+    keep_best: bool
+    losses: list[float] = field(default_factory=list)
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    step: int = 0
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.out.model.state_dict().items()}
+
+    def record(self) -> None:
+        self.losses.append(_train_loss(self.out.model, self.train_set))
+        # NaN never compares smaller: a diverged state is never kept
+        if self.best is None or self.losses[-1] < self.best[0]:
+            self.best = (self.losses[-1], self.step, self.snapshot())
+
+    def train(self, loader: Any, total: int) -> None:
+        model = self.out.model
+        params = [p for g in self.groups for p in g["params"]]
+        opt = torch.optim.Adam(self.groups)
+        net = _maybe_ddp(model)  # gradients averaged over ranks under torchrun
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        per_epoch = len(loader)
+        if self.keep_best:
+            self.record()
+        with torch.enable_grad():
+            model.train()
+            it = iter(track(range(total), "codebook fine-tune", total))
+            epoch = 0
+            while self.step < total:
+                if hasattr(loader.sampler, "set_epoch"):
+                    loader.sampler.set_epoch(epoch)
+                for x, y in loader:
+                    shift = x.shape[-2] // 12 if self.augment is None else self.augment
+                    if shift:
+                        x = random_shift(x, shift)
+                    opt.zero_grad(set_to_none=True)
+                    F.cross_entropy(net(x), y).backward()
+                    if self.clip is not None:
+                        torch.nn.utils.clip_grad_norm_(params, self.clip)
+                    opt.step()
+                    sched.step()
+                    self.others.apply(model)
+                    self.step += 1
+                    next(it, None)
+                    if self.keep_best and (self.step % per_epoch == 0 or self.step == total):
+                        self.record()
+                    if self.step >= total:
+                        break
+                epoch += 1
+            for _ in it:  # close the progress bar
+                pass
+        if self.best is not None:
+            model.load_state_dict(self.best[2])
 
 
 def finetune_shared(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1,
@@ -112,124 +236,39 @@ def finetune_shared(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1,
     (overrides lr and lr_scale there). Pruned weights stay zero; centroids are rounded to their
     codebook dtype at the end so packing stays lossless. The input is not modified.
     """
-    from torch.nn.utils import parametrize
-
-    from xaicompress.data import make_loader
-    from xaicompress.quant.codebook import codebook_dtype_of, round_to_dtype
-    from xaicompress.state import CompressionState
-    from xaicompress.train import _maybe_ddp, random_shift, seed_everything
-
-    for label, value in (("--lr", lr), ("lr_scale", lr_scale), ("other_lr", other_lr),
-                         ("clip", clip)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise XaiCompressError(f"codebook fine-tuning {label} {value}: expected a positive "
-                                   "number")
-    if not math.isfinite(epochs) or epochs < 0:
-        raise XaiCompressError(f"--finetune-epochs {epochs}: expected a number >= 0")
+    _check_options(epochs, {"--lr": lr, "lr_scale": lr_scale, "other_lr": other_lr,
+                            "clip": clip})
     out = ckpt.copy()
     if epochs == 0:
         return out
-    modules = dict(out.model.named_modules())
-    shared = {n: lc for n, lc in out.state.layers.items()
-              if lc.codebook is not None and lc.indices is not None}
+    shared = {n: lc.codebook for n, lc in out.state.layers.items() if lc.codebook is not None}
     if not shared:
         raise XaiCompressError("codebook fine-tuning: the checkpoint has no shared layers; "
                                "run weight sharing first")
     out.state.apply(out.model)
-    dtypes = {n: codebook_dtype_of(lc.codebook) for n, lc in shared.items()}
-    rates: dict[str, float] = {}
-    for name, lc in shared.items():
-        w = modules[name].weight
-        mask = lc.mask if lc.mask is not None else torch.ones(w.shape, dtype=torch.bool)
-        rates[name] = (float(centroid_lrs[name]) if centroid_lrs and name in centroid_lrs
-                       else lr if lr is not None else centroid_lr(w, mask, lr_scale))
-        if not (math.isfinite(rates[name]) and rates[name] > 0):
-            raise XaiCompressError(f"codebook fine-tuning: learning rate {rates[name]} of layer "
-                                   f"{name!r}: expected a positive number")
-        parametrize.register_parametrization(modules[name], "weight",
-                                             SharedWeight(lc.codebook, lc.indices, mask))
-        # never read by the forward: frozen, so DDP does not wait for its gradient
-        modules[name].parametrizations.weight.original.requires_grad_(False)
+    dtypes = {n: codebook_dtype_of(cb.values) for n, cb in shared.items()}
+    rates = _parametrize(out, shared, lr, lr_scale, centroid_lrs)
     others = CompressionState({n: lc for n, lc in out.state.layers.items() if n not in shared})
-    books = {f"{n}.parametrizations.weight.0.codebook": n for n in shared}
-    groups: list[dict[str, Any]] = [{"params": [], "lr": lr if lr is not None else other_lr}]
-    for n, p in out.model.named_parameters():
-        if n.endswith("parametrizations.weight.original"):
-            continue  # replaced by the codebook: never read, never trained
-        if n in books:
-            groups.append({"params": [p], "lr": rates[books[n]]})
-        else:
-            groups[0]["params"].append(p)
-    groups = [g for g in groups if g["params"]]
-    params = [p for g in groups for p in g["params"]]
-
-    def snapshot() -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in out.model.state_dict().items()}
-
+    run = _Run(out, train_set, _param_groups(out.model, shared, rates,
+                                             lr if lr is not None else other_lr),
+               others, clip, augment, keep_best)
     seed_everything(seed)
     loader = make_loader(train_set, batch_size, shuffle=True, seed=seed)
-    per_epoch = len(loader)
-    total = max(1, int(round(epochs * per_epoch)))
-    opt = torch.optim.Adam(groups)
-    net = _maybe_ddp(out.model)  # gradients averaged over ranks under torchrun
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
-    losses: list[float] = []
-    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
-    if keep_best:
-        losses.append(_train_loss(out.model, train_set))
-        best = (losses[0], 0, snapshot())
-    step = 0
     try:
-        with torch.enable_grad():
-            out.model.train()
-            it = iter(track(range(total), "codebook fine-tune", total))
-            epoch = 0
-            while step < total:
-                if hasattr(loader.sampler, "set_epoch"):
-                    loader.sampler.set_epoch(epoch)
-                for x, y in loader:
-                    shift = x.shape[-2] // 12 if augment is None else augment
-                    if shift:
-                        x = random_shift(x, shift)
-                    opt.zero_grad(set_to_none=True)
-                    F.cross_entropy(net(x), y).backward()
-                    if clip is not None:
-                        torch.nn.utils.clip_grad_norm_(params, clip)
-                    opt.step()
-                    sched.step()
-                    others.apply(out.model)
-                    step += 1
-                    next(it, None)
-                    if keep_best and (step % per_epoch == 0 or step == total):
-                        losses.append(_train_loss(out.model, train_set))
-                        assert best is not None
-                        # NaN never compares smaller: a diverged state is never kept
-                        if losses[-1] < best[0]:
-                            best = (losses[-1], step, snapshot())
-                    if step >= total:
-                        break
-                epoch += 1
-            for _ in it:  # close the progress bar
-                pass
-        if best is not None:
-            out.model.load_state_dict(best[2])
+        run.train(loader, max(1, int(round(epochs * len(loader)))))
     finally:
-        new = {}
-        for name in shared:
-            new[name] = modules[name].parametrizations.weight[0].codebook.detach().clone()
-            parametrize.remove_parametrizations(modules[name], "weight",
-                                                leave_parametrized=False)
-            modules[name].weight.requires_grad_(True)  # frozen above, trainable again
-    for name, lc in shared.items():
+        new = _unparametrize(out.model, shared)
+    for name, old in shared.items():
         cb = torch.from_numpy(round_to_dtype(new[name].numpy(), dtypes[name]))
         if not torch.isfinite(cb).all():
             raise XaiCompressError(f"codebook fine-tuning diverged on layer {name!r}; try a "
                                    "smaller --lr")
-        lc.codebook = cb
+        out.state.layers[name].weights = Codebook(cb, old.indices)
     out.state.apply(out.model)
     out.model.eval()
     out.history.append({"stage": "finetune_shared", "epochs": epochs, "seed": seed,
                         "lr": lr, "lr_scale": lr_scale, "other_lr": other_lr, "clip": clip,
                         "centroid_lr": rates, "batch_size": batch_size, "augment": augment,
-                        "train_loss": losses, "kept_step": best[1] if best else step})
+                        "train_loss": run.losses,
+                        "kept_step": run.best[1] if run.best else run.step})
     return out

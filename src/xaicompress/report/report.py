@@ -1,4 +1,5 @@
-"""report.json, report.md and the terminal summary of a `compress` run.
+"""report.json, report.md and the terminal summary of a `compress` run: pure functions of
+the measured checkpoints (writing the files and exporting is `pipeline.outputs`').
 
 report.json (all sizes in bytes, accuracy in %, latency in ms for a batch of 64 on CPU):
   baseline / final       accuracy, params, nonzero_params, macs, size_bytes, fp32_bytes,
@@ -13,16 +14,14 @@ report.json (all sizes in bytes, accuracy in %, latency in ms for a batch of 64 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+from torch import nn
 
 from xaicompress import __version__
-from xaicompress.atomic import atomic_write_text
 from xaicompress.checkpoint import Checkpoint, layer_widths
-from xaicompress.data import DatasetBundle
 from xaicompress.errors import XaiCompressError
 
 METRIC_KEYS = ("accuracy", "params", "nonzero_params", "macs", "size_bytes", "fp32_bytes",
@@ -38,11 +37,8 @@ def _metrics(ckpt: Checkpoint) -> dict[str, Any]:
 
 
 def layer_summary(baseline: Checkpoint, final: Checkpoint) -> dict[str, dict[str, Any]]:
-    """Per prunable layer of the final model: output units kept, sparsity, bits, clusters."""
-    from torch import nn
-
-    from xaicompress.quant.packing import index_bits
-
+    """Per prunable layer of the final model: output units kept, sparsity, bits per stored
+    weight (from its encoding: 32 for plain float32), clusters (codebook size or None)."""
     before = layer_widths(baseline.model)
     out: dict[str, dict[str, Any]] = {}
     for name, m in final.model.named_modules():
@@ -51,12 +47,11 @@ def layer_summary(baseline: Checkpoint, final: Checkpoint) -> dict[str, dict[str
         lc = final.state.layers.get(name)
         w = m.weight.detach()
         if lc is not None and lc.mask is not None:
-            sparsity = 1 - float(lc.mask.float().mean())
+            sparsity = lc.mask.sparsity
         else:
             sparsity = float((w == 0).float().mean())
-        clusters = int(len(lc.codebook)) if lc is not None and lc.codebook is not None else None
-        bits = (index_bits(clusters) if clusters is not None else
-                lc.bits if lc is not None and lc.bits is not None else 32)
+        clusters = lc.codebook.k if lc is not None and lc.codebook is not None else None
+        bits = lc.value_bits if lc is not None else 32
         out[name] = {"units": [before.get(name, {}).get("out", w.shape[0]), int(w.shape[0])],
                      "weights": int(w.numel()), "sparsity": round(sparsity, 6),
                      "bits": int(bits), "clusters": clusters}
@@ -99,47 +94,6 @@ def build_report(config: Any, baseline: Checkpoint, steps: list[Checkpoint],
         "files": {k: v.name for k, v in files.items()},
         "config": config.model_dump(mode="json"),
     }
-
-
-def write_outputs(config: Any, out: Path, baseline: Checkpoint, steps: list[Checkpoint],
-                  bundle: DatasetBundle, *, plots: bool = True) -> dict[str, Path]:
-    """Export the final model, then write report.json, report.md and the plots into `out`."""
-    from xaicompress.pipeline.run import export_final
-
-    final = steps[-1] if steps else baseline
-    files = export_final(final, out, config)
-    if "packed" in files:
-        packed_size = files["packed"].stat().st_size
-    else:
-        from xaicompress.export.packed import packed_bytes
-        from xaicompress.pipeline.run import deployable
-
-        packed_size = len(packed_bytes(deployable(final)))
-    if plots:
-        from xaicompress.report import plots as P
-
-        files["plot_stages"] = out / PLOT_NAMES["stages"]
-        files["plot_layers"] = out / PLOT_NAMES["layers"]
-        report = build_report(config, baseline, steps, packed_size, files)
-        P.plot_stages(report, files["plot_stages"])
-        P.plot_layers(report["layers"], files["plot_layers"])
-        if config.report.heatmaps > 0:
-            files["plot_heatmaps"] = out / PLOT_NAMES["heatmaps"]
-            P.plot_heatmaps(baseline.model, final.model, bundle, config.report.heatmaps,
-                            files["plot_heatmaps"], seed=config.seed)
-    files["report_json"] = out / "report.json"
-    files["report_md"] = out / "report.md"
-    report = build_report(config, baseline, steps, packed_size, files)
-    atomic_write_text(files["report_json"], json.dumps(report, indent=2) + "\n")
-    atomic_write_text(files["report_md"], report_markdown(report))
-    return files
-
-
-def load_report(path: str | Path) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise XaiCompressError(f"{path}: cannot read report ({exc})") from None
 
 
 # ------------------------------------------------------------------ formatting

@@ -1,7 +1,7 @@
-"""Storage of a pruning mask's positions as a runtime would keep them.
+"""Storage of a pruning mask's positions as a runtime would keep them (`encoding.Mask` uses it).
 
-The values of the kept weights are stored elsewhere (by the packed-file writer); this module
-only encodes *where* they are, in the cheapest of two formats:
+The values of the kept weights are stored elsewhere (by the layer's weight encoding); this
+module only encodes *where* they are, in the cheapest of two formats:
 
 ``bitmap``  one bit per weight (little-endian bit order inside each byte);
             ``numel`` bits.
@@ -121,6 +121,11 @@ def decode_positions(kind: str, payload: bytes, numel: int) -> Tensor:
     if not 1 <= k <= _MAX_K:
         raise XaiCompressError(f"sparse positions: relative-index width k={k}, expected 1.."
                                f"{_MAX_K}")
+    # Every entry (kept weight or filler) advances at least one position, so a valid stream
+    # has at most numel entries: refuse more before unpacking anything.
+    if entries > numel:
+        raise XaiCompressError(f"sparse positions: {entries} relative-index entries for only "
+                               f"{numel} weights")
     if raw.size - 5 != (entries * k + 7) // 8:
         raise XaiCompressError(f"sparse positions: relative-index body of {raw.size - 5} bytes, "
                                f"expected {(entries * k + 7) // 8} for {entries} entries of "

@@ -1,0 +1,146 @@
+"""`Codebook`: weight sharing, every kept weight is one of k shared values (Deep Compression)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from xaicompress.encoding.bitpack import index_bits, pack_bits, packed_length, unpack_bits
+from xaicompress.encoding.checks import check_int, check_shape, float32_field, index_field
+from xaicompress.encoding.streams import Stream, Streams, array_stream, uint_coding
+from xaicompress.errors import XaiCompressError
+
+#: the codebook value types weight sharing offers (`--codebook`), as torch dtypes
+CODEBOOK_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+#: bits of one stored codebook entry per value type
+CODEBOOK_BITS = {"fp16": 16, "fp32": 32}
+_STREAM_CODING = {"fp16": "float16", "fp32": "float32"}
+#: largest codebook the format holds (16-bit indices)
+MAX_K = 1 << 16
+
+
+def round_to_dtype(x: np.ndarray, codebook_dtype: str) -> np.ndarray:
+    """Values (any shape) rounded to the nearest value the codebook dtype holds, as float32."""
+    t = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    return t.to(CODEBOOK_DTYPES[codebook_dtype]).float().numpy()
+
+
+def codebook_dtype_of(values: Tensor) -> str:
+    """'fp16' when every entry is exactly an fp16 value (stored at half the size,
+    losslessly), else 'fp32'."""
+    c = values.float()
+    return "fp16" if bool(torch.equal(c.half().float(), c)) else "fp32"
+
+
+class Codebook:
+    """values: float32 (k,) shared values; indices: int64 of the weight's shape, into values.
+
+    Effective weight = values[indices] (times the mask; pruned weights use no entry).
+    Packed: "codebook" stream (float16 when lossless, else float32) and "indices" of the
+    kept weights at ceil(log2 k) bits each ("uint<b>"; no stream when k = 1). Checkpoint:
+    tensors "codebook" and "indices".
+    """
+
+    #: the header fields of its tensor records besides shape, encoding, masked, streams
+    PARAMS: ClassVar[tuple[str, ...]] = ("k",)
+    kind: ClassVar[str] = "codebook"
+    TENSORS: ClassVar[tuple[str, ...]] = ("codebook", "indices")
+    META: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, values: Tensor, indices: Tensor) -> None:
+        self.values = values.detach().to(torch.float32).reshape(-1)
+        self.indices = indices.detach().to(torch.int64)
+
+    def __repr__(self) -> str:
+        return f"Codebook(k={self.k})"
+
+    @property
+    def k(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def value_bits(self) -> int:
+        """Bits per stored weight: ceil(log2 k)."""
+        return index_bits(self.k)
+
+    @property
+    def storage_dtype(self) -> str:
+        return codebook_dtype_of(self.values)
+
+    def effective(self, w: Tensor) -> Tensor:
+        return self.values.to(w.dtype)[self.indices].reshape(w.shape)
+
+    def copy(self) -> Codebook:
+        return Codebook(self.values.clone(), self.indices.clone())
+
+    def validate(self, shape: tuple[int, ...], where: str) -> None:
+        check_int(self.k, 1, MAX_K, "codebook size k", where)
+        if not torch.isfinite(self.values).all():
+            raise XaiCompressError(f"{where}: codebook contains NaN or Inf values")
+        check_shape(self.indices, shape, "codebook indices", where)
+        if self.indices.numel() and (int(self.indices.min()) < 0
+                                     or int(self.indices.max()) >= self.k):
+            raise XaiCompressError(f"{where}: codebook index out of range 0..{self.k - 1}")
+
+    # ---------------------------------------------------------------- packed file
+    def payload_bits(self, kept: int) -> int:
+        return self.k * CODEBOOK_BITS[self.storage_dtype] + self.value_bits * kept
+
+    def encode(self, w: Tensor, keep: Tensor | None) -> tuple[dict[str, Any], list[Stream]]:
+        del w  # the indices say it all
+        dtype = self.storage_dtype
+        book = array_stream("codebook", self.values, _STREAM_CODING[dtype])
+        streams = [Stream(book.role, book.coding, book.data, self.k * CODEBOOK_BITS[dtype])]
+        idx = self.indices.reshape(-1)
+        if keep is not None:
+            idx = idx[keep]
+        b = self.value_bits
+        if b:
+            streams.append(Stream("indices", uint_coding(b), pack_bits(idx.numpy(), b),
+                                  b * idx.numel()))
+        return {"k": self.k}, streams
+
+    @classmethod
+    def decode(cls, params: dict[str, Any], streams: Streams, shape: tuple[int, ...],
+               keep: Tensor | None, dtype: torch.dtype) -> tuple[Codebook, Tensor]:
+        where = streams.where
+        k = check_int(params.get("k"), 1, MAX_K, "codebook size k", where)
+        values = streams.take_floats("codebook", ("float16", "float32"), k)
+        numel = int(torch.Size(shape).numel())
+        count = numel if keep is None else int(keep.sum())
+        b = index_bits(k)
+        idx = np.zeros(count, dtype=np.int64)
+        if b:
+            _, data = streams.take("indices", (uint_coding(b),))
+            if len(data) != packed_length(count, b):
+                raise XaiCompressError(f"{where}: indices stream of {len(data)} bytes, expected "
+                                       f"{packed_length(count, b)} for {count} indices of "
+                                       f"{b} bits")
+            idx = unpack_bits(data, b, count)
+            if count and int(idx.max()) >= k:
+                raise XaiCompressError(f"{where}: codebook index out of range 0..{k - 1}")
+        full = torch.zeros(numel, dtype=torch.int64)
+        full[keep if keep is not None else slice(None)] = torch.from_numpy(idx)
+        out = cls(values, full.reshape(shape))
+        return out, out.values[out.indices].to(dtype)
+
+    # ----------------------------------------------------------------- checkpoint
+    def to_checkpoint(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        return {"codebook": self.values.contiguous(), "indices": self.indices.contiguous()}, {}
+
+    @classmethod
+    def from_checkpoint(cls, tensors: dict[str, Tensor], meta: dict[str, Any],
+                        shape: tuple[int, ...], where: str) -> Codebook:
+        missing = [f for f in cls.TENSORS if f not in tensors]
+        if missing:
+            raise XaiCompressError(f"{where}: codebook without its {missing[0]} tensor")
+        values = float32_field(tensors["codebook"], "codebook", where)
+        if values.dim() != 1:
+            raise XaiCompressError(f"{where}: codebook has shape {tuple(values.shape)}, "
+                                   "expected (k,)")
+        out = cls(values, index_field(tensors["indices"], "codebook indices", where))
+        out.validate(shape, where)
+        return out
