@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from xaicompress.checkpoint import Checkpoint, ModelSpec
-from xaicompress.encoding import ActQuant, Codebook, IntGrid, Mask
-from xaicompress.encoding import bitpack, codebook, intgrid
-from xaicompress.encoding.activation import MAX_BITS as ACT_MAX, MIN_BITS as ACT_MIN
+from xaicompress.encoding import ActQuant, Codebook, IntGrid, Mask, bitpack, codebook, intgrid
+from xaicompress.encoding.activation import MAX_BITS as ACT_MAX
+from xaicompress.encoding.activation import MIN_BITS as ACT_MIN
 from xaicompress.export import xcpk_reader
 from xaicompress.export.packed import load_packed, write_packed
 from xaicompress.export.xcpk_reader import read_xcpk

@@ -512,7 +512,7 @@ def _parse_meta(head: _Header, raw: bytes, source: str) -> dict[str, Any]:
         raise XaiCompressError(f"{source}: bad xaicompress metadata (format is not {FORMAT!r})")
     version = meta.get("version")
     if not _is_int(version) or version < 1:
-        raise XaiCompressError(f"{source}: checkpoint format version {str(version)[:20]!r}: "
+        raise XaiCompressError(f"{source}: checkpoint format version {repr(version)[:20]}: "
                                "expected an integer")
     if version > VERSION:
         raise XaiCompressError(f"{source}: checkpoint format version {version} is newer than "

@@ -32,7 +32,8 @@ from xaicompress.export.xcpk_reader import MAGIC, PREFIX, TRAILER
 MARKER = "PAYLOAD_RAN"
 _ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
              torch.float64: "F64", torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8",
-             torch.bool: "BOOL", torch.int8: "I8", torch.int16: "I16"}
+             torch.bool: "BOOL", torch.int8: "I8", torch.int16: "I16",
+             torch.float8_e4m3fn: "F8_E4M3"}
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -79,14 +80,13 @@ def payload_checkpoint(factory: str):
 #: factories a hostile file could name, each with arguments that would really create the
 #: marker file (or delete the victim folder) if the loader ever called it; `test_files`
 #: checks that they would, by calling them on purpose
-PAYLOADS = ("os:system", "os:popen", "subprocess:getoutput", "builtins:open", "os:makedirs",
+PAYLOADS = ("os:system", "subprocess:getoutput", "builtins:open", "os:makedirs",
             "shutil:copyfile", "shutil:rmtree")
 
 
 def marker_kwargs(d: Path, factory: str) -> dict[str, Any]:
     m = str(d / MARKER)
     return {"os:system": {"command": f"touch {m}"},
-            "os:popen": {"cmd": f"touch {m}"},
             "subprocess:getoutput": {"cmd": f"touch {m}"},
             "builtins:open": {"file": m, "mode": "w"},
             "os:makedirs": {"name": m},
@@ -235,13 +235,15 @@ def st_metadata_text(name: str, text: str):
     return make
 
 
-def sparse_huge(good: Path, d: Path) -> Path:
-    """A valid checkpoint padded (sparsely: no disk used) to 10 GiB."""
-    p = d / "huge_sparse.safetensors"
-    p.write_bytes(good.read_bytes())
-    with open(p, "r+b") as f:
-        f.truncate(10 << 30)
-    return p
+def sparse_padded(size: int):
+    """A valid checkpoint padded (sparsely: no disk used) to `size` bytes."""
+    def make(good: Path, d: Path) -> Path:
+        p = d / f"sparse_{size >> 30}GiB.safetensors"
+        p.write_bytes(good.read_bytes())
+        with open(p, "r+b") as f:
+            f.truncate(size)
+        return p
+    return make
 
 
 def flip_bit(name: str, where, *, source: str = "ckpt"):

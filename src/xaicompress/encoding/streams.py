@@ -118,7 +118,7 @@ class Streams:
         """`count` finite values of stream `role` as a float32 tensor (count,)."""
         arr = self.take_array(role, codings, count).astype(np.float32)
         if not np.isfinite(arr).all():
-            raise XaiCompressError(f"{self.where}: {role} contain NaN or Inf values")
+            raise XaiCompressError(f"{self.where}: {role} stream holds NaN or Inf values")
         return torch.from_numpy(arr)
 
     def done(self) -> None:

@@ -263,7 +263,7 @@ def _array(stream: tuple[str, str, bytes], codings: tuple[str, ...], count: int,
     if coding.startswith("float"):
         arr = arr.astype(np.float32)
         if not np.isfinite(arr).all():
-            raise XcpkError(f"{where}: {role} contain NaN or Inf values")
+            raise XcpkError(f"{where}: {role} stream holds NaN or Inf values")
     return arr
 
 

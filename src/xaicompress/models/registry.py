@@ -195,9 +195,13 @@ def create_model(
     name: str,
     input_shape: tuple[int, int, int],
     num_classes: int,
+    /,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build model `name` for inputs of shape (C, H, W) and `num_classes` outputs."""
+    """Build model `name` for inputs of shape (C, H, W) and `num_classes` outputs.
+
+    The first three arguments are positional-only, so a factory may take options of any
+    name (a `name=` option included) through kwargs."""
     factory = resolve_factory(name)
     c, h, _w = input_shape
     offered = {"in_channels": c, "image_size": h, "num_classes": num_classes, **kwargs}

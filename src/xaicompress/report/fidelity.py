@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from xaicompress.data import DatasetBundle, dataset_tensors, subset
+from xaicompress.relevance.inputmaps import input_attribution
 from xaicompress.train import predict
 
 TOP_FRACTION = 0.10
@@ -27,8 +28,6 @@ TOP_FRACTION = 0.10
 def input_maps(model: nn.Module, x: Tensor, target: Tensor, bundle: DatasetBundle) -> Tensor:
     """Input-space DeepLIFT maps (N, C, H, W) of `model` on x (N, C, H, W) for `target` (N,),
     against a black image (the reference of the relevance engine's default)."""
-    from xaicompress.relevance.inputmaps import input_attribution
-
     model.eval()
     maps = input_attribution(model, x, target=target, pixel_mean=bundle.mean,
                              pixel_std=bundle.std)

@@ -16,6 +16,7 @@ from torch import nn  # noqa: E402
 
 from xaicompress.atomic import atomic_save_figure  # noqa: E402
 from xaicompress.data import DatasetBundle, dataset_tensors, subset  # noqa: E402
+from xaicompress.report.fidelity import input_maps, map_similarity  # noqa: E402
 
 
 def _save(fig: Any, path: str | Path) -> None:
@@ -80,8 +81,6 @@ def plot_heatmaps(original: nn.Module, compressed: nn.Module, bundle: DatasetBun
                   path: str | Path, seed: int = 0) -> None:
     """n test images; the original's and the compressed model's input-space DeepLIFT maps
     (summed over channels, explaining the original's predicted class)."""
-    from xaicompress.report.fidelity import input_maps, map_similarity
-
     x, _ = dataset_tensors(subset(bundle.test, n, seed=seed))
     with torch.no_grad():
         target = original.eval()(x).argmax(1)
