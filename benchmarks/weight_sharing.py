@@ -28,7 +28,8 @@ from xaicompress.checkpoint import load_checkpoint, save_checkpoint
 from xaicompress.data import load_dataset
 from xaicompress.export.packed import packed_report
 from xaicompress.quant import share_finetune as SF
-from xaicompress.quant.codebook import WEIGHT_POWER, finetune_shared, share_weights
+from xaicompress.quant.codebook import WEIGHT_POWER, share_weights
+from xaicompress.quant.share_finetune import finetune_shared
 from xaicompress.relevance import compute_relevance, get_criterion, list_criteria
 from xaicompress.train import accuracy, train_checkpoint
 
@@ -74,7 +75,7 @@ DEFAULT_VARIANTS = {"deeplift": f"deeplift^{_P:g} (default)",
 
 def legacy_rates(sh) -> dict[str, float]:  # noqa: ANN001
     """The previous default codebook rates: 0.02 / k within [1e-3, 1e-2]."""
-    return {n: min(1e-2, max(1e-3, 0.02 / lc.codebook.numel()))
+    return {n: min(1e-2, max(1e-3, 0.02 / lc.codebook.k))
             for n, lc in sh.state.layers.items() if lc.codebook is not None}
 
 
@@ -108,8 +109,8 @@ def base_model(model: str, seed: int, epochs: float, quick: bool):  # noqa: ANN2
 def _largest_spread(sh) -> float:  # noqa: ANN001
     """Mean |centroid| of the model's largest shared layer (where the clustering differs)."""
     lc = max((lc for lc in sh.state.layers.values() if lc.codebook is not None),
-             key=lambda lc: lc.indices.numel())
-    return float(lc.codebook.abs().mean())
+             key=lambda lc: lc.codebook.indices.numel())
+    return float(lc.codebook.values.abs().mean())
 
 
 def run(models: list[str], seeds: list[int], rel_seeds: list[int], ks: list[int], quick: bool,

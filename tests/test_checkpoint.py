@@ -112,3 +112,67 @@ def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
         cp.save_checkpoint(ck, p)
     assert p.read_bytes() == before
     assert [f.name for f in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_version_1_files_without_checksum_still_load(tmp_path):
+    ck = _ckpt()
+    good = save_checkpoint(ck, tmp_path / "v2.safetensors")
+
+    def to_v1(m):
+        m["version"] = 1
+    edit_checkpoint(good, tmp_path, "v1.safetensors", meta_fn=to_v1, sign=False)
+    back = load_checkpoint(tmp_path / "v1.safetensors")
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.equal(back.model(x), ck.model(x))
+
+
+def test_checksum_covers_metadata_and_every_tensor(tmp_path):
+    raw = bytearray(save_checkpoint(_ckpt(), tmp_path / "m.safetensors").read_bytes())
+    n = int.from_bytes(raw[:8], "little")
+    # one flipped bit in the last tensor byte, and one in a metadata digit
+    for pos in (len(raw) - 1, raw.index(b'"num_classes\\": 10') + 17):
+        bad = bytearray(raw)
+        bad[pos] ^= 0x01
+        (tmp_path / "bad.safetensors").write_bytes(bytes(bad))
+        with pytest.raises(XaiCompressError, match="checksum mismatch"):
+            load_checkpoint(tmp_path / "bad.safetensors")
+    assert n < len(raw)
+
+
+def test_a_diverged_model_is_not_written(tmp_path):
+    ck = _ckpt()
+    with torch.no_grad():
+        ck.model.fc2.bias[3] = float("nan")
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(XaiCompressError, match=r"m.safetensors: not written: .*NaN.*'fc2.bias'"):
+        save_checkpoint(ck, out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_that_does_not_reproduce_the_model_is_not_written(tmp_path, monkeypatch):
+    import xaicompress.checkpoint as cp
+
+    ck, other = _ckpt(), _ckpt()
+    with torch.no_grad():
+        other.model.fc3.bias += 1  # loads fine, but gives other outputs
+    real = cp.checkpoint_bytes
+    monkeypatch.setattr(cp, "checkpoint_bytes", lambda c: real(other))
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"previous")
+    with pytest.raises(XaiCompressError, match="not written: reloaded, it gives other outputs"):
+        cp.save_checkpoint(ck, out)
+    assert out.read_bytes() == b"previous" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_user_factory_needs_the_users_word(tmp_path, monkeypatch):
+    (tmp_path / "mynets.py").write_text(
+        "from torch import nn\n"
+        "def tiny(num_classes=10, in_channels=1, image_size=28, hidden=8):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels*image_size**2, hidden),\n"
+        "                         nn.ReLU(), nn.Linear(hidden, num_classes))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = ModelSpec("mynets:tiny", (1, 28, 28), 10, {"hidden": 4})
+    p = save_checkpoint(Checkpoint(spec.build(), spec), tmp_path / "u.safetensors")
+    with pytest.raises(XaiCompressError, match="refusing to run it on a file's word"):
+        load_checkpoint(p)
+    assert load_checkpoint(p, model="mynets:tiny").model[1].out_features == 4

@@ -145,3 +145,18 @@ def test_cli_export(models, tmp_path, run_cli, bundle):
     code, _, err = run_cli("export", src, "--format", "packed", "--out", packed)
     assert code == 0, err
     assert packed.stat().st_size < src.stat().st_size / 4
+
+
+def test_an_export_onnxruntime_does_not_reproduce_is_not_written(models, tmp_path, monkeypatch):
+    import xaicompress.export.onnx as ox
+
+    ck = models["lenet5"]
+    other = ck.copy()
+    with torch.no_grad():
+        other.model.fc3.bias += 1
+    real = ox.onnx_bytes
+    monkeypatch.setattr(ox, "onnx_bytes", lambda c, opset=ox.OPSET: real(other, opset=opset))
+    out = tmp_path / "m.onnx"
+    with pytest.raises(Exception, match="m.onnx: not written: ONNX Runtime's outputs differ"):
+        ox.export_onnx(ck, out)
+    assert not out.exists() and list(tmp_path.iterdir()) == []

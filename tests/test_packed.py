@@ -1,9 +1,7 @@
 """The packed model file: identical outputs after reload for every kind of model, size close
 to the theoretical bit count, clear errors on damaged or foreign files."""
 
-import json
 import time
-import zlib
 
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ import torch
 
 from tests.badinput.makers_files import write_xcpk, xcpk_parts, zlib_bomb
 from xaicompress.checkpoint import Checkpoint, ModelSpec, apply_widths, save_checkpoint
-from xaicompress.encoding import IntGrid, Mask
+from xaicompress.encoding import IntGrid, Mask, qmax
 from xaicompress.errors import XaiCompressError
 from xaicompress.export.packed import (
     load_any,
@@ -20,7 +18,7 @@ from xaicompress.export.packed import (
     packed_report,
     write_packed,
 )
-from xaicompress.export.xcpk_reader import MAX_HEADER_JSON, PREFIX, TRAILER
+from xaicompress.export.xcpk_reader import MAX_HEADER_JSON, TRAILER, parse_container
 from xaicompress.quant.codebook import share_weights
 from xaicompress.relevance import prunable_layers
 
@@ -54,7 +52,7 @@ def _quantize(ckpt: Checkpoint, bits: int = 4) -> Checkpoint:
     for i, (name, m) in enumerate(prunable_layers(out.model).items()):
         b = bits + i % 3  # mixed precision: 4, 5, 6 bits
         w = m.weight.detach()
-        scale = (w.reshape(w.shape[0], -1).abs().amax(1) / (2 ** (b - 1) - 1)).clamp(min=1e-8)
+        scale = (w.reshape(w.shape[0], -1).abs().amax(1) / qmax(b)).clamp(min=1e-8)
         out.state.get(name).weights = IntGrid(b, scale)
     out.state.apply(out.model)
     return out
@@ -175,9 +173,8 @@ def test_header_is_readable_json():
 
 def xcpk_parts_of(ck: Checkpoint):
     raw = packed_bytes(ck)
-    _, _, hlen = PREFIX.unpack_from(raw)
-    return (json.loads(zlib.decompress(raw[PREFIX.size:PREFIX.size + hlen])),
-            raw[PREFIX.size + hlen:-TRAILER.size])
+    c = parse_container(raw, "t")
+    return c.header, raw[c.header_bytes:-TRAILER.size]
 
 
 def test_load_any_reads_both_formats(tmp_path):
@@ -264,3 +261,22 @@ def test_zlib_bomb_is_refused_quickly(tmp_path):
     t0 = time.perf_counter()
     _expect_error(path, f"more than {MAX_HEADER_JSON} bytes")
     assert time.perf_counter() - t0 < 1.0
+
+
+def test_a_file_that_does_not_reproduce_the_model_is_not_written(tmp_path, monkeypatch):
+    import xaicompress.export.packed as pk
+
+    ck = _share(_ckpt("lenet5"), 4)
+    other = ck.copy()
+    with torch.no_grad():
+        other.model.fc3.bias += 1
+    real = pk.packed_bytes
+    monkeypatch.setattr(pk, "packed_bytes", lambda c: real(other))
+    with pytest.raises(XaiCompressError, match="m.xcpk: not written: reloaded, it gives other"):
+        pk.write_packed(ck, tmp_path / "m.xcpk")
+    assert list(tmp_path.iterdir()) == []
+    bad = ck.copy()
+    bad.state.layers["fc1"].codebook.values[0] = float("nan")
+    with pytest.raises(XaiCompressError, match="not written: layer 'fc1': codebook contains"):
+        write_packed(bad, tmp_path / "m.xcpk")
+    assert list(tmp_path.iterdir()) == []

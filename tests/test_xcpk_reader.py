@@ -126,11 +126,7 @@ def test_reader_decodes_every_encoding_exactly(kind, tmp_path):
 
 
 def read_header(path: Path) -> dict:
-    import zlib
-
-    raw = path.read_bytes()
-    _, _, hlen = xcpk_reader.PREFIX.unpack_from(raw)
-    return json.loads(zlib.decompress(raw[xcpk_reader.PREFIX.size:xcpk_reader.PREFIX.size + hlen]))
+    return xcpk_reader.parse_container(path.read_bytes()).header
 
 
 def test_resnet_with_batchnorm_buffers(tmp_path):
@@ -214,3 +210,23 @@ def test_demo_pipeline_file(tmp_path):
     f = read_xcpk(str(path))
     assert {e["encoding"] for e in f.encodings.values()} == {"codebook"}
     assert any("mask" in e for e in f.encodings.values())
+
+
+def test_format_spec_lists_the_header_dictionary_byte_for_byte():
+    text = (Path(__file__).parents[1] / "docs" / "format.md").read_text()
+    block = text.split("**Header dictionary.**")[1].split("```")[1]
+    assert "".join(block.split("\n")).encode("ascii") == xcpk_reader.HEADER_DICT
+
+
+def test_a_header_without_the_dictionary_is_refused(tmp_path):
+    import zlib
+
+    from tests.badinput.makers_files import write_xcpk, xcpk_parts
+
+    ck = _variant("dense")
+    write_packed(ck, tmp_path / "m.xcpk")
+    header, payload = xcpk_parts(tmp_path / "m.xcpk")
+    plain = zlib.compress(json.dumps(header).encode())
+    write_xcpk(tmp_path / "m.xcpk", None, payload, compressed=plain)
+    with pytest.raises(xcpk_reader.XcpkError, match="version 2 dictionary"):
+        read_xcpk(str(tmp_path / "m.xcpk"))

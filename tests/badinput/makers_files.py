@@ -27,7 +27,7 @@ from xaicompress.checkpoint import (
 )
 from xaicompress.encoding import ActQuant, Codebook, IntGrid, Mask
 from xaicompress.export.packed import write_packed
-from xaicompress.export.xcpk_reader import MAGIC, PREFIX, TRAILER
+from xaicompress.export.xcpk_reader import HEADER_DICT, MAGIC, PREFIX, TRAILER, compress_header
 
 MARKER = "PAYLOAD_RAN"
 _ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -132,14 +132,15 @@ def packed_of(good: Path, d: Path) -> Path:
 def xcpk_parts(path: Path) -> tuple[dict[str, Any], bytes]:
     raw = path.read_bytes()
     _, _, hlen = PREFIX.unpack_from(raw)
-    header = json.loads(zlib.decompress(raw[PREFIX.size:PREFIX.size + hlen]))
+    header = json.loads(zlib.decompressobj(zdict=HEADER_DICT).decompress(
+        raw[PREFIX.size:PREFIX.size + hlen]))
     return header, raw[PREFIX.size + hlen:len(raw) - TRAILER.size]
 
 
 def write_xcpk(path: Path, header: Any, payload: bytes, *, version: int = 2,
                crc: bool = True, compressed: bytes | None = None) -> Path:
     """Assemble a packed file (valid CRC unless crc=False)."""
-    hdr = compressed if compressed is not None else zlib.compress(
+    hdr = compressed if compressed is not None else compress_header(
         json.dumps(header).encode("utf-8"))
     body = PREFIX.pack(MAGIC, version, len(hdr)) + hdr + payload
     tail = TRAILER.pack(zlib.crc32(body) if crc else (zlib.crc32(body) ^ 1))
@@ -168,7 +169,7 @@ def zlib_bomb(total: int = 3 << 30, chunk: int = 8 << 20) -> bytes:
     compresses to the same bytes, repeated; the Adler-32 of n zeros is (n mod 65521) << 16 | 1.
     """
     assert total % chunk == 0
-    c = zlib.compressobj(9)
+    c = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, HEADER_DICT)
     zeros = b"\x00" * chunk
     first = c.compress(zeros) + c.flush(zlib.Z_FULL_FLUSH)
     again = c.compress(zeros) + c.flush(zlib.Z_FULL_FLUSH)
@@ -317,7 +318,7 @@ def payload_xcpk(factory: str):
 def raw_xcpk(name: str, header_text: str, payload: bytes = b""):
     def make(good: Path, d: Path) -> Path:
         return write_xcpk(d / name, None, payload,
-                          compressed=zlib.compress(header_text.encode()))
+                          compressed=compress_header(header_text.encode()))
     return make
 
 

@@ -54,6 +54,7 @@ from xaicompress.export.xcpk_reader import (
     VERSION,
     Container,
     XcpkError,
+    compress_header,
     parse_container,
 )
 
@@ -136,7 +137,7 @@ def _pack(ckpt: Checkpoint) -> tuple[bytes, PackedSize]:
     header = {"model": ckpt.spec.to_meta(), "widths": _changed_widths(ckpt),
               "data": ckpt.data, "tensors": records,
               "activations": {n: aq.header() for n, aq in ckpt.state.activations().items()}}
-    hdr = zlib.compress(json.dumps(header, separators=(",", ":")).encode("utf-8"), 9)
+    hdr = compress_header(json.dumps(header, separators=(",", ":")).encode("utf-8"))
     payload = b"".join(s.data for s in streams)
     body = PREFIX.pack(MAGIC, VERSION, len(hdr)) + hdr + payload
     raw = body + TRAILER.pack(zlib.crc32(body))

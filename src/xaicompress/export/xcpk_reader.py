@@ -56,6 +56,24 @@ MAX_K = 1 << 16  # codebook entries
 INT_BITS = (2, 16)  # integer grid widths
 ACT_BITS = (2, 8)  # activation widths
 
+#: the preset zlib dictionary of version 2 headers (RFC 1950 FDICT): the key names and
+#: stream descriptions every header repeats, so they cost almost nothing (the demo's header
+#: takes 236 bytes with it, 408 without); docs/format.md lists it byte by byte
+HEADER_DICT = (
+    b'{"model":{"name":"","input_shape":[3,32,32],"num_classes":10,"kwargs":{}},"data":null,'
+    b'"widths":{"in":,"out":,"groups":1}},"activations":{"bits":8,"scale":0.0},'
+    b'"tensors":{"layer1.0.downsample.features.classifier.bn1.conv1.fc1.running_mean":'
+    b'{"shape":[],"encoding":"dense","streams":[{"role":"values","coding":"float32","bytes":}]},'
+    b'"running_var":{"shape":[],"encoding":"dense","streams":[{"role":"values","coding":'
+    b'"float32","bytes":}]},"num_batches_tracked":{"shape":[],"encoding":"dense","streams":'
+    b'[{"role":"values","coding":"int64","bytes":8}]},{"shape":[],"encoding":"intgrid",'
+    b'"bits":,"masked":true,"streams":[{"role":"positions","coding":"bitmap","bytes":},'
+    b'{"role":"scales","coding":"float32","bytes":},{"role":"values","coding":"uint'
+    b'{"shape":[],"encoding":"codebook","k":,"masked":true,"streams":[{"role":"positions",'
+    b'"coding":"relidx","bytes":},{"role":"codebook","coding":"float16","bytes":},'
+    b'{"role":"indices","coding":"uint.weight":{"shape":[],"encoding":"dense","streams":'
+    b'[{"role":"values","coding":"float32","bytes":}]},.bias":{"shape":[],"encoding":"dense",'
+    b'"streams":[{"role":"values","coding":"float32","bytes":}]},')
 HEADER_KEYS = {"model", "widths", "data", "tensors", "activations"}
 RECORD_KEYS = {"shape", "encoding", "streams", "masked", "k", "bits"}
 STREAM_KEYS = {"role", "coding", "bytes"}
@@ -148,9 +166,20 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def compress_header(text: bytes) -> bytes:
+    """The header's zlib stream (level 9, with `HEADER_DICT`), as writers make it."""
+    c = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, HEADER_DICT)
+    return c.compress(text) + c.flush()
+
+
 def _inflate_json(data: bytes, source: str) -> dict[str, Any]:
     """The header JSON, inflated to at most MAX_HEADER_JSON bytes."""
-    d = zlib.decompressobj()
+    # RFC 1950: FDICT (bit 5 of the second byte), then the dictionary's Adler-32
+    if len(data) < 6 or not data[1] & 0x20 or \
+            int.from_bytes(data[2:6], "big") != zlib.adler32(HEADER_DICT):
+        raise XcpkError(f"{source}: header is not a zlib stream with the version 2 "
+                        "dictionary (corrupt packed file header)")
+    d = zlib.decompressobj(zdict=HEADER_DICT)
     try:
         text = d.decompress(data, MAX_HEADER_JSON)
         if d.unconsumed_tail or not d.eof:
