@@ -138,3 +138,33 @@ def test_loaded_bf16_and_float64_weights_are_converted_explicitly(good_ckpt, tmp
         w = load_checkpoint(p).model.state_dict()["fc1.weight"]
         assert w.dtype == torch.float32
         assert torch.equal(w, ref.to(dtype).float())
+
+
+@pytest.mark.slow
+def test_compress_rerun_with_a_tampered_cache_entry(tmp_path, run_cli):
+    """`compress` reruns over a cache whose baseline entry was replaced by a re-signed
+    checkpoint naming os:system (its pipeline key kept, so only the trust rule stops it):
+    the entry is not run but recomputed, and the run succeeds."""
+    import yaml
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "model": "lenet5", "data": "mnist5k", "train": {"epochs": 0.05},
+        "stages": [{"type": "prune_structured", "criterion": "l1", "ratio": 0.5,
+                    "finetune_epochs": 0}],
+        "export": {"onnx": False}, "report": {"fidelity_samples": 8, "heatmaps": 0,
+                                             "latency_repeats": 1}}))
+    out = tmp_path / "run"
+    code, _, err = run_cli("compress", "--config", cfg, "--out", out)
+    assert code == 0, err
+    entry = next((out / "cache").glob("00-baseline-*.safetensors"))
+
+    def meta_fn(m):
+        m["model"]["name"] = "os:system"
+        m["model"]["kwargs"] = mf.marker_kwargs(tmp_path, "os:system")
+    bad = mf.edit_checkpoint(entry, tmp_path, "tampered.safetensors", meta_fn=meta_fn)
+    os.replace(bad, entry)
+    code, stdout, err = run_cli("compress", "--config", cfg, "--out", out)
+    assert code == 0, err
+    assert not (tmp_path / mf.MARKER).exists()
+    assert mf.checkpoint_parts(entry)[1]["model"]["name"] == "lenet5"  # recomputed
