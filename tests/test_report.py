@@ -62,3 +62,25 @@ def test_markdown_and_table_show_the_headline():
     assert "![stages](stages.png)" in md
     t = summary_table(rep)
     assert t.row_count == 3 and "53.7x smaller" in str(t.title)
+
+
+def test_layer_summary_reads_each_layers_encoding():
+    from xaicompress.checkpoint import Checkpoint, ModelSpec
+    from xaicompress.encoding import Codebook, IntGrid, Mask
+    from xaicompress.report.report import layer_summary
+
+    torch.manual_seed(0)
+    spec = ModelSpec("lenet5", (1, 28, 28), 10)
+    base = Checkpoint(spec.build().eval(), spec)
+    ck = base.copy()
+    w = ck.model.fc1.weight.detach()
+    ck.state.get("fc1").mask = Mask(w.abs() > w.abs().median())
+    ck.state.get("fc1").weights = Codebook(torch.linspace(-0.1, 0.1, 8),
+                                           torch.zeros_like(w, dtype=torch.int64))
+    ck.state.get("conv1").weights = IntGrid(5, torch.ones(6))
+    ck.state.apply(ck.model)
+    rows = layer_summary(base, ck)
+    assert (rows["fc1"]["bits"], rows["fc1"]["clusters"]) == (3, 8)
+    assert rows["fc1"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert (rows["conv1"]["bits"], rows["conv1"]["clusters"]) == (5, None)
+    assert (rows["fc2"]["bits"], rows["fc2"]["sparsity"]) == (32, 0.0)
