@@ -17,7 +17,7 @@ from typing import Any
 from xaicompress.atomic import atomic_write_text
 from xaicompress.errors import XaiCompressError
 from xaicompress.pipeline.config import MAX_SEED, CriterionStage, PipelineConfig
-from xaicompress.pipeline.run import prepare_out_dir, run_pipeline
+from xaicompress.pipeline.run import check_out_dir, prepare_out_dir, read_inputs, run_pipeline
 
 #: the most criteria or seeds one `compare` runs (each is a whole pipeline run)
 MAX_ITEMS = 100
@@ -65,6 +65,8 @@ def run_compare(config: PipelineConfig, criteria: Sequence[str], seeds: Sequence
     if not criteria or not seeds:
         raise XaiCompressError("compare: give at least one criterion and one seed")
     variants = {c: config.with_criterion(c) for c in criteria}  # validates every criterion
+    check_out_dir(out_dir)
+    read_inputs(config)  # bad data or checkpoint: an error before any folder is made
     out = prepare_out_dir(out_dir)
     (out / "runs").mkdir(exist_ok=True)
     say = echo or (lambda _msg: None)

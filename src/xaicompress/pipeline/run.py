@@ -54,61 +54,96 @@ class PipelineResult:
     seconds: float = 0.0
 
 
-def prepare_out_dir(out_dir: str | os.PathLike[str]) -> Path:
-    """Create the output folder (and its parents) and check it and OUT/cache are writable
-    folders; sweep this tool's own temporary files a killed run left there."""
+def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """Check, creating nothing, that `out_dir` can be the output folder: a folder or
+    creatable under its nearest existing parent, with OUT/cache free for the cache."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise XaiCompressError(f"--out {out}: exists and is not a folder")
+    cache = out / "cache"
+    if os.path.lexists(cache) and not cache.is_dir():
+        raise XaiCompressError(f"--out {out}: {cache} exists and is not a folder; the stage "
+                               "cache needs that name (move the file away)")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise XaiCompressError(f"--out {out}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK):
+        raise XaiCompressError(f"--out {out}: {parent} is not writable")
+    return out
+
+
+def prepare_out_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """Create the output folder (and its parents) after `check_out_dir`; sweep this tool's
+    own temporary files a killed run left there and in OUT/cache."""
+    out = check_out_dir(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise XaiCompressError(f"--out {out}: cannot create folder ({exc.strerror or exc})"
                                ) from None
-    cache = out / "cache"
-    if os.path.lexists(cache) and not cache.is_dir():
-        raise XaiCompressError(f"--out {out}: {cache} exists and is not a folder; the stage "
-                               "cache needs that name (move the file away)")
     check_writable(out / "report.json")
     from xaicompress.atomic import remove_stale_temps
 
-    for folder in (out, cache):
+    for folder in (out, out / "cache"):
         remove_stale_temps(folder)
     return out
 
 
 def _source(config: PipelineConfig) -> dict[str, Any]:
     if config.checkpoint is not None:
-        p = Path(config.checkpoint)
-        if not p.is_file():
-            raise XaiCompressError(f"checkpoint {p}: file does not exist")
-        return {"checkpoint_sha256": file_hash(p), "trusted": config.trusted_model}
+        return {"checkpoint_sha256": file_hash(config.checkpoint),
+                "trusted": config.trusted_model}
     assert config.model is not None
     return {"model": config.model.name, "kwargs": config.model.kwargs}
 
 
-def preflight(config: PipelineConfig, bundle: DatasetBundle) -> None:
-    """Refuse budgets no model can meet before anything is trained or written.
+def read_inputs(config: PipelineConfig) -> tuple[DatasetBundle, Checkpoint | None]:
+    """Everything `compress` reads and checks before it writes anything: the data, the
+    checkpoint it starts from (its factory trusted when the config's `model:` names it)
+    and the stages' budgets (`preflight`)."""
+    start = None
+    if config.checkpoint is not None:
+        if not Path(config.checkpoint).is_file():
+            raise XaiCompressError(f"checkpoint {config.checkpoint}: file does not exist")
+        start = load_checkpoint(config.checkpoint, model=config.trusted_model)
+    bundle = load_dataset(config.data, seed=config.seed)
+    if start is not None:
+        check_data_fits(start, bundle.input_shape, bundle.num_classes, config.data)
+    preflight(config, bundle, start)
+    return bundle, start
+
+
+def preflight(config: PipelineConfig, bundle: DatasetBundle,
+              start: Checkpoint | None = None) -> None:
+    """Refuse options no model can meet before anything is trained or written.
 
     A `quantize` stage's `size_kb` must at least hold what is never quantized (biases,
     norms, one scale per channel); only structured pruning before it can shrink that, so
-    the check is exact until such a stage appears.
+    the check is exact until such a stage appears. A structured stage's `min_channels` must
+    leave something to prune in the model as it starts.
     """
     from xaicompress.checkpoint import ModelSpec
+    from xaicompress.pipeline.stages import check_min_channels
     from xaicompress.quant.integer import fixed_bytes, quantizable_layers
 
-    if config.checkpoint is not None:
-        return  # its size is known only after loading it; the stage itself will check
-    assert config.model is not None
-    spec = ModelSpec(config.model.name, tuple(bundle.input_shape), bundle.num_classes,
-                     dict(config.model.kwargs))
-    probe: Checkpoint | None = None
+    probe = start
+    if probe is None:
+        assert config.model is not None
+        spec = ModelSpec(config.model.name, tuple(bundle.input_shape), bundle.num_classes,
+                         dict(config.model.kwargs))
+        probe = Checkpoint(spec.build(), spec)
+    shrunk = False
     for i, st in enumerate(config.stages):
         if st.type == "prune_structured":
-            return
+            try:
+                check_min_channels(probe, st.min_channels)  # type: ignore[union-attr]
+            except OptionError as exc:
+                raise exc.named(f"stages[{i}].{exc.option}") from None
+            shrunk = True
         size_kb = getattr(st, "size_kb", None)
-        if st.type == "quantize" and size_kb is not None:
-            probe = probe or Checkpoint(spec.build(), spec)
+        if st.type == "quantize" and size_kb is not None and not shrunk:
             floor = fixed_bytes(probe, quantizable_layers(probe))
             if size_kb * 1024 < floor:
                 raise XaiCompressError(
@@ -116,14 +151,12 @@ def preflight(config: PipelineConfig, bundle: DatasetBundle) -> None:
                     f"model; its unquantized parts alone take {floor / 1024:.2f} KiB")
 
 
-def _make_baseline(config: PipelineConfig, bundle: DatasetBundle) -> Checkpoint:
-    """The user's checkpoint (its factory trusted when the config's `model:` names it), or
-    a model trained like `xaicompress train` (on the bundle already loaded: loading a
-    dataset twice is slow)."""
-    if config.checkpoint is not None:
-        ckpt = load_checkpoint(config.checkpoint, model=config.trusted_model)
-        check_data_fits(ckpt, bundle.input_shape, bundle.num_classes, config.data)
-        return ckpt
+def _make_baseline(config: PipelineConfig, bundle: DatasetBundle,
+                   start: Checkpoint | None) -> Checkpoint:
+    """The user's checkpoint (already read), or a model trained like `xaicompress train`
+    (on the bundle already loaded: loading a dataset twice is slow)."""
+    if start is not None:
+        return start.copy()
     from xaicompress.train import train_checkpoint
 
     assert config.model is not None
@@ -223,12 +256,14 @@ def run_pipeline(config: PipelineConfig, out_dir: str | os.PathLike[str], *,
     """
     say = echo or (lambda _msg: None)
     t_start = time.perf_counter()
+    check_out_dir(out_dir)
+    bundle, start = read_inputs(config)
     out = prepare_out_dir(out_dir)
     cache = StageCache(cache_dir if cache_dir is not None else out / "cache",
                        model=config.trusted_model)
     steps: list[Checkpoint] = []
     try:
-        baseline, cached, bundle = _run_stages(config, cache, steps, say)
+        baseline, cached = _run_stages(config, cache, steps, say, bundle, start)
     except Interrupted as exc:
         exc.kept = _kept(cache, len(steps), len(config.stages))
         raise
@@ -247,12 +282,11 @@ def run_pipeline(config: PipelineConfig, out_dir: str | os.PathLike[str], *,
 
 
 def _run_stages(config: PipelineConfig, cache: StageCache, steps: list[Checkpoint],
-                say: Callable[[str], None]) -> tuple[Checkpoint, list[bool], DatasetBundle]:
+                say: Callable[[str], None], bundle: DatasetBundle, start: Checkpoint | None
+                ) -> tuple[Checkpoint, list[bool]]:
     """The baseline and every stage, each from the cache or computed and stored; `steps`
     receives the baseline first (so an interruption knows how many were kept), and leaves
     with the stages only."""
-    bundle = load_dataset(config.data, seed=config.seed)
-    preflight(config, bundle)
     data_id = data_fingerprint(bundle, memo=cache.folder / "data-fingerprints.json")
     key = baseline_key(_source(config), {"spec": config.data, "content": data_id},
                        config.train.model_dump(mode="json") if config.checkpoint is None
@@ -263,7 +297,7 @@ def _run_stages(config: PipelineConfig, cache: StageCache, steps: list[Checkpoin
     if baseline is None:
         say("baseline: " + ("loading checkpoint" if config.checkpoint else "training"))
         t0 = time.perf_counter()
-        base = _make_baseline(config, bundle)
+        base = _make_baseline(config, bundle, start)
         base = _measure(base, bundle, config, key=key, name="baseline", kind="baseline",
                         criterion=None, seconds=time.perf_counter() - t0,
                         fidelity=dict(IDENTITY_FIDELITY, samples=0))
@@ -301,7 +335,7 @@ def _run_stages(config: PipelineConfig, cache: StageCache, steps: list[Checkpoin
         steps.append(hit)
         ckpt = hit
     steps.pop(0)
-    return baseline, cached, bundle
+    return baseline, cached
 
 
 def _heatmaps_possible(config: PipelineConfig, steps: list[Checkpoint]) -> PipelineConfig:

@@ -89,12 +89,12 @@ def _prune_structured(ckpt: Checkpoint, bundle: DatasetBundle, st: PruneStructur
                       seed: int) -> Checkpoint:
     from xaicompress.prune.structured import prune_structured
 
-    _check_min_channels(ckpt, st.min_channels)
+    check_min_channels(ckpt, st.min_channels)
     return prune_structured(ckpt, stage_criterion(st.criterion, seed), bundle, seed=seed,
                             **st.options())
 
 
-def _check_min_channels(ckpt: Checkpoint, min_channels: int) -> None:
+def check_min_channels(ckpt: Checkpoint, min_channels: int) -> None:
     """A floor at or above every layer's width would prune nothing: say so."""
     from torch import nn
 
