@@ -67,7 +67,8 @@ def test_yaml_alias_bomb_is_refused_before_expanding():
     import time
 
     levels = ["a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]"] + [
-        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)]
     text = "model: {name: lenet5, kwargs: {" + ", ".join(levels) + "}}"
     t0 = time.perf_counter()
     with pytest.raises(XaiCompressError, match="more than 100000 values"):

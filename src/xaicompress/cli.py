@@ -32,6 +32,10 @@ def _load_commands() -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (tests call this directly)."""
     _load_commands()
+    for stream in (sys.stdout, sys.stderr):
+        # A non-UTF-8 file name (surrogate escapes) is printed as \xNN, never a crash.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     with handle_signals(), record_writes() as written:
         return _run(argv, written)
 

@@ -8,8 +8,9 @@ digits) ships with the installed packages and is fingerprinted by kind and optio
 
 Hashing is cheap next to loading (a few hundred MB/s; CIFAR-10 in well under a second),
 and a memo (`memo=`, a JSON file the pipeline keeps in OUT/cache) maps each file's path,
-size, mtime and inode to its hash, so a rerun over an unchanged large image folder stats
-the files instead of reading them. A file whose size, mtime or inode changed is re-read.
+size, mtime, ctime and inode to its hash, so a rerun over an unchanged large image folder
+stats the files instead of reading them. Any write to a file changes its ctime (which,
+unlike the mtime, cannot be set back), so a changed file is always re-read.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def data_fingerprint(bundle: DatasetBundle, *, memo: Path | None = None) -> str:
         try:
             st = os.stat(path)
             key = os.fsencode(os.path.abspath(path)).hex()
-            stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+            stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
             cached = old.get(key)
             digest = cached[1] if isinstance(cached, list) and len(cached) == 2 and \
                 cached[0] == stamp else file_sha256(path)
