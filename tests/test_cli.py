@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from xaicompress.checkpoint import load_checkpoint
 
 
@@ -49,6 +51,7 @@ def test_user_errors_exit_2_one_line(tmp_path, run_cli):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_step_commands_use_the_config_models(tmp_path, run_cli):
     """prune / share / finetune / quantize: the generated options reach the step (defaults
     of the config models, aliases kept) and the steps run through the pipeline's runner."""

@@ -120,6 +120,7 @@ def test_rerun_is_cached_fast_and_identical(first_run):
     assert res.report == before
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_numbers(first_run, tmp_path, monkeypatch):
     _, out_a = first_run
     full = json.loads((out_a / "report.json").read_text())

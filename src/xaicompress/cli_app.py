@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from xaicompress.errors import OptionError, XaiCompressError
-from xaicompress.validation import describe, rename_fields
+from xaicompress.validation import clean_loc, describe, message, more, rename_fields
 
 app = typer.Typer(
     name="xaicompress",
@@ -187,8 +187,14 @@ def validate_options(model: type[BaseModel], given: Mapping[str, Any], *, comman
     try:
         return model.model_validate({**given, **(fixed or {})})
     except ValidationError as exc:
-        if exc.errors()[0].get("loc"):
-            raise XaiCompressError(describe(exc, lambda loc: name(str(loc[0])))) from None
+        err = exc.errors(include_url=False)[0]
+        loc = clean_loc(err.get("loc", ()))
+        if loc:
+            # "--ratio 1.5: Input should be less than 1", as the library's own messages read
+            field = str(loc[0])
+            shown = "" if err.get("type") == "value_error" else f" {given.get(field)!r}"
+            raise XaiCompressError(f"{name(field)}{shown}: {message(err)}{more(exc)}"
+                                   ) from None
         # a rule across options ("give exactly one of clusters and avg_bits")
         names = {f: name(f) for f in model.model_fields}
         text = rename_fields(describe(exc, lambda _loc: ""), names)

@@ -424,8 +424,6 @@ CASES: list[Case] = [
     # ------------------------------------------------------------ faults
     Case("disk-full-train", TRAIN, "out.safetensors: cannot write (No space left",
          patch=_enospc, kind="fault"),
-    Case("disk-full-prune", _cmd("prune", *PRUNE_S, "--criterion", "l1"),
-         "No space left", patch=_enospc, kind="fault"),
     Case("disk-full-export", ("export", "{ckpt}", "--out", "{dir}/m.onnx"),
          "m.onnx: cannot write", patch=_enospc, kind="fault"),
 ]
