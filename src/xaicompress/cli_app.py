@@ -84,7 +84,7 @@ def _bounds(info: FieldInfo) -> str:
     return f"{low}x{high}"
 
 
-def _base_type(annotation: Any) -> Any:  # noqa: ANN401
+def _base_type(annotation: Any) -> Any:
     """The CLI type of a field: int, float, str or a Literal (None and dicts dropped)."""
     args = [a for a in (typing.get_args(annotation) if typing.get_origin(annotation) in (
         typing.Union, types.UnionType) else (annotation,)) if a is not type(None)]
@@ -154,7 +154,7 @@ def model_options(models: Mapping[str | None, type[BaseModel]], *,
         ctx = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                 annotation=typer.Context)
 
-        def command(ctx: typer.Context, **kwargs: Any) -> Any:  # noqa: ANN401
+        def command(ctx: typer.Context, **kwargs: Any) -> Any:
             given = {}
             for p in params:
                 value = kwargs.pop(p.name)
@@ -167,7 +167,6 @@ def model_options(models: Mapping[str | None, type[BaseModel]], *,
         command.__module__ = fn.__module__
         command.__signature__ = inspect.Signature([ctx, *own, *params])  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in [ctx, *own, *params]}
-        command.option_fields = list(variants)  # type: ignore[attr-defined]
         return command
 
     return deco
@@ -175,7 +174,7 @@ def model_options(models: Mapping[str | None, type[BaseModel]], *,
 
 def validate_options(model: type[BaseModel], given: Mapping[str, Any], *, command: str,
                      fixed: Mapping[str, Any] | None = None,
-                     flags: Mapping[str, tuple[str, ...]] | None = None) -> Any:  # noqa: ANN401
+                     flags: Mapping[str, tuple[str, ...]] | None = None) -> Any:
     """`model` built from the options typed on the command line (and `fixed` values such as
     a stage's type); a problem is one line naming the flag, as a config's names its key."""
     def name(field: str) -> str:

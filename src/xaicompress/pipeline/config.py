@@ -421,7 +421,7 @@ class _CountingLoader(yaml.SafeLoader):
         self._sizes: dict[int, int] = {}
         self._total = 0
 
-    def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: ANN401
+    def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             anchor = self.anchors.get(event.anchor)

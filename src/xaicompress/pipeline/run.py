@@ -211,7 +211,7 @@ class _Fidelity:
             "switched off (report: {fidelity: false})"
         self.reference: Any = None
 
-    def measure(self, model: Any) -> dict[str, Any]:  # noqa: ANN401
+    def measure(self, model: Any) -> dict[str, Any]:
         from xaicompress.report.fidelity import FidelityProbe
 
         if self.probe is None and self.skipped is None:
@@ -226,7 +226,7 @@ class _Fidelity:
         return {"cosine": float("nan"), "top10_overlap": float("nan"),
                 "agreement": self._agreement(model), "samples": 0, "skipped": self.skipped}
 
-    def _agreement(self, model: Any) -> float:  # noqa: ANN401
+    def _agreement(self, model: Any) -> float:
         from xaicompress.train import predict
 
         if self.reference is None:
