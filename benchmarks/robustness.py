@@ -84,8 +84,8 @@ def main() -> None:
     commands = sorted({c.args[0] for c in cases})
     print(f"{'class':<16} {'cases':>5} {'passed':>6} {'failed':>6}")
     for kind in sorted(per_class):
-        n = per_class[kind]
-        print(f"{kind:<16} {sum(n.values()):>5} {n['passed']:>6} {sum(n.values()) - n['passed']:>6}")
+        n, passed = sum(per_class[kind].values()), per_class[kind]["passed"]
+        print(f"{kind:<16} {n:>5} {passed:>6} {n - passed:>6}")
     print(f"{'all':<16} {len(cases):>5} {total['passed']:>6} {len(cases) - total['passed']:>6}")
     print(f"other tests: {sum(v == 'passed' for v in others.values())}/{len(others)} passed "
           f"({', '.join(sorted(others))}); {seconds:.0f} s")
