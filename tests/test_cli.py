@@ -82,3 +82,12 @@ def test_step_commands_use_the_config_models(tmp_path, run_cli):
                              "--json", "--out", tmp_path / "q.safetensors")
     assert code == 0, err
     assert set(json.loads(out)["bits"].values()) <= set(range(2, 9))
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "explain", "prune", "share",
+                                     "quantize", "finetune", "export", "compress", "compare",
+                                     "demo"])
+def test_every_help_renders_with_ranges(command, run_cli):
+    code, out, err = run_cli(command, "--help")
+    assert code == 0, err
+    assert "--seed" in out and "Usage" in out
