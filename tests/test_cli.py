@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from xaicompress.checkpoint import load_checkpoint
 
 
@@ -47,3 +49,45 @@ def test_user_errors_exit_2_one_line(tmp_path, run_cli):
         assert len(err.strip().splitlines()) == 1, err
         assert needle in err, (needle, err)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_step_commands_use_the_config_models(tmp_path, run_cli):
+    """prune / share / finetune / quantize: the generated options reach the step (defaults
+    of the config models, aliases kept) and the steps run through the pipeline's runner."""
+    base = tmp_path / "m.safetensors"
+    assert run_cli("train", "--data", "digits", "--epochs", "2", "--out", base)[0] == 0
+    pruned = tmp_path / "p.safetensors"
+    code, out, err = run_cli("prune", base, "--structured", "--criterion", "l1", "--json",
+                             "--out", pruned)
+    assert code == 0, err
+    rep = json.loads(out)
+    assert rep["after"]["params"] < rep["before"]["params"]  # default ratio 0.5 applied
+    ck = load_checkpoint(pruned)
+    assert ck.data == "digits"  # the checkpoint's data, no --data needed
+    step = next(h for h in ck.history if h.get("stage") == "prune_structured")
+    assert step["ratio"] == 0.5
+    shared = tmp_path / "s.safetensors"
+    code, _, err = run_cli("share", pruned, "--clusters", "4", "--criterion", "none",
+                           "--finetune-epochs", "0.2", "--lr", "0.001", "--codebook", "fp32",
+                           "--out", shared)
+    assert code == 0, err
+    tuned = tmp_path / "f.safetensors"
+    code, stdout, err = run_cli("finetune", shared, "--epochs", "0.2", "--out", tuned)
+    assert code == 0 and "test accuracy" in stdout, err
+    sh = load_checkpoint(tuned)
+    assert all(len(lc.codebook) <= 4 for lc in sh.state.layers.values()
+               if lc.codebook is not None)
+    code, out, err = run_cli("quantize", base, "--avg-bits", "4", "--criterion", "l1",
+                             "--json", "--out", tmp_path / "q.safetensors")
+    assert code == 0, err
+    assert set(json.loads(out)["bits"].values()) <= set(range(2, 9))
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "explain", "prune", "share",
+                                     "quantize", "finetune", "export", "compress", "compare",
+                                     "demo"])
+def test_every_help_renders_with_ranges(command, run_cli):
+    code, out, err = run_cli(command, "--help")
+    assert code == 0, err
+    assert "--seed" in out and "Usage" in out

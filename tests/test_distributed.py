@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from xaicompress.checkpoint import load_checkpoint
@@ -38,6 +39,7 @@ def _run(args: list[str], cwd) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_matches_single_process(tmp_path):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(CONFIG))

@@ -14,6 +14,7 @@ from xaicompress.checkpoint import load_checkpoint
 from xaicompress.data import dataset_tensors, load_dataset
 from xaicompress.errors import XaiCompressError
 from xaicompress.pipeline import STAGES, run_pipeline, validate_config
+from xaicompress.pipeline.stages import StageDef
 
 TINY = {
     "model": "lenet5", "data": "mnist5k", "seed": 0,
@@ -119,6 +120,7 @@ def test_rerun_is_cached_fast_and_identical(first_run):
     assert res.report == before
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_numbers(first_run, tmp_path, monkeypatch):
     _, out_a = first_run
     full = json.loads((out_a / "report.json").read_text())
@@ -133,7 +135,7 @@ def test_interrupted_run_resumes_to_the_same_numbers(first_run, tmp_path, monkey
     def killed(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setitem(STAGES, "share", killed)
+    monkeypatch.setitem(STAGES, "share", StageDef(real_share.model, killed))
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(cfg, out_b)
     assert not (out_b / "report.json").exists()
@@ -180,12 +182,24 @@ def test_start_from_a_user_checkpoint(first_run, tmp_path):
 
 def test_out_folder_errors(tmp_path, run_cli):
     cfg = tmp_path / "t.yaml"
-    cfg.write_text(yaml.safe_dump(TINY))
-    code, _, err = run_cli("compress", "--config", cfg, "--out", tmp_path / "no" / "such")
-    assert code == 2 and "parent folder" in err and len(err.strip().splitlines()) == 1
+    cfg.write_text(yaml.safe_dump({"model": "lenet5", "train": {"epochs": 0},
+                                   "export": {"onnx": False},
+                                   "report": {"heatmaps": 0, "latency_repeats": 1}}))
+    # the parents of --out are created (runs/x without runs/)
+    code, _, err = run_cli("compress", "--config", cfg, "--out", tmp_path / "runs" / "x")
+    assert code == 0, err
+    assert (tmp_path / "runs" / "x" / "report.json").is_file()
     (tmp_path / "afile").write_text("x")
     code, _, err = run_cli("compress", "--config", cfg, "--out", tmp_path / "afile")
-    assert code == 2 and "not a folder" in err
+    assert code == 2 and "not a folder" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli("compress", "--config", cfg, "--out", tmp_path / "afile" / "sub")
+    assert code == 2 and "afile" in err and len(err.strip().splitlines()) == 1
+    # OUT/cache taken by a file: a clean error, the file kept
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "cache").write_text("mine")
+    code, _, err = run_cli("compress", "--config", cfg, "--out", tmp_path / "o")
+    assert code == 2 and "cache" in err and "not a folder" in err
+    assert (tmp_path / "o" / "cache").read_text() == "mine"
 
 
 def test_demo_runs_a_config_and_finds_the_shipped_one(first_run, run_cli):

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import yaml
 
 TINY = {
@@ -18,6 +19,7 @@ TINY = {
 }
 
 
+@pytest.mark.slow
 def test_compare_two_criteria_one_seed(tmp_path, run_cli):
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(yaml.safe_dump(TINY))

@@ -15,15 +15,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from xaicompress.errors import XaiCompressError
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
+    """This process's rank; 0 unless a process group is initialised (a RANK variable left
+    in the environment without torchrun does not make a single process a non-zero rank,
+    which would then silently write nothing)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
+    return 0
 
 
 def is_rank0() -> bool:
@@ -38,14 +43,49 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def _env_int(name: str, low: int) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise XaiCompressError(f"environment variable {name}={raw!r}: expected an integer >= "
+                               f"{low} (torchrun sets it; unset it to run in one process)")
+    return value
+
+
+def launch_env() -> tuple[int, int] | None:
+    """(rank, world size) when the environment describes a torchrun launch of more than one
+    process, None for a single process; any inconsistency is a one-line error."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank_ = _env_int("RANK", 0)
+    _env_int("LOCAL_RANK", 0)
+    if world is None or world == 1:
+        # A world of one is a single process whatever RANK / LOCAL_RANK say.
+        return None
+    if rank_ is None or rank_ >= world:
+        raise XaiCompressError(f"environment: WORLD_SIZE={world} but RANK="
+                               f"{os.environ.get('RANK')!r}; expected a rank 0..{world - 1} "
+                               "(launch with torchrun, or unset WORLD_SIZE)")
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise XaiCompressError(f"environment: WORLD_SIZE={world} but {' and '.join(missing)} "
+                               "not set; launch with torchrun, or unset WORLD_SIZE to run in "
+                               "one process")
+    return rank_, world
+
+
 def init_from_env() -> bool:
     """Initialise the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+    if launch_env() is None or not dist.is_available():
         return False
     if not dist.is_initialized():
         dist.init_process_group(backend=backend())
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(_env_int("LOCAL_RANK", 0) or 0)
     return True
 
 

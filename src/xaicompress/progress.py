@@ -23,7 +23,9 @@ console = Console(stderr=True)
 def _enabled() -> bool:
     if os.environ.get("XAICOMPRESS_NO_PROGRESS") or not console.is_terminal:
         return False  # a bar in a log file or pipe is only noise
-    return int(os.environ.get("RANK", "0")) == 0
+    from xaicompress.distributed import is_rank0
+
+    return is_rank0()
 
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:

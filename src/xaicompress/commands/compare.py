@@ -17,11 +17,13 @@ from xaicompress.pipeline.compare import parse_list, pm
 def compare_cmd(
     config: ConfigOpt,
     criteria: Annotated[str, typer.Option("--criteria", help="Comma-separated criteria, each "
-                                          "substituted into every stage that has one.")]
+                                          "substituted into every stage that has one (at most "
+                                          "100).")]
     = "deeplift,l1,taylor,random",
-    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")] = "0,1,2",
-    out: Annotated[str, typer.Option("--out", help="Output folder (created; its parent must "
-                                     "exist).")] = "xaicompress-compare",
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds, each "
+                                       "0..2147483647 (at most 100).")] = "0,1,2",
+    out: Annotated[str, typer.Option("--out", help="Output folder (created with its "
+                                     "parents).")] = "xaicompress-compare",
     as_json: JsonOpt = False,
 ) -> None:
     """Run the same pipeline once per criterion and seed; table of mean ± std."""

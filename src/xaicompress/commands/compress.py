@@ -7,13 +7,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from xaicompress.cli_app import JsonOpt, app
+from xaicompress.cli_app import MAX_SEED, JsonOpt, app
 from xaicompress.pipeline import load_config, run_pipeline
 from xaicompress.report import summary_table
 
 ConfigOpt = Annotated[str, typer.Option("--config", help="Pipeline config (YAML), e.g. "
                                         "configs/lenet5-mnist.yaml.")]
-SeedOverride = Annotated[int | None, typer.Option("--seed", min=0, help="Random seed "
+SeedOverride = Annotated[int | None, typer.Option("--seed", min=0, max=MAX_SEED, help="Random seed "
                                                   "(default: the config's); same seed, same "
                                                   "numbers.")]
 
@@ -28,8 +28,8 @@ def _echo(msg: str) -> None:
 @app.command("compress")
 def compress_cmd(
     config: ConfigOpt,
-    out: Annotated[str, typer.Option("--out", help="Output folder (created; its parent must "
-                                     "exist). Finished stages are cached in OUT/cache.")],
+    out: Annotated[str, typer.Option("--out", help="Output folder (created with its parents). "
+                                     "Finished stages are cached in OUT/cache.")],
     seed: SeedOverride = None,
     as_json: JsonOpt = False,
 ) -> None:

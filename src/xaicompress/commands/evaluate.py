@@ -8,8 +8,8 @@ from rich.console import Console
 from rich.table import Table
 
 from xaicompress.checkpoint import check_data_fits
-from xaicompress.cli_app import JsonOpt, SeedOpt, TrustOpt, app
-from xaicompress.data import load_dataset
+from xaicompress.cli_app import CkptDataOpt, JsonOpt, SeedOpt, TrustOpt, app
+from xaicompress.data import DEFAULT_SPEC, load_dataset
 from xaicompress.export.packed import load_any
 from xaicompress.metrics import evaluate
 
@@ -18,14 +18,13 @@ from xaicompress.metrics import evaluate
 def evaluate_cmd(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint or packed model file.")],
     model: TrustOpt = None,
-    data: Annotated[str | None, typer.Option("--data", help="Dataset spec (default: the "
-                                             "checkpoint's).")] = None,
+    data: CkptDataOpt = None,
     as_json: JsonOpt = False,
     seed: SeedOpt = 0,
 ) -> None:
     """Accuracy, parameters, non-zeros, MACs, bytes and CPU latency of a checkpoint."""
     ckpt = load_any(checkpoint, model=model)
-    spec = data or ckpt.data or "mnist5k"
+    spec = data or ckpt.data or DEFAULT_SPEC
     bundle = load_dataset(spec, seed=seed)
     check_data_fits(ckpt, bundle.input_shape, bundle.num_classes, spec)
     m = evaluate(ckpt, bundle.test)

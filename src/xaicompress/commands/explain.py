@@ -6,8 +6,9 @@ import typer
 from rich.console import Console
 
 from xaicompress.checkpoint import check_data_fits, load_checkpoint
-from xaicompress.cli_app import SeedOpt, TrustOpt, app
-from xaicompress.data import load_dataset
+from xaicompress.cli_app import CkptDataOpt, SeedOpt, TrustOpt, app
+from xaicompress.data import DEFAULT_SPEC, load_dataset
+from xaicompress.pipeline.config import MAX_BATCH, MAX_SAMPLES
 from xaicompress.relevance.explain import explain_checkpoint
 
 
@@ -15,16 +16,16 @@ from xaicompress.relevance.explain import explain_checkpoint
 def explain_cmd(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint file.")],
     model: TrustOpt = None,
-    data: Annotated[str | None, typer.Option("--data", help="Dataset spec (default: the "
-                                             "checkpoint's).")] = None,
+    data: CkptDataOpt = None,
     criterion: Annotated[str, typer.Option(
         "--criterion", help="name[:key=value,...], e.g. deeplift:reference=mean,target=pred,"
         "aggregate=signed or deeplift:reference=samples:8")] = "deeplift",
-    samples: Annotated[int, typer.Option("--samples", min=1, help="Training images "
-                                         "scored.")] = 512,
-    images: Annotated[int, typer.Option("--images", min=0, help="Test images shown as "
-                                        "heatmaps.")] = 8,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 128,
+    samples: Annotated[int, typer.Option("--samples", min=1, max=MAX_SAMPLES,
+                                         help="Training images scored.")] = 512,
+    images: Annotated[int, typer.Option("--images", min=0, max=64, help="Test images shown "
+                                        "as heatmaps.")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=MAX_BATCH,
+                                            help="Images per relevance batch.")] = 128,
     seed: SeedOpt = 0,
     out: Annotated[str, typer.Option("--out", help="Output folder.")] = "explain",
 ) -> None:
@@ -33,7 +34,7 @@ def explain_cmd(
 
     crit = get_criterion(criterion)  # a bad spec fails before any loading
     ckpt = load_checkpoint(checkpoint, model=model)
-    spec = data or ckpt.data or "mnist5k"
+    spec = data or ckpt.data or DEFAULT_SPEC
     bundle = load_dataset(spec, seed=seed)
     check_data_fits(ckpt, bundle.input_shape, bundle.num_classes, spec)
     result = explain_checkpoint(ckpt, bundle, out, criterion=crit, samples=samples, seed=seed,

@@ -1,39 +1,29 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from xaicompress.atomic import check_writable
-from xaicompress.checkpoint import check_data_fits, save_checkpoint
-from xaicompress.cli_app import DataOpt, SeedOpt, TrustOpt, app
-from xaicompress.data import load_dataset
-from xaicompress.errors import XaiCompressError
-from xaicompress.relevance import get_criterion
+from xaicompress.checkpoint import save_checkpoint
+from xaicompress.cli_app import CkptDataOpt, SeedOpt, TrustOpt, app, model_options, validate_options
+from xaicompress.commands._step import load_inputs, run_step
+from xaicompress.pipeline.config import ShareStage
+
+#: earlier spellings kept working
+FLAGS = {"codebook_dtype": ("--codebook-dtype", "--codebook"),
+         "finetune_lr": ("--finetune-lr", "--lr")}
 
 
 @app.command("share")
+@model_options({None: ShareStage}, flags=FLAGS)
 def share_cmd(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint (or packed file) to share.")],
+    options: dict[str, Any],
     model: TrustOpt = None,
-    data: DataOpt = "mnist5k",
-    criterion: Annotated[str, typer.Option("--criterion", help="Weights the k-means: deeplift, "
-                                           "taylor, l1, ...; none = plain k-means.")] = "none",
-    clusters: Annotated[int | None, typer.Option("--clusters", help="k shared values in every "
-                                                 "layer (2..256).")] = None,
-    avg_bits: Annotated[float | None, typer.Option("--avg-bits", help="Average index bits; "
-                                                   "clusters per layer from the bit-allocation "
-                                                   "solver.")] = None,
-    finetune_epochs: Annotated[float, typer.Option("--finetune-epochs", min=0,
-                                                   help="Epochs of centroid training.")] = 0,
-    lr: Annotated[float | None, typer.Option("--lr", min=0, help="Centroid fine-tuning "
-                                             "learning rate.")] = None,
-    samples: Annotated[int, typer.Option("--samples", min=1, help="Samples scoring the "
-                                         "relevance.")] = 512,
-    codebook: Annotated[str, typer.Option("--codebook", help="Codebook dtype: fp16 or "
-                                          "fp32.")] = "fp16",
+    data: CkptDataOpt = None,
     seed: SeedOpt = 0,
     out: Annotated[str, typer.Option("--out", help="Shared checkpoint to write.")] = (
         "shared.safetensors"),
@@ -41,23 +31,16 @@ def share_cmd(
                                                "file here.")] = None,
 ) -> None:
     """Share weights: relevance-weighted k-means per layer, optional centroid fine-tuning."""
-    from xaicompress.export.packed import load_any, packed_report, write_packed
-    from xaicompress.quant.codebook import share_weights
+    from xaicompress.export.packed import packed_report, write_packed
     from xaicompress.train import accuracy
 
-    if (clusters is None) == (avg_bits is None):
-        raise XaiCompressError("share: give exactly one of --clusters K and --avg-bits B")
+    stage = validate_options(ShareStage, options, command="share", flags=FLAGS,
+                             fixed={"type": "share"})
     check_writable(out)
     if packed:
         check_writable(packed)
-    crit = get_criterion(criterion)
-    ckpt = load_any(checkpoint, model=model)
-    bundle = load_dataset(data, seed=seed)
-    check_data_fits(ckpt, bundle.input_shape, bundle.num_classes, data)
-
-    shared = share_weights(ckpt, crit, bundle, clusters=clusters, avg_bits=avg_bits,
-                           finetune_epochs=finetune_epochs, finetune_lr=lr, samples=samples,
-                           codebook_dtype=codebook, seed=seed)
+    ckpt, bundle, _ = load_inputs(checkpoint, model, data, seed)
+    shared = run_step(ckpt, bundle, stage, seed, FLAGS)
     acc_before, acc_after = accuracy(ckpt.model, bundle.test), accuracy(shared.model,
                                                                         bundle.test)
     size_before, size_after = packed_report(ckpt), packed_report(shared)
@@ -69,8 +52,8 @@ def share_cmd(
 
     info = next(h for h in reversed(shared.history) if h.get("stage") == "share")
     con = Console()
-    t = Table(title=f"weight sharing ({crit!r}, "
-              + (f"k={clusters})" if clusters else f"avg {avg_bits} bits)"))
+    budget = f"k={stage.clusters}" if stage.clusters else f"avg {stage.avg_bits} bits"
+    t = Table(title=f"weight sharing ({stage.criterion}, {budget})")
     for col in ("layer", "weights", "k", "bits"):
         t.add_column(col, justify="left" if col == "layer" else "right")
     for name, row in info["layers"].items():

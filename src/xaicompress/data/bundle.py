@@ -7,13 +7,22 @@ All datasets hand out images already normalised per channel:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
+
+from xaicompress.errors import XaiCompressError
+
+#: Datasets held in memory (embedded, idx, cifar) may take at most this many bytes as float32
+#: tensors, checked before anything is allocated (a header or ?size=N cannot ask for more).
+#: Raise it with XAICOMPRESS_MAX_DATA_GB; image folders are read lazily and need no cap.
+DEFAULT_MAX_DATA_GB = 8.0
 
 
 @dataclass
@@ -31,6 +40,10 @@ class DatasetBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: list[str]
+    #: the files the data was read from (empty for embedded data) and the folder they are
+    #: named relative to; `xaicompress.data.fingerprint` hashes them for the stage cache
+    files: tuple[Path, ...] = field(default=(), repr=False)
+    root: Path | None = field(default=None, repr=False)
 
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # view(-1, 1, 1) broadcasts over both (C, H, W) and (N, C, H, W).
@@ -87,6 +100,31 @@ def resize_pixels(x01: torch.Tensor, size: int | None) -> torch.Tensor:
     return out.clamp_(0.0, 1.0)
 
 
+def max_data_bytes() -> int:
+    """The in-memory cap in bytes (`DEFAULT_MAX_DATA_GB`, or XAICOMPRESS_MAX_DATA_GB)."""
+    raw = os.environ.get("XAICOMPRESS_MAX_DATA_GB")
+    try:
+        gb = float(raw) if raw else DEFAULT_MAX_DATA_GB
+    except ValueError:
+        gb = float("nan")
+    if not (gb > 0 and np.isfinite(gb)):
+        raise XaiCompressError(f"environment variable XAICOMPRESS_MAX_DATA_GB={raw!r}: "
+                               "expected a positive number of GiB")
+    return int(gb * 2**30)
+
+
+def check_fits_memory(spec: str, count: int, shape: Sequence[int], what: str = "images") -> None:
+    """Refuse, before allocating, `count` float32 items of `shape` above `max_data_bytes()`."""
+    need = int(count) * int(np.prod([int(v) for v in shape], dtype=np.float64)) * 4
+    cap = max_data_bytes()
+    if need > cap:
+        dims = "x".join(str(int(v)) for v in shape)
+        raise XaiCompressError(
+            f"{spec}: {count} {what} of {dims} take {need / 2**30:.1f} GiB as float32, more "
+            f"than the {cap / 2**30:.1f} GiB allowed for data held in memory; use a smaller "
+            "?size=N, a folder:DIR dataset (read lazily), or raise XAICOMPRESS_MAX_DATA_GB")
+
+
 def _own_float(x: torch.Tensor) -> torch.Tensor:
     # Normalisation below works in place: never on the caller's float32 tensor.
     y = x.float()
@@ -103,12 +141,18 @@ def tensor_bundle(
     num_classes: int,
     classes: list[str],
     image_size: int | None = None,
+    files: Sequence[Path] = (),
+    root: Path | None = None,
 ) -> DatasetBundle:
     """Build an in-memory bundle from float (N, C, H, W) pixels in [0, 1] and int labels.
 
     Resizes (if asked), computes the train statistics and stores normalised float32
-    `TensorDataset`s, labels as int64.
+    `TensorDataset`s, labels as int64. `files` / `root`: where the data came from (see
+    `DatasetBundle.files`). Refuses, before resizing, a result above `max_data_bytes()`.
     """
+    c, h, w = x_train01.shape[1:]
+    side = (image_size, image_size) if image_size is not None else (h, w)
+    check_fits_memory(spec, len(x_train01) + len(x_test01), (c, *side))
     x_train01 = resize_pixels(_own_float(x_train01), image_size)
     x_test01 = resize_pixels(_own_float(x_test01), image_size)
     mean, std = channel_stats(x_train01)
@@ -127,4 +171,6 @@ def tensor_bundle(
         mean=mean,
         std=std,
         classes=list(classes),
+        files=tuple(files),
+        root=root,
     )

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xaicompress.data.bundle import DatasetBundle, tensor_bundle
+from xaicompress.data.bundle import DatasetBundle, check_fits_memory, tensor_bundle
 from xaicompress.data.safe_pickle import safe_load
 from xaicompress.errors import XaiCompressError
 
@@ -90,6 +90,49 @@ def _key(d: dict, *names: str):
     return None
 
 
+def _labels_array(path: Path, labels: object, n: int, key: str) -> np.ndarray:
+    """The label list as int64, checked to be `n` plain integers before any conversion (a
+    list of shared nested lists would make numpy allocate far more than the file holds)."""
+    if isinstance(labels, np.ndarray):
+        ok = labels.ndim == 1 and len(labels) == n and np.issubdtype(labels.dtype, np.integer)
+        got = f"{labels.dtype} {labels.shape}"
+    else:
+        ok = isinstance(labels, (list, tuple)) and len(labels) == n and all(
+            type(v) is int for v in labels)
+        got = f"{type(labels).__name__} of {len(labels) if hasattr(labels, '__len__') else '?'}"
+    if not ok:
+        raise XaiCompressError(f"{path}: '{key}' is {got}, expected {n} integers")
+    return np.asarray(labels, dtype=np.int64)
+
+
+def _data_array(path: Path, data: object) -> np.ndarray:
+    """'data' as a uint8 (N, 3072) array. An array's bytes are in the file; a list (some
+    re-pickled batches hold one) is accepted when it claims no more values than the file
+    has bytes, so shared rows (a small pickle naming one row 300,000 times) cannot make
+    numpy allocate gigabytes."""
+    if isinstance(data, list):
+        # size first (cheap), then shapes, then element types (no nested lists inside)
+        rows_ok = bool(data) and len(data) * PIXELS <= path.stat().st_size and all(
+            isinstance(r, list) and len(r) == PIXELS for r in data) and all(
+            type(v) is int for r in data for v in r)
+        if not rows_ok:
+            raise XaiCompressError(
+                f"{path}: 'data' is a list of {len(data)} rows, expected rows of {PIXELS} "
+                "values stored in the file (more values claimed than the file has bytes?)")
+        try:
+            data = np.asarray(data, dtype=np.int64)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise XaiCompressError(f"{path}: 'data' rows are not integers ({e})") from e
+    if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != PIXELS or \
+            data.shape[0] == 0 or not np.issubdtype(data.dtype, np.integer):
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else \
+            type(data).__name__
+        raise XaiCompressError(f"{path}: 'data' is {got}, expected uint8 N x {PIXELS}")
+    if data.dtype != np.uint8 and (data.min() < 0 or data.max() > 255):
+        raise XaiCompressError(f"{path}: 'data' has values outside 0..255, expected uint8")
+    return data
+
+
 def read_python(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """One python (pickled) batch -> (N, 3, 32, 32) uint8 images and (N,) int64 labels."""
     obj = safe_load(path)
@@ -106,25 +149,10 @@ def read_python(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
         raise XaiCompressError(
             f"{path}: pickled dict has keys {keys}, expected 'data' and '{label_key}'"
         )
-    try:
-        arr = np.asarray(data)
-        lab = np.asarray(labels)
-    except Exception as e:  # noqa: BLE001 - ragged lists and odd objects
-        raise XaiCompressError(f"{path}: 'data'/'{label_key}' are not arrays ({e})") from e
-    if arr.ndim != 2 or arr.shape[1] != PIXELS or arr.shape[0] == 0 or not (
-        arr.dtype == np.uint8 or (np.issubdtype(arr.dtype, np.integer)
-                                  and arr.min() >= 0 and arr.max() <= 255)
-    ):
-        raise XaiCompressError(
-            f"{path}: 'data' is {arr.dtype} {arr.shape}, expected uint8 N x {PIXELS}"
-        )
-    if lab.ndim != 1 or len(lab) != len(arr) or not np.issubdtype(lab.dtype, np.integer):
-        raise XaiCompressError(
-            f"{path}: '{label_key}' is {lab.dtype} {lab.shape}, expected {len(arr)} integers"
-        )
-    lab = lab.astype(np.int64)
+    data = _data_array(path, data)
+    lab = _labels_array(path, labels, len(data), label_key)
     _check_labels(path, lab, num_classes)
-    return arr.astype(np.uint8).reshape(-1, 3, 32, 32), lab
+    return data.astype(np.uint8).reshape(-1, 3, 32, 32), lab
 
 
 def _check_labels(path: Path, labels: np.ndarray, num_classes: int) -> None:
@@ -145,9 +173,10 @@ def load_cifar(spec: str, kind: str, root: Path, image_size: int | None = None) 
         return read_python(path, num_classes)
 
     parts = [read(p) for p in train_files]
+    x_te, y_te = read(test_file)
+    check_fits_memory(spec, sum(len(p[0]) for p in parts) + len(x_te), (3, 32, 32))
     x_tr = np.concatenate([p[0] for p in parts])
     y_tr = np.concatenate([p[1] for p in parts])
-    x_te, y_te = read(test_file)
 
     def images(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a.astype(np.float32) / np.float32(255.0))
@@ -156,5 +185,5 @@ def load_cifar(spec: str, kind: str, root: Path, image_size: int | None = None) 
         spec, images(x_tr), torch.from_numpy(y_tr), images(x_te), torch.from_numpy(y_te),
         num_classes=num_classes,
         classes=list(CIFAR10_CLASSES if kind == "cifar10" else CIFAR100_CLASSES),
-        image_size=image_size,
+        image_size=image_size, files=(*train_files, test_file), root=root,
     )

@@ -35,6 +35,9 @@ DEFAULT_SIZE = 32
 VERIFY_ALL_UP_TO = 5000
 STATS_SAMPLE = 1000
 SAMPLE_SEED = 0  # fixed, not the user's seed: normalisation must not change between runs
+#: more class folders than this is refused before any is scanned (a classifier with more
+#: outputs is not what this tool compresses, and scanning 100k folders takes minutes)
+MAX_CLASSES = 10_000
 
 
 def _open_image(path: Path):
@@ -105,7 +108,13 @@ def _image_files(folder: Path) -> list[Path]:
 
 
 def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    dirs = []
+    for p in root.iterdir():
+        if p.is_dir() and not p.name.startswith("."):
+            dirs.append(p)
+            if len(dirs) > MAX_CLASSES:
+                break  # enough to refuse; do not list the rest
+    return sorted(dirs)
 
 
 def _scan(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[Path], list[int]]:
@@ -113,6 +122,9 @@ def _scan(root: Path, classes: list[str] | None = None) -> tuple[list[str], list
     dirs = _class_dirs(root)
     if not dirs:
         raise XaiCompressError(f"{root}: no class sub-folders; expected {root}/CLASS/IMAGE files")
+    if len(dirs) > MAX_CLASSES:
+        raise XaiCompressError(f"{root}: more than {MAX_CLASSES} class sub-folders; at most "
+                               f"{MAX_CLASSES} classes are supported")
     names = [d.name for d in dirs]
     if classes is None:
         classes = names
@@ -208,4 +220,5 @@ def load_folder(spec: str, root: Path, size: int | None = None) -> DatasetBundle
     train.set_normalisation(mean, std)
     test.set_normalisation(mean, std)
     return DatasetBundle(spec=spec, train=train, test=test, input_shape=(channels, size, size),
-                         num_classes=len(classes), mean=mean, std=std, classes=classes)
+                         num_classes=len(classes), mean=mean, std=std, classes=classes,
+                         files=(*tr_files, *te_files), root=root)

@@ -54,8 +54,11 @@ class SafeUnpickler(pickle.Unpickler):
 def safe_load(path: Path) -> Any:
     """Unpickle `path` with `SafeUnpickler`; any failure becomes `XaiCompressError`."""
     try:
-        with open(path, "rb") as f:
-            return SafeUnpickler(f, path).load()
+        # Read the bytes first: the file's real size bounds every length the pickle
+        # claims (a BINBYTES8 opcode claiming 2^60 bytes then fails as truncated instead
+        # of asking the file object for that much memory).
+        raw = Path(path).read_bytes()
+        return SafeUnpickler(io.BytesIO(raw), path).load()
     except XaiCompressError:
         raise
     except OSError as e:

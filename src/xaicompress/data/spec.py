@@ -33,6 +33,9 @@ KINDS = KINDS_WITHOUT_PATH + KINDS_WITH_PATH
 DEFAULT_SPEC = "mnist5k"
 
 MAX_IMAGE_SIZE = 4096
+#: how Python spells the bytes of a file name that is not UTF-8 (os.fsdecode's
+#: surrogateescape): such a folder name is valid, not "non-printable"
+_SURROGATE_ESCAPE = (0xDC80, 0xDCFF)
 _OPTION_RE = re.compile(r"[a-z_]+=[^&=]*(&[a-z_]+=[^&=]*)*")
 _EXPECTED = "expected mnist5k, digits, idx:DIR, cifar10:DIR, cifar100:DIR or folder:DIR[?size=N]"
 
@@ -86,7 +89,8 @@ def parse_data_spec(spec: str) -> DataSpec:
     text = spec.strip()
     if not text:
         raise _bad(spec, f"empty data spec; {_EXPECTED}")
-    if not text.isprintable():
+    if not all(c.isprintable() or _SURROGATE_ESCAPE[0] <= ord(c) <= _SURROGATE_ESCAPE[1]
+               for c in text):
         raise _bad(spec, "contains control or non-printable characters")
 
     options: dict[str, Any] = {}

@@ -1,12 +1,15 @@
 """The stage cache: every finished stage's checkpoint kept under OUT/cache/, keyed by what
 produced it, so a rerun skips finished stages and an interrupted run resumes.
 
-Key of stage i = sha256(key of stage i-1, the config of stage i, its seed, the package
-version); key of the baseline = sha256(model or input-checkpoint bytes, data spec, training
-options, seed, package version). A key thus covers the config of the stage and of every
-stage before it, and the input. Entries are written atomically (a killed run leaves either
-the whole file or none) and carry their measurements, so a cached rerun reports the very
-same numbers. A damaged entry is treated as missing and recomputed.
+Key of stage i = sha256(key of stage i-1, the config of stage i and the report settings its
+stored measurements depend on, its seed, the package version); key of the baseline =
+sha256(model or input-checkpoint bytes, the data spec and a fingerprint of the data's
+content (`xaicompress.data.fingerprint`: every file behind idx:DIR, cifar10:DIR or
+folder:DIR, so changed files are noticed), training options, seed, package version). A key
+thus covers the config of the stage and of every stage before it, and the input. Entries
+are written atomically (a killed run leaves either the whole file or none) and carry their
+measurements, so a cached rerun reports the very same numbers. A damaged entry is treated as
+missing and recomputed.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from typing import Any
 from xaicompress import __version__
 from xaicompress.atomic import atomic_write_bytes
 from xaicompress.checkpoint import Checkpoint, checkpoint_bytes, checkpoint_from_bytes
+from xaicompress.data.fingerprint import file_sha256 as file_hash  # noqa: F401 (re-export)
 from xaicompress.errors import XaiCompressError
 
 #: bump when the meaning of a cache entry changes
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def stable_hash(obj: Any) -> str:
@@ -31,15 +35,9 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def file_hash(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def baseline_key(source: dict[str, Any], data: str, train: dict[str, Any], seed: int) -> str:
+def baseline_key(source: dict[str, Any], data: dict[str, Any], train: dict[str, Any],
+                 seed: int) -> str:
+    """data: the spec and the content fingerprint of the data (see module docstring)."""
     return stable_hash({"format": CACHE_FORMAT, "version": __version__, "source": source,
                         "data": data, "train": train, "seed": seed})
 
@@ -91,7 +89,11 @@ class StageCache:
 
     def save(self, ckpt: Checkpoint, key: str, label: str) -> bytes:
         """Write `ckpt` atomically under `key`; returns the bytes written."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise XaiCompressError(f"{self.folder}: cannot create the stage cache folder "
+                                   f"({exc.strerror or exc})") from None
         raw = checkpoint_bytes(ckpt)
         atomic_write_bytes(self.path(key, label), raw)
         return raw

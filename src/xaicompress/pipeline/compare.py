@@ -16,9 +16,11 @@ from typing import Any
 
 from xaicompress.atomic import atomic_write_text
 from xaicompress.errors import XaiCompressError
-from xaicompress.pipeline.config import CriterionStage, PipelineConfig
-from xaicompress.pipeline.run import prepare_out_dir, run_pipeline
+from xaicompress.pipeline.config import MAX_SEED, CriterionStage, PipelineConfig
+from xaicompress.pipeline.run import check_out_dir, prepare_out_dir, read_inputs, run_pipeline
 
+#: the most criteria or seeds one `compare` runs (each is a whole pipeline run)
+MAX_ITEMS = 100
 FINAL_KEYS = ("accuracy", "accuracy_drop", "size_kb", "compression_ratio", "cosine",
               "top10_overlap", "agreement")
 
@@ -41,8 +43,10 @@ def parse_list(text: str, option: str, kind: type = str) -> list[Any]:
         raise XaiCompressError(f"{option} {text!r}: expected {kind.__name__} values") from None
     if len(set(vals)) != len(vals):
         raise XaiCompressError(f"{option} {text!r}: lists a value twice")
-    if kind is int and any(v < 0 for v in vals):
-        raise XaiCompressError(f"{option} {text!r}: seeds must be >= 0")
+    if kind is int and any(not 0 <= v <= MAX_SEED for v in vals):
+        raise XaiCompressError(f"{option} {text!r}: seeds must be in 0..{MAX_SEED}")
+    if len(vals) > MAX_ITEMS:
+        raise XaiCompressError(f"{option} {text!r}: {len(vals)} values, at most {MAX_ITEMS}")
     return vals
 
 
@@ -61,6 +65,8 @@ def run_compare(config: PipelineConfig, criteria: Sequence[str], seeds: Sequence
     if not criteria or not seeds:
         raise XaiCompressError("compare: give at least one criterion and one seed")
     variants = {c: config.with_criterion(c) for c in criteria}  # validates every criterion
+    check_out_dir(out_dir)
+    read_inputs(config)  # bad data or checkpoint: an error before any folder is made
     out = prepare_out_dir(out_dir)
     (out / "runs").mkdir(exist_ok=True)
     say = echo or (lambda _msg: None)

@@ -4,7 +4,8 @@ Shape (see configs/*.yaml for commented examples)::
 
     model: lenet5                  # registered name or package.module:factory
     # model: {name: vgg11, kwargs: {width: 0.5}}
-    # checkpoint: path/to/trained.safetensors   # instead of model: start from a checkpoint
+    # checkpoint: path/to/trained.safetensors   # instead of training: start from a checkpoint
+    #                              (with model: naming its factory when it is your own code)
     data: mnist5k                  # any --data spec (idx:DIR, cifar10:DIR, folder:DIR, ...)
     seed: 0
     train: {epochs: 15, lr: 0.003, optimizer: adam, batch_size: 64, augment: 2}
@@ -15,10 +16,12 @@ Shape (see configs/*.yaml for commented examples)::
       - {type: quantize, criterion: deeplift, avg_bits: 4, qat_epochs: 1}
       - {type: finetune, epochs: 1}
     export: {packed: true, onnx: true}
-    report: {fidelity_samples: 256, heatmaps: 4}
+    report: {fidelity: true, fidelity_samples: 256, heatmaps: 4}
 
-Every model forbids unknown keys, so a typo is an error, never silently ignored. Relative
-paths (checkpoint, data folders) are relative to the working folder, as on the CLI.
+Every option's default and range is declared once, in the models below; `xaicompress prune`,
+`share`, `quantize`, `finetune` and `train` build their options from the same fields. Every
+model forbids unknown keys, so a typo is an error, never silently ignored. Relative paths
+(checkpoint, data folders) are relative to the working folder, as on the CLI.
 """
 
 from __future__ import annotations
@@ -38,11 +41,31 @@ from pydantic import (
 )
 
 from xaicompress.errors import XaiCompressError
+from xaicompress.prune.structured import NORMS as STRUCTURED_NORMS
+from xaicompress.prune.unstructured import LAYER_KINDS
+from xaicompress.prune.unstructured import NORMS as UNSTRUCTURED_NORMS
+from xaicompress.quant.codebook import ALLOC_BITS, CODEBOOK_DTYPES, INITS, WEIGHT_POWER
+from xaicompress.quant.integer import ALLOCATIONS, BITS_CHOICES, CLIP_MODES
+from xaicompress.validation import describe
 
+# Every option is declared once, here: type, default, documented range and help. The CLI
+# builds its options from these fields (`xaicompress.cli_app.model_options`), the pipeline
+# validates configs with them, and the library steps' own defaults are the same values
+# (tests/test_defaults.py checks all three). Choices come from the library's constants.
+#: the largest number of epochs any training, fine-tuning or QAT accepts
+MAX_EPOCHS = 1000
+#: the largest learning rate accepted (Adam / SGD beyond 1 only diverges)
+MAX_LR = 1.0
+#: the largest batch size accepted
+MAX_BATCH = 65536
+#: the most training images a criterion may score (more than a dataset has = all of it)
+MAX_SAMPLES = 1_000_000
+MAX_SEED = 2**31 - 1
+
+Epochs = Annotated[float, Field(ge=0, le=MAX_EPOCHS)]
+LearningRate = Annotated[float, Field(gt=0, le=MAX_LR)]
 Ratio = Annotated[float, Field(ge=0, lt=1)]
-PosFloat = Annotated[float, Field(gt=0)]
-NonNegFloat = Annotated[float, Field(ge=0)]
-PosInt = Annotated[int, Field(ge=1)]
+Clusters = Annotated[int, Field(ge=2, le=256)]
 
 
 class _Strict(BaseModel):
@@ -83,10 +106,17 @@ class _Stage(_Strict):
         # None means "the library step's own default", so it is not passed at all.
         return self.model_dump(exclude={"type", "name", "criterion"}, exclude_none=True)
 
+    @classmethod
+    def stage_type(cls) -> str:
+        return cls.model_fields["type"].annotation.__args__[0]  # type: ignore[union-attr]
+
 
 class CriterionStage(_Stage):
-    criterion: str = "deeplift"
-    samples: PosInt = 512
+    criterion: str = Field("deeplift", description=(
+        "Relevance criterion name[:key=value,...]: deeplift, l1, taylor, gradxact, "
+        "activation, random, none (uniform), e.g. deeplift:reference=mean."))
+    samples: int = Field(512, ge=1, le=MAX_SAMPLES, description=(
+        "Training images the criterion scores."))
 
     @field_validator("criterion")
     @classmethod
@@ -95,50 +125,80 @@ class CriterionStage(_Stage):
 
 
 class PruneStructuredStage(CriterionStage):
-    """Options of `xaicompress prune --structured` (see prune.structured.prune_structured)."""
+    """Structured pruning (`xaicompress prune --structured`, `prune_structured`)."""
 
     type: Literal["prune_structured"]
-    ratio: Ratio = 0.5
-    scope: Literal["layer", "global"] = "global"
-    steps: PosInt = 1
-    finetune_epochs: NonNegFloat = 1
-    macs_ratio: Ratio | None = None
-    min_channels: PosInt = 1
-    norm: Literal["l1", "mean", "max"] = "l1"
-    max_layer_ratio: Annotated[float, Field(gt=0, le=1)] | None = None
-    finetune_lr: PosFloat | None = None
+    criterion: str = Field("deeplift", description=(
+        "Criterion ranking the channels (as for every stage), or Torch-Pruning's own "
+        "tp:magnitude / tp:taylor."))
+    ratio: Ratio = Field(0.5, description="Fraction of the channels (filters / neurons) "
+                         "removed.")
+    scope: Literal["layer", "global"] = Field("global", description=(
+        "layer: the ratio in every layer; global: one ranking over all layers."))
+    steps: int = Field(1, ge=1, le=100, description=(
+        "Iterative pruning steps (relevance recomputed and fine-tuning after each)."))
+    finetune_epochs: Epochs = Field(0, description="Fine-tuning epochs after each step.")
+    finetune_lr: LearningRate | None = Field(None, description=(
+        "Adam learning rate of the fine-tuning (default 2e-3)."))
+    macs_ratio: Ratio | None = Field(None, description=(
+        "Prune until the MACs fall by this fraction (instead of ratio)."))
+    min_channels: int = Field(1, ge=1, le=MAX_BATCH, description=(
+        "Channels every layer keeps (below the widest layer's width)."))
+    norm: Literal[STRUCTURED_NORMS] = Field("l1", description=(  # type: ignore[valid-type]
+        "Global scope: how scores are compared across layers."))
+    max_layer_ratio: Annotated[float, Field(gt=0, le=1)] | None = Field(None, description=(
+        "Global scope: the most of any layer's channels removed (default: halfway between "
+        "the ratio and 1; 1 = no cap)."))
 
     @field_validator("criterion")
     @classmethod
     def _criterion(cls, v: str) -> str:
         return _check_criterion(v, structured=True)
 
+    @model_validator(mode="after")
+    def _one_target(self) -> PruneStructuredStage:
+        if self.macs_ratio is not None and "ratio" in self.model_fields_set:
+            raise ValueError("give either ratio or macs_ratio, not both")
+        return self
+
 
 class PruneUnstructuredStage(CriterionStage):
-    """Options of `xaicompress prune --unstructured`."""
+    """Unstructured pruning (`xaicompress prune --unstructured`, `prune_unstructured`)."""
 
     type: Literal["prune_unstructured"]
-    ratio: Ratio = 0.9
-    layers: Literal["fc", "conv", "all"] = "fc"
-    scope: Literal["layer", "global"] = "global"
-    norm: Literal["none", "l1", "mean"] = "none"
-    finetune_epochs: NonNegFloat = 1
-    finetune_lr: PosFloat | None = None
+    ratio: Ratio = Field(0.9, description="Fraction of the selected layers' weights zeroed.")
+    layers: Literal[tuple(LAYER_KINDS)] = Field("fc", description=(  # type: ignore[valid-type]
+        "Which layers: fc (Linear), conv (Conv2d) or all."))
+    scope: Literal["layer", "global"] = Field("global", description=(
+        "layer: the ratio in every layer; global: one ranking over all layers."))
+    norm: Literal[UNSTRUCTURED_NORMS] = Field("none", description=(  # type: ignore[valid-type]
+        "Global scope: none (raw scores), l1 or mean (per-layer normalised)."))
+    finetune_epochs: Epochs = Field(0, description="Fine-tuning epochs (masks held).")
+    finetune_lr: LearningRate | None = Field(None, description=(
+        "Adam learning rate of the fine-tuning (default 2e-3)."))
 
 
 class ShareStage(CriterionStage):
-    """Options of `xaicompress share` (weight sharing; exactly one of clusters / avg_bits)."""
+    """Weight sharing (`xaicompress share`, `share_weights`); one of clusters / avg_bits."""
 
     type: Literal["share"]
-    clusters: Annotated[int, Field(ge=2, le=256)] | dict[str, Annotated[int, Field(ge=2, le=256)]] \
-        | None = None
-    avg_bits: Annotated[float, Field(gt=0, le=8)] | None = None
-    finetune_epochs: NonNegFloat = 1
-    finetune_lr: PosFloat | None = None
-    codebook_dtype: Literal["fp16", "fp32"] = "fp16"
-    init: Literal["linear", "quantile", "kmeans++"] = "linear"
-    weight_power: Annotated[float, Field(ge=0, le=4)] | None = None
-    uniform_mix: Annotated[float, Field(ge=0, le=1)] = 0.0
+    criterion: str = Field("deeplift", description=(
+        "Criterion weighting the k-means (none = plain k-means)."))
+    clusters: Clusters | dict[str, Clusters] | None = Field(None, description=(
+        "k shared values in every layer (a config may give layer -> k)."))
+    avg_bits: Annotated[float, Field(ge=min(ALLOC_BITS), le=max(ALLOC_BITS))] | None = Field(
+        None, description="Average index bits; clusters per layer from the bit-allocation "
+        "solver.")
+    finetune_epochs: Epochs = Field(0, description="Epochs of centroid fine-tuning.")
+    finetune_lr: LearningRate | None = Field(None, description=(
+        "One learning rate for the centroid fine-tuning (default: scaled per layer)."))
+    codebook_dtype: Literal[tuple(CODEBOOK_DTYPES)] = Field(  # type: ignore[valid-type]
+        "fp16", description="Codebook dtype in the packed file.")
+    init: Literal[INITS] = Field("linear", description="k-means start.")  # type: ignore[valid-type]
+    weight_power: Annotated[float, Field(gt=0, le=4)] = Field(WEIGHT_POWER, description=(
+        "Exponent on the relevance sample weights of the k-means."))
+    uniform_mix: Annotated[float, Field(ge=0, le=1)] = Field(0.0, description=(
+        "Share of uniform weight mixed into the relevance sample weights."))
 
     @model_validator(mode="after")
     def _one_budget(self) -> ShareStage:
@@ -148,16 +208,24 @@ class ShareStage(CriterionStage):
 
 
 class QuantizeStage(CriterionStage):
-    """Options of `xaicompress quantize` (exactly one of avg_bits / size_kb)."""
+    """Mixed-precision integers (`xaicompress quantize`, `quantize`); one of avg_bits /
+    size_kb."""
 
     type: Literal["quantize"]
-    avg_bits: Annotated[float, Field(gt=0, le=8)] | None = None
-    size_kb: PosFloat | None = None
-    allocation: Literal["milp", "uniform"] = "milp"
-    qat_epochs: NonNegFloat = 1
-    qat_lr: PosFloat | None = None
-    act_bits: Annotated[int, Field(ge=2, le=8)] | None = None
-    clip: Literal["max", "mse"] = "mse"
+    criterion: str = Field("deeplift", description=(
+        "Relevance weighting the quantization error (none = unweighted)."))
+    avg_bits: Annotated[float, Field(ge=min(BITS_CHOICES), le=max(BITS_CHOICES))] | None = \
+        Field(None, description="Budget: mean bits per stored weight.")
+    size_kb: Annotated[float, Field(gt=0, le=2**20)] | None = Field(None, description=(
+        "Budget: packed model size in KiB."))
+    allocation: Literal[ALLOCATIONS] = Field("milp", description=(  # type: ignore[valid-type]
+        "milp (relevance-weighted error, exact) or uniform (same bits everywhere)."))
+    qat_epochs: Epochs = Field(0, description="Epochs of quantization-aware training.")
+    qat_lr: LearningRate = Field(1e-3, description="Adam learning rate of the QAT.")
+    act_bits: Annotated[int, Field(ge=2, le=8)] | None = Field(None, description=(
+        "Quantize activations to this many bits, calibrated."))
+    clip: Literal[CLIP_MODES] = Field("mse", description=(  # type: ignore[valid-type]
+        "Per-channel scale: mse (MSE clipping search), wmse (relevance-weighted) or max."))
 
     @model_validator(mode="after")
     def _one_budget(self) -> QuantizeStage:
@@ -168,29 +236,39 @@ class QuantizeStage(CriterionStage):
 
 class FinetuneStage(_Stage):
     """Fine-tuning that keeps every constraint: centroid training for shared layers, QAT for
-    integer layers, masked training otherwise."""
+    integer layers, masked training otherwise (`xaicompress finetune`)."""
 
     type: Literal["finetune"]
-    epochs: PosFloat = 1
-    lr: PosFloat | None = None
-    optimizer: Literal["adam", "sgd"] = "adam"
-    #: None: each kind of fine-tuning's own default (centroid training uses 32, others 64)
-    batch_size: PosInt | None = None
+    epochs: Annotated[float, Field(gt=0, le=MAX_EPOCHS)] = Field(1, description="Epochs.")
+    lr: LearningRate | None = Field(None, description=(
+        "Learning rate (default: that kind's own: 5e-4 masked, 1e-3 QAT, scaled per layer "
+        "for centroids)."))
+    optimizer: Literal["adam", "sgd"] = Field("adam", description=(
+        "Optimizer of masked fine-tuning."))
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH)] | None = Field(None, description=(
+        "Batch size (default: that kind's own: 32 for centroids, 64 otherwise)."))
 
 
+STAGE_MODELS: tuple[type[_Stage], ...] = (PruneStructuredStage, PruneUnstructuredStage,
+                                          ShareStage, QuantizeStage, FinetuneStage)
 Stage = Annotated[
     PruneStructuredStage | PruneUnstructuredStage | ShareStage | QuantizeStage | FinetuneStage,
     Field(discriminator="type"),
 ]
-STAGE_TYPES: dict[str, type[_Stage]] = {
-    "prune_structured": PruneStructuredStage, "prune_unstructured": PruneUnstructuredStage,
-    "share": ShareStage, "quantize": QuantizeStage, "finetune": FinetuneStage,
-}
+
+
+def stage_types() -> list[str]:
+    return [m.stage_type() for m in STAGE_MODELS]
+
+
+def stage_model(stage_type: str) -> type[_Stage]:
+    return next(m for m in STAGE_MODELS if m.stage_type() == stage_type)
 
 
 class ModelConfig(_Strict):
-    name: str = Field(min_length=1)
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(min_length=1, description="Registered name or package.module:factory.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description=(
+        "Keyword arguments of the factory."))
 
     @field_validator("name")
     @classmethod
@@ -204,13 +282,17 @@ class ModelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """Options of `xaicompress train` for the baseline."""
+    """Options of `xaicompress train` (`train_checkpoint`), also the baseline's training."""
 
-    epochs: PosFloat = 15
-    lr: PosFloat | None = None
-    optimizer: Literal["adam", "sgd"] = "adam"
-    batch_size: PosInt = 64
-    augment: Annotated[int, Field(ge=0, le=8)] = 2
+    epochs: Epochs = Field(15, description="Training epochs (0 = the model as built).")
+    lr: LearningRate | None = Field(None, description=(
+        "Learning rate (default 3e-3 Adam, 0.05 SGD)."))
+    optimizer: Literal["adam", "sgd"] = Field("adam", description="adam or sgd.")
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH)] = Field(64, description=(
+        "Global batch size (split over torchrun ranks)."))
+    augment: Annotated[int, Field(ge=0, le=32)] | None = Field(None, description=(
+        "Random shifts of up to N pixels while training (0 = off; default: image height "
+        "// 12, i.e. 2 on 28 x 28)."))
 
 
 class ExportConfig(_Strict):
@@ -219,6 +301,9 @@ class ExportConfig(_Strict):
 
 
 class ReportConfig(_Strict):
+    fidelity: bool = Field(True, description=(
+        "Compare the DeepLIFT maps of every stage with the original's (off: accuracy "
+        "agreement only)."))
     fidelity_samples: Annotated[int, Field(ge=1, le=10000)] = 256
     heatmaps: Annotated[int, Field(ge=0, le=16)] = 4
     latency_repeats: Annotated[int, Field(ge=1, le=1000)] = 20
@@ -231,7 +316,7 @@ class PipelineConfig(_Strict):
     model: ModelConfig | None = None
     checkpoint: str | None = None
     data: str = "mnist5k"
-    seed: Annotated[int, Field(ge=0, lt=2**31)] = 0
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0
     train: TrainConfig = Field(default_factory=TrainConfig)
     stages: list[Stage] = Field(default_factory=list)
     export: ExportConfig = Field(default_factory=ExportConfig)
@@ -255,23 +340,33 @@ class PipelineConfig(_Strict):
 
     @model_validator(mode="after")
     def _source(self) -> PipelineConfig:
-        if (self.model is None) == (self.checkpoint is None):
-            raise ValueError("give exactly one of model (to train a baseline) and checkpoint "
-                             "(to start from a trained one)")
-        if self.checkpoint is not None and "train" in self.model_fields_set:
-            raise ValueError("train does not apply when starting from a checkpoint")
+        if self.model is None and self.checkpoint is None:
+            raise ValueError("give model (to train a baseline) or checkpoint (to start from a "
+                             "trained one; with model: naming its factory if it is your own)")
+        if self.checkpoint is not None:
+            if "train" in self.model_fields_set:
+                raise ValueError("train does not apply when starting from a checkpoint")
+            if self.model is not None and self.model.kwargs:
+                raise ValueError("model.kwargs does not apply when starting from a checkpoint "
+                                 "(it stores them); model: names only the factory you trust")
         return self
 
+    @property
+    def trusted_model(self) -> str | None:
+        """The model factory the user names (trusted for loading checkpoints and cache)."""
+        return self.model.name if self.model is not None else None
+
     def title(self) -> str:
-        src = self.model.name if self.model else Path(self.checkpoint or "").name
+        src = Path(self.checkpoint).name if self.checkpoint else (
+            self.model.name if self.model else "")
         return self.name or f"{src} on {self.data}"
 
     def with_criterion(self, criterion: str) -> PipelineConfig:
         """A copy with `criterion` in every stage that has one (what `compare` runs)."""
-        stages = [s.model_copy(update={"criterion": criterion}) if isinstance(
-            s, CriterionStage) else s for s in self.stages]
-        data = self.model_dump()
-        data["stages"] = [s.model_dump() for s in stages]
+        data = self.model_dump(exclude_unset=True)
+        data["stages"] = [{**s.model_dump(exclude_unset=True), "type": s.type}
+                          | ({"criterion": criterion} if isinstance(s, CriterionStage) else {})
+                          for s in self.stages]
         return validate_config(data, f"criterion {criterion!r}")
 
     def with_seed(self, seed: int) -> PipelineConfig:
@@ -294,21 +389,69 @@ def validate_config(data: Any, source: str = "config") -> PipelineConfig:
         raise XaiCompressError(f"{source}: invalid config ({type(exc).__name__}: {exc})") from None
 
 
+#: A config is a few dozen lines; these caps stop a hostile one before it costs anything:
+#: the file's size, and the number of values once YAML aliases are expanded (a "billion
+#: laughs" file of 1 KB names 10^9 values through nested aliases).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000
+
+
 def load_config(path: str | Path) -> PipelineConfig:
     """Read and validate a YAML config (`yaml.safe_load`: never constructs Python objects)."""
     p = Path(path)
     if not p.is_file():
         raise XaiCompressError(f"{p}: config file does not exist")
     try:
+        size = p.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise XaiCompressError(f"{p}: config file is {size} bytes, more than the "
+                                   f"{MAX_CONFIG_BYTES} a config may have")
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise XaiCompressError(f"{p}: cannot read config ({exc})") from None
     return parse_config_text(text, str(p))
 
 
+class _CountingLoader(yaml.SafeLoader):
+    """SafeLoader that counts every node it composes, an alias counting as the whole
+    subtree it repeats, and stops past MAX_CONFIG_VALUES before anything is expanded."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._sizes: dict[int, int] = {}
+        self._total = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            anchor = self.anchors.get(event.anchor)
+            self._add(self._sizes.get(id(anchor), 1) if anchor is not None else 1)
+            return super().compose_node(parent, index)
+        before = self._total
+        node = super().compose_node(parent, index)
+        self._add(1)
+        self._sizes[id(node)] = self._total - before
+        return node
+
+    def _add(self, n: int) -> None:
+        self._total += n
+        if self._total > MAX_CONFIG_VALUES:
+            raise _TooBig
+
+
+class _TooBig(Exception):
+    pass
+
+
 def parse_config_text(text: str, source: str = "config") -> PipelineConfig:
+    if len(text) > MAX_CONFIG_BYTES:
+        raise XaiCompressError(f"{source}: config is {len(text)} characters, more than the "
+                               f"{MAX_CONFIG_BYTES} a config may have")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_CountingLoader)  # noqa: S506 - a SafeLoader
+    except _TooBig:
+        raise XaiCompressError(f"{source}: config expands to more than {MAX_CONFIG_VALUES} "
+                               "values (YAML aliases repeating aliases?)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -321,43 +464,23 @@ def parse_config_text(text: str, source: str = "config") -> PipelineConfig:
 
 def _format_error(exc: ValidationError) -> str:
     err = exc.errors(include_url=False)[0]
-    raw = tuple(err.get("loc", ()))
-    loc = _clean_loc(raw)
-    path = _loc_text(loc)
     kind = err.get("type", "")
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(raw, loc[:-1])
-        hint = f"; expected one of {', '.join(allowed)}" if allowed else ""
-        return f"{path}: unknown key{hint}"
-    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
-    if kind == "missing":
-        return f"{path}: required key is missing"
+    raw = tuple(err.get("loc", ()))
+    path = _loc_text(_clean(raw))
+    types = ", ".join(stage_types())
     if kind == "union_tag_invalid":
         tag = (err.get("ctx") or {}).get("tag")
-        return f"{path}.type: {tag!r} is not a stage type; expected one of {', '.join(STAGE_TYPES)}"
+        return f"{path}.type: {tag!r} is not a stage type; expected one of {types}"
     if kind == "union_tag_not_found":
-        return f"{path}.type: required key is missing; expected one of {', '.join(STAGE_TYPES)}"
-    given = err.get("input")
-    shown = "" if isinstance(given, (dict, list)) or kind.startswith("union_tag") or \
-        kind == "value_error" \
-        else f" (got {given!r:.60})"
-    n = exc.error_count()
-    more = f" [and {n - 1} more problem{'s' if n > 2 else ''}]" if n > 1 else ""
-    return f"{path}: {msg}{shown}{more}" if path else f"{msg}{more}"
+        return f"{path}.type: required key is missing; expected one of {types}"
+    return describe(exc, _loc_text, allowed=lambda loc: _allowed_keys(raw, loc[:-1]),
+                    tags=stage_types())
 
 
-def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Drop the discriminator tags and union member names pydantic puts into locations."""
-    out: list[Any] = []
-    for i, part in enumerate(loc):
-        if isinstance(part, str) and i > 0 and isinstance(loc[i - 1], int) and \
-                part in STAGE_TYPES and len(out) >= 2 and out[-2] == "stages":
-            continue
-        if isinstance(part, str) and (part in ("int", "float", "str", "bool", "none")
-                                      or "[" in part or "-" in part):
-            continue
-        out.append(part)
-    return tuple(out)
+def _clean(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    from xaicompress.validation import clean_loc
+
+    return clean_loc(loc, stage_types())
 
 
 def _loc_text(loc: tuple[Any, ...]) -> str:
@@ -370,7 +493,7 @@ def _loc_text(loc: tuple[Any, ...]) -> str:
 def _allowed_keys(raw: tuple[Any, ...], loc: tuple[Any, ...]) -> list[str]:
     """Field names of the model at `loc` (for the 'unknown key' hint); `raw` is pydantic's
     location, which still names the stage type."""
-    if len(raw) >= 3 and raw[0] == "stages" and raw[2] in STAGE_TYPES:
+    if len(raw) >= 3 and raw[0] == "stages" and raw[2] in stage_types():
         return stage_keys(raw[2]) if len(loc) == 2 else []
     model: Any = PipelineConfig
     for part in loc:
@@ -384,4 +507,5 @@ def _allowed_keys(raw: tuple[Any, ...], loc: tuple[Any, ...]) -> list[str]:
 
 
 def stage_keys(stage_type: str) -> list[str]:
-    return sorted(STAGE_TYPES[stage_type].model_fields)
+    return sorted(stage_model(stage_type).model_fields)
+

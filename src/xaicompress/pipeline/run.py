@@ -8,6 +8,8 @@ an interrupted run resumed from its cache computes exactly what an uninterrupted
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import time
 from collections.abc import Callable
@@ -15,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from xaicompress.atomic import check_writable
+from xaicompress.atomic import atomic_write_text, check_writable, record_writes
 from xaicompress.checkpoint import Checkpoint, check_data_fits, load_checkpoint
 from xaicompress.data import DatasetBundle, load_dataset
-from xaicompress.errors import XaiCompressError
+from xaicompress.data.fingerprint import data_fingerprint
+from xaicompress.errors import OptionError, XaiCompressError
+from xaicompress.interrupt import Interrupted, deferred
 from xaicompress.metrics import evaluate
 from xaicompress.pipeline.cache import StageCache, baseline_key, file_hash, stage_key
 from xaicompress.pipeline.config import PipelineConfig
@@ -48,18 +52,35 @@ class PipelineResult:
     seconds: float = 0.0
 
 
-def prepare_out_dir(out_dir: str | os.PathLike[str]) -> Path:
-    """Create the output folder (its parent must exist) and check it is writable."""
+def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """Check, creating nothing, that `out_dir` can be the output folder: a folder or
+    creatable under its nearest existing parent, with OUT/cache free for the cache."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise XaiCompressError(f"--out {out}: exists and is not a folder")
-    parent = out.parent if str(out.parent) else Path(".")
+    cache = out / "cache"
+    if os.path.lexists(cache) and not cache.is_dir():
+        raise XaiCompressError(f"--out {out}: {cache} exists and is not a folder; the stage "
+                               "cache needs that name (move the file away)")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
     if not parent.is_dir():
-        raise XaiCompressError(f"--out {out}: parent folder {parent} does not exist")
+        raise XaiCompressError(f"--out {out}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK):
+        raise XaiCompressError(f"--out {out}: {parent} is not writable")
+    return out
+
+
+def prepare_out_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """Create the output folder (and its parents) after `check_out_dir`; sweep this tool's
+    own temporary files a killed run left there and in OUT/cache."""
+    out = check_out_dir(out_dir)
     try:
-        out.mkdir(exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise XaiCompressError(f"--out {out}: cannot create folder ({exc.strerror})") from None
+        raise XaiCompressError(f"--out {out}: cannot create folder ({exc.strerror or exc})"
+                               ) from None
     check_writable(out / "report.json")
     from xaicompress.atomic import remove_stale_temps
 
@@ -70,36 +91,57 @@ def prepare_out_dir(out_dir: str | os.PathLike[str]) -> Path:
 
 def _source(config: PipelineConfig) -> dict[str, Any]:
     if config.checkpoint is not None:
-        p = Path(config.checkpoint)
-        if not p.is_file():
-            raise XaiCompressError(f"checkpoint {p}: file does not exist")
-        return {"checkpoint_sha256": file_hash(p)}
+        return {"checkpoint_sha256": file_hash(config.checkpoint),
+                "trusted": config.trusted_model}
     assert config.model is not None
     return {"model": config.model.name, "kwargs": config.model.kwargs}
 
 
-def preflight(config: PipelineConfig, bundle: DatasetBundle) -> None:
-    """Refuse budgets no model can meet before anything is trained or written.
+def read_inputs(config: PipelineConfig) -> tuple[DatasetBundle, Checkpoint | None]:
+    """Everything `compress` reads and checks before it writes anything: the data, the
+    checkpoint it starts from (its factory trusted when the config's `model:` names it)
+    and the stages' budgets (`preflight`)."""
+    start = None
+    if config.checkpoint is not None:
+        if not Path(config.checkpoint).is_file():
+            raise XaiCompressError(f"checkpoint {config.checkpoint}: file does not exist")
+        start = load_checkpoint(config.checkpoint, model=config.trusted_model)
+    bundle = load_dataset(config.data, seed=config.seed)
+    if start is not None:
+        check_data_fits(start, bundle.input_shape, bundle.num_classes, config.data)
+    preflight(config, bundle, start)
+    return bundle, start
+
+
+def preflight(config: PipelineConfig, bundle: DatasetBundle,
+              start: Checkpoint | None = None) -> None:
+    """Refuse options no model can meet before anything is trained or written.
 
     A `quantize` stage's `size_kb` must at least hold what is never quantized (biases,
     norms, one scale per channel); only structured pruning before it can shrink that, so
-    the check is exact until such a stage appears.
+    the check is exact until such a stage appears. A structured stage's `min_channels` must
+    leave something to prune in the model as it starts.
     """
     from xaicompress.checkpoint import ModelSpec
+    from xaicompress.pipeline.stages import check_min_channels
     from xaicompress.quant.integer import fixed_bytes, quantizable_layers
 
-    if config.checkpoint is not None:
-        return  # its size is known only after loading it; the stage itself will check
-    assert config.model is not None
-    spec = ModelSpec(config.model.name, tuple(bundle.input_shape), bundle.num_classes,
-                     dict(config.model.kwargs))
-    probe: Checkpoint | None = None
+    probe = start
+    if probe is None:
+        assert config.model is not None
+        spec = ModelSpec(config.model.name, tuple(bundle.input_shape), bundle.num_classes,
+                         dict(config.model.kwargs))
+        probe = Checkpoint(spec.build(), spec)
+    shrunk = False
     for i, st in enumerate(config.stages):
         if st.type == "prune_structured":
-            return
+            try:
+                check_min_channels(probe, st.min_channels)  # type: ignore[union-attr]
+            except OptionError as exc:
+                raise exc.named(f"stages[{i}].{exc.option}") from None
+            shrunk = True
         size_kb = getattr(st, "size_kb", None)
-        if st.type == "quantize" and size_kb is not None:
-            probe = probe or Checkpoint(spec.build(), spec)
+        if st.type == "quantize" and size_kb is not None and not shrunk:
             floor = fixed_bytes(probe, quantizable_layers(probe))
             if size_kb * 1024 < floor:
                 raise XaiCompressError(
@@ -107,21 +149,18 @@ def preflight(config: PipelineConfig, bundle: DatasetBundle) -> None:
                     f"model; its unquantized parts alone take {floor / 1024:.2f} KiB")
 
 
-def _make_baseline(config: PipelineConfig, bundle: DatasetBundle) -> Checkpoint:
-    """The user's checkpoint, or a model trained like `xaicompress train` (on the bundle
-    already loaded: loading a dataset twice is slow)."""
-    if config.checkpoint is not None:
-        ckpt = load_checkpoint(config.checkpoint)
-        check_data_fits(ckpt, bundle.input_shape, bundle.num_classes, config.data)
-        return ckpt
+def _make_baseline(config: PipelineConfig, bundle: DatasetBundle,
+                   start: Checkpoint | None) -> Checkpoint:
+    """The user's checkpoint (already read), or a model trained like `xaicompress train`
+    (on the bundle already loaded: loading a dataset twice is slow)."""
+    if start is not None:
+        return start.copy()
     from xaicompress.train import train_checkpoint
 
     assert config.model is not None
-    t = config.train
-    return train_checkpoint(config.model.name, config.data, epochs=t.epochs, seed=config.seed,
-                            optimizer=t.optimizer, lr=t.lr, batch_size=t.batch_size,
-                            model_kwargs=dict(config.model.kwargs), augment=t.augment,
-                            bundle=bundle)
+    return train_checkpoint(config.model.name, config.data, seed=config.seed,
+                            model_kwargs=dict(config.model.kwargs), bundle=bundle,
+                            **config.train.model_dump())
 
 
 def _measure(ckpt: Checkpoint, bundle: DatasetBundle, config: PipelineConfig, *, key: str,
@@ -144,6 +183,55 @@ def _store(cache: StageCache, ckpt: Checkpoint, key: str, label: str) -> Checkpo
     return checkpoint_from_bytes(raw, str(cache.path(key, label)), model=cache.model)
 
 
+NO_DEEPLIFT = "DeepLIFT cannot explain this model"
+
+
+class _Fidelity:
+    """The explanation fidelity of each stage against the baseline (`report.fidelity`).
+
+    Built lazily at the first computed stage. With `report: {fidelity: false}`, or when
+    DeepLIFT has no rule for a module of the model, the maps are skipped: cosine and top-10
+    overlap are NaN, `skipped` says why, and the prediction agreement is still measured."""
+
+    def __init__(self, config: PipelineConfig, baseline: Checkpoint, bundle: DatasetBundle):
+        self.config, self.baseline, self.bundle = config, baseline, bundle
+        self.probe: Any = None
+        self.skipped: str | None = None if config.report.fidelity else \
+            "switched off (report: {fidelity: false})"
+        self.reference: Any = None
+
+    def measure(self, model: Any) -> dict[str, Any]:
+        from xaicompress.report.fidelity import FidelityProbe
+
+        if self.probe is None and self.skipped is None:
+            try:
+                self.probe = FidelityProbe.build(self.baseline.model, self.bundle,
+                                                 self.config.report.fidelity_samples,
+                                                 seed=self.config.seed)
+            except XaiCompressError as exc:
+                self.skipped = f"{NO_DEEPLIFT}: {exc}"
+        if self.probe is not None:
+            return self.probe.measure(model)
+        return {"cosine": float("nan"), "top10_overlap": float("nan"),
+                "agreement": self._agreement(model), "samples": 0, "skipped": self.skipped}
+
+    def _agreement(self, model: Any) -> float:
+        from xaicompress.train import predict
+
+        if self.reference is None:
+            self.reference = predict(self.baseline.model, self.bundle.test)[0].argmax(1)
+        pred = predict(model, self.bundle.test)[0].argmax(1)
+        return round(float((pred == self.reference).float().mean() * 100), 4)
+
+
+def _kept(cache: StageCache, done: int, total: int) -> str:
+    if done == 0:
+        return "nothing was kept; the next run starts from scratch"
+    what = "the baseline" + (f" and {done - 1} of {total} stage(s)" if done > 1 else "")
+    return (f"{what} finished and kept in {cache.folder}; run the same command again to "
+            "resume from there")
+
+
 def run_pipeline(config: PipelineConfig, out_dir: str | os.PathLike[str], *,
                  cache_dir: str | os.PathLike[str] | None = None, plots: bool = True,
                  echo: Callable[[str], None] | None = None) -> PipelineResult:
@@ -152,70 +240,147 @@ def run_pipeline(config: PipelineConfig, out_dir: str | os.PathLike[str], *,
     cache_dir: where stage checkpoints are kept (default OUT/cache); `compare` shares one
     across criteria so the baseline of a seed is trained once.
     echo: called with one line per step (e.g. print), for a terminal log.
+    An interruption (SIGINT / SIGTERM) leaves every finished stage in the cache and is
+    re-raised with a note of what was kept.
     """
-    from xaicompress.report.fidelity import FidelityProbe
-
     say = echo or (lambda _msg: None)
     t_start = time.perf_counter()
+    check_out_dir(out_dir)
+    bundle, start = read_inputs(config)
     out = prepare_out_dir(out_dir)
     cache = StageCache(cache_dir if cache_dir is not None else out / "cache",
-                       model=config.model.name if config.model else None)
-    bundle = load_dataset(config.data, seed=config.seed)
-    preflight(config, bundle)
-    source = _source(config)
-    key = baseline_key(source, config.data,
-                       config.train.model_dump(mode="json") if config.model else {},
-                       config.seed)
+                       model=config.trusted_model)
+    steps: list[Checkpoint] = []
+    try:
+        baseline, cached = _run_stages(config, cache, steps, say, bundle, start)
+    except Interrupted as exc:
+        exc.kept = _kept(cache, len(steps), len(config.stages))
+        raise
+    ckpt = steps[-1] if steps else baseline
+    try:
+        files = _write_outputs(_heatmaps_possible(config, steps), out, baseline, steps,
+                               bundle, plots)
+    except Interrupted as exc:
+        exc.kept = f"the run had finished; its outputs in {out} were completed first"
+        raise
+    report = load_report(files["report_json"])
+    return PipelineResult(out, report, baseline, ckpt, cached, files,
+                          time.perf_counter() - t_start)
+
+
+def _run_stages(config: PipelineConfig, cache: StageCache, steps: list[Checkpoint],
+                say: Callable[[str], None], bundle: DatasetBundle, start: Checkpoint | None
+                ) -> tuple[Checkpoint, list[bool]]:
+    """The baseline and every stage, each from the cache or computed and stored; `steps`
+    receives the baseline first (so an interruption knows how many were kept), and leaves
+    with the stages only."""
+    data_id = data_fingerprint(bundle, memo=cache.folder / "data-fingerprints.json")
+    key = baseline_key(_source(config), {"spec": config.data, "content": data_id},
+                       config.train.model_dump(mode="json") if config.checkpoint is None
+                       else {}, config.seed)
     label = "00-baseline"
     baseline = cache.load(key, label)
     cached = [baseline is not None]
     if baseline is None:
         say("baseline: " + ("loading checkpoint" if config.checkpoint else "training"))
         t0 = time.perf_counter()
-        base = _make_baseline(config, bundle)
+        base = _make_baseline(config, bundle, start)
         base = _measure(base, bundle, config, key=key, name="baseline", kind="baseline",
                         criterion=None, seconds=time.perf_counter() - t0,
                         fidelity=dict(IDENTITY_FIDELITY, samples=0))
         baseline = _store(cache, base, key, label)
     else:
         say("baseline: cached")
+    steps.append(baseline)
 
-    probe: FidelityProbe | None = None
-    steps: list[Checkpoint] = []
+    fidelity = _Fidelity(config, baseline, bundle)
+    # what a stage's stored measurements depend on besides the stage itself
+    measured = config.report.model_dump(include={"fidelity", "fidelity_samples",
+                                                 "latency_repeats"})
     ckpt = baseline
     n = len(config.stages)
     for i, st in enumerate(track(config.stages, "compress", total=n)):
         seed_i = stage_seed(config.seed, i)
-        key = stage_key(key, st.model_dump(mode="json"), seed_i)
+        key = stage_key(key, {**st.model_dump(mode="json"), "measured": measured}, seed_i)
         label = f"{i + 1:02d}-{st.type}"
         hit = cache.load(key, label)
         cached.append(hit is not None)
         if hit is None:
             say(f"stage {i + 1}/{n} {st.label()}: running")
             t0 = time.perf_counter()
-            new = run_stage(ckpt, bundle, st, seed_i)
+            try:
+                new = run_stage(ckpt, bundle, st, seed_i)
+            except OptionError as exc:
+                raise exc.named(f"stages[{i}].{exc.option}") from None
             seconds = time.perf_counter() - t0
-            if probe is None:
-                probe = FidelityProbe.build(baseline.model, bundle,
-                                            config.report.fidelity_samples, seed=config.seed)
-            fid = probe.measure(new.model)
             new = _measure(new, bundle, config, key=key, name=st.label(), kind=st.type,
                            criterion=getattr(st, "criterion", None), seconds=seconds,
-                           fidelity=fid)
+                           fidelity=fidelity.measure(new.model))
             hit = _store(cache, new, key, label)
         else:
             say(f"stage {i + 1}/{n} {st.label()}: cached")
         steps.append(hit)
         ckpt = hit
+    steps.pop(0)
+    return baseline, cached
 
+
+def _heatmaps_possible(config: PipelineConfig, steps: list[Checkpoint]) -> PipelineConfig:
+    """`config`, with no heatmaps when DeepLIFT could not explain the model (the report's
+    fidelity says why), so the outputs are still written."""
+    reasons = [ck.metrics["pipeline"]["fidelity"].get("skipped") or "" for ck in steps]
+    if not any(r.startswith(NO_DEEPLIFT) for r in reasons):
+        return config
+    return config.model_copy(update={"report": config.report.model_copy(
+        update={"heatmaps": 0})})
+
+
+MANIFEST_NAME = ".xaicompress-outputs.json"
+REPORT_NAMES = ("report.json", "report.md")
+
+
+def _read_manifest(out: Path) -> dict[str, str]:
+    """name -> sha256 of the files the previous run wrote into `out` (empty if none)."""
+    try:
+        data = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+        files = data["files"]
+        return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _remove_ours(out: Path, names: list[str], manifest: dict[str, str]) -> None:
+    """Delete the named files of `out` that the previous run wrote and nobody changed since
+    (same content as recorded); anything else, the user's files included, stays."""
+    for name in names:
+        p = out / name
+        if name not in manifest or "/" in name or not p.is_file() or p.is_symlink():
+            continue
+        with contextlib.suppress(OSError):
+            if file_hash(p) == manifest[name]:
+                p.unlink()
+
+
+def _write_outputs(config: PipelineConfig, out: Path, baseline: Checkpoint,
+                   steps: list[Checkpoint], bundle: DatasetBundle, plots: bool
+                   ) -> dict[str, Path]:
+    """Write the output set consistently: the previous run's report goes first (so new model
+    files never stand next to an old report), then the models, plots and the new report;
+    files the previous run wrote that this one does not (model.onnx after `export: {onnx:
+    false}`) are removed if unchanged; a manifest records what was written. A SIGINT /
+    SIGTERM meanwhile is held until the set is complete. Only rank 0 writes (no collectives
+    in there); the others wait for its list of files."""
     from xaicompress.distributed import broadcast_object, is_rank0
 
-    # Only rank 0 writes the outputs (no collectives in there); the others wait for its
-    # list of files and read its report.
-    files = write_outputs(config, out, baseline, steps, bundle, plots=plots) if is_rank0() \
-        else None
-    files = broadcast_object(files)
-
-    report = load_report(files["report_json"])
-    return PipelineResult(out, report, baseline, ckpt, cached, files,
-                          time.perf_counter() - t_start)
+    files = None
+    if is_rank0():
+        with deferred():
+            old = _read_manifest(out)
+            _remove_ours(out, list(REPORT_NAMES), old)
+            with record_writes() as written:
+                files = write_outputs(config, out, baseline, steps, bundle, plots=plots)
+            mine = {p.name: p for p in written if p.parent == out}
+            _remove_ours(out, [n for n in old if n not in mine], old)
+            atomic_write_text(out / MANIFEST_NAME, json.dumps(
+                {"files": {n: file_hash(p) for n, p in sorted(mine.items())}}, indent=1) + "\n")
+    return broadcast_object(files)

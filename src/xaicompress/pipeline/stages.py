@@ -1,21 +1,26 @@
-"""The stage registry: config `type` -> the library step that runs it.
+"""The stage registry: config `type` -> its options model and the function that runs it.
 
-Each stage function has the shape `fn(ckpt, bundle, stage_config, seed) -> Checkpoint`: it
-calls one library step (pruning, weight sharing, quantization, fine-tuning) with the
-options of its config, and never mutates `ckpt`. The pipeline knows nothing else about a
-stage, so a new compression step adds one function here and one config model.
+A stage is a pydantic model of its options (in `pipeline/config.py`: types, defaults,
+ranges, help) and a runner `fn(ckpt, bundle, stage_config, seed) -> Checkpoint` that calls
+one library step (pruning, weight sharing, quantization, fine-tuning) with those options and
+never mutates `ckpt`. `compress` runs configured stages through `run_stage`, and so do the
+`prune`, `share`, `quantize` and `finetune` commands: one runner, one set of defaults.
+A new step adds its model to `config.STAGE_MODELS` and one `@register_stage(Model)` here;
+registering a type twice is an error, never a silent overwrite.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from xaicompress.checkpoint import Checkpoint
 from xaicompress.data import DatasetBundle
-from xaicompress.errors import XaiCompressError
+from xaicompress.errors import OptionError, XaiCompressError
 from xaicompress.pipeline.config import (
+    STAGE_MODELS,
     FinetuneStage,
     PruneStructuredStage,
     PruneUnstructuredStage,
@@ -24,12 +29,30 @@ from xaicompress.pipeline.config import (
 )
 
 StageFn = Callable[[Checkpoint, DatasetBundle, Any, int], Checkpoint]
-STAGES: dict[str, StageFn] = {}
 
 
-def register_stage(stage_type: str) -> Callable[[StageFn], StageFn]:
+@dataclass(frozen=True)
+class StageDef:
+    """A registered stage: its options model and its runner."""
+
+    model: type
+    run: StageFn
+
+
+STAGES: dict[str, StageDef] = {}
+
+
+def register_stage(model: type, *, replace: bool = False) -> Callable[[StageFn], StageFn]:
+    """Register `fn` as the runner of `model`'s stage type; refuses a type already
+    registered unless `replace=True` (an explicit overwrite)."""
+    stage_type = model.stage_type()  # type: ignore[attr-defined]
+
     def deco(fn: StageFn) -> StageFn:
-        STAGES[stage_type] = fn
+        if stage_type in STAGES and not replace:
+            raise ValueError(f"stage type {stage_type!r} is already registered (by "
+                             f"{STAGES[stage_type].run.__qualname__}); pass replace=True to "
+                             "overwrite it")
+        STAGES[stage_type] = StageDef(model, fn)
         return fn
 
     return deco
@@ -37,11 +60,11 @@ def register_stage(stage_type: str) -> Callable[[StageFn], StageFn]:
 
 def run_stage(ckpt: Checkpoint, bundle: DatasetBundle, stage: Any, seed: int) -> Checkpoint:
     """Run one configured stage on a copy of `ckpt` (seeded with `seed`)."""
-    fn = STAGES.get(stage.type)
-    if fn is None:
+    entry = STAGES.get(stage.type)
+    if entry is None:
         raise XaiCompressError(f"stage type {stage.type!r}: no implementation registered "
                                f"(known: {', '.join(STAGES)})")
-    return fn(ckpt, bundle, stage, seed)
+    return entry.run(ckpt, bundle, stage, seed)
 
 
 def stage_criterion(spec: str, seed: int) -> Any:
@@ -61,16 +84,29 @@ def stage_criterion(spec: str, seed: int) -> Any:
     return crit
 
 
-@register_stage("prune_structured")
+@register_stage(PruneStructuredStage)
 def _prune_structured(ckpt: Checkpoint, bundle: DatasetBundle, st: PruneStructuredStage,
                       seed: int) -> Checkpoint:
     from xaicompress.prune.structured import prune_structured
 
+    check_min_channels(ckpt, st.min_channels)
     return prune_structured(ckpt, stage_criterion(st.criterion, seed), bundle, seed=seed,
                             **st.options())
 
 
-@register_stage("prune_unstructured")
+def check_min_channels(ckpt: Checkpoint, min_channels: int) -> None:
+    """A floor at or above every layer's width would prune nothing: say so."""
+    from torch import nn
+
+    widths = [m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+              for m in ckpt.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    widest = max(widths[:-1] or widths, default=0)  # the classifier's outputs never go
+    if widths and min_channels >= widest:
+        raise OptionError("min_channels", min_channels, f"expected fewer than the widest "
+                          f"prunable layer's {widest} channels (nothing could be pruned)")
+
+
+@register_stage(PruneUnstructuredStage)
 def _prune_unstructured(ckpt: Checkpoint, bundle: DatasetBundle, st: PruneUnstructuredStage,
                         seed: int) -> Checkpoint:
     from xaicompress.prune.unstructured import prune_unstructured
@@ -79,7 +115,7 @@ def _prune_unstructured(ckpt: Checkpoint, bundle: DatasetBundle, st: PruneUnstru
                               **st.options())
 
 
-@register_stage("share")
+@register_stage(ShareStage)
 def _share(ckpt: Checkpoint, bundle: DatasetBundle, st: ShareStage, seed: int) -> Checkpoint:
     from xaicompress.quant.codebook import share_weights
 
@@ -87,7 +123,7 @@ def _share(ckpt: Checkpoint, bundle: DatasetBundle, st: ShareStage, seed: int) -
                          **st.options())
 
 
-@register_stage("quantize")
+@register_stage(QuantizeStage)
 def _quantize(ckpt: Checkpoint, bundle: DatasetBundle, st: QuantizeStage,
               seed: int) -> Checkpoint:
     from xaicompress.quant.integer import quantize
@@ -96,27 +132,32 @@ def _quantize(ckpt: Checkpoint, bundle: DatasetBundle, st: QuantizeStage,
                     **st.options())
 
 
-@register_stage("finetune")
+@register_stage(FinetuneStage)
 def _finetune(ckpt: Checkpoint, bundle: DatasetBundle, st: FinetuneStage,
               seed: int) -> Checkpoint:
     """Fine-tune with the training that keeps this checkpoint's constraints: centroid
     training when layers are shared, straight-through QAT when integer-quantized, masked
-    training otherwise (the projection is exact for masks)."""
+    training otherwise (the projection is exact for masks). Options left unset (None) take
+    that training's own default."""
     layers = ckpt.state.layers.values()
-    batch = {"batch_size": st.batch_size} if st.batch_size is not None else {}
+    given = {k: v for k, v in (("lr", st.lr), ("batch_size", st.batch_size)) if v is not None}
     if any(lc.codebook is not None for lc in layers):
         from xaicompress.quant.share_finetune import finetune_shared
 
-        return finetune_shared(ckpt, bundle.train, epochs=st.epochs, lr=st.lr, seed=seed,
-                               **batch)
+        return finetune_shared(ckpt, bundle.train, epochs=st.epochs, seed=seed, **given)
     if any(lc.grid is not None for lc in layers):
         from xaicompress.quant.qat import qat_train
 
         out = ckpt.copy()
-        qat_train(out, bundle.train, epochs=st.epochs, lr=st.lr or 1e-4, seed=seed, **batch)
+        qat_train(out, bundle.train, epochs=st.epochs, seed=seed, **given)
         out.history.append({"stage": "qat", "epochs": st.epochs, "lr": st.lr, "seed": seed})
         return out
     from xaicompress.train import finetune_checkpoint
 
-    return finetune_checkpoint(ckpt, bundle.train, epochs=st.epochs, lr=st.lr, seed=seed,
-                               optimizer=st.optimizer, **batch)
+    return finetune_checkpoint(ckpt, bundle.train, epochs=st.epochs, seed=seed,
+                               optimizer=st.optimizer, **given)
+
+
+_missing = [m.stage_type() for m in STAGE_MODELS if m.stage_type() not in STAGES]
+if _missing:  # a model in the config schema without a runner: fail at import, not mid-run
+    raise ImportError(f"stage types without a runner: {_missing}")

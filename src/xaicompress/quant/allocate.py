@@ -14,8 +14,11 @@ The solver knows nothing about quantization: the integer quantizer (bits) and we
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+import os
+import sys
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -66,15 +69,16 @@ def allocate_bits(errors: Mapping[str, Mapping[int, float]],
     one_each[owner, np.arange(n_vars)] = 1.0
     limit = budget
     for _attempt in range(4):
-        res = milp(
-            c=obj,
-            integrality=np.ones(n_vars),
-            bounds=Bounds(0, 1),
-            constraints=[LinearConstraint(one_each, 1, 1),
-                         LinearConstraint((cost / cost_scale)[None, :], -np.inf,
-                                          limit / cost_scale)],
-            options={"mip_rel_gap": 0.0, "presolve": True},
-        )
+        with _quiet_native_output():
+            res = milp(
+                c=obj,
+                integrality=np.ones(n_vars),
+                bounds=Bounds(0, 1),
+                constraints=[LinearConstraint(one_each, 1, 1),
+                             LinearConstraint((cost / cost_scale)[None, :], -np.inf,
+                                              limit / cost_scale)],
+                options={"mip_rel_gap": 0.0, "presolve": True, "disp": False},
+            )
         if res.x is None:
             # Only reachable when the tolerance-tightened limit drops below the cheapest choice.
             break
@@ -95,6 +99,31 @@ def allocate_bits(errors: Mapping[str, Mapping[int, float]],
     # Fall back to the cheapest choices, which are feasible by the check above.
     return {name: min(choices[i], key=lambda c, n=name: (costs[n][c], errors[n][c]))
             for i, name in enumerate(layers)}
+
+
+@contextlib.contextmanager
+def _quiet_native_output() -> Iterator[None]:
+    """Silence what the solver's C++ code prints itself (HiGHS writes debug lines such as
+    `HighsMipSolverData::...` straight to file descriptors 1 and 2, past `disp=False`), so
+    they never land in the middle of a command's output."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no real descriptors (an embedding host): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
 
 
 def _flatten(errors: Mapping[str, Mapping[int, float]],

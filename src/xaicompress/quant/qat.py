@@ -34,7 +34,7 @@ class STEQuant(nn.Module):
         return self.mask.apply(out) if self.mask is not None else out
 
 
-def qat_train(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1, lr: float = 1e-4,
+def qat_train(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1, lr: float = 1e-3,
               seed: int = 0, batch_size: int = 64) -> Checkpoint:
     """Train `ckpt` IN PLACE with the STE on its quantized layers; returns it.
 
