@@ -76,7 +76,7 @@ def test_step_commands_use_the_config_models(tmp_path, run_cli):
     code, stdout, err = run_cli("finetune", shared, "--epochs", "0.2", "--out", tuned)
     assert code == 0 and "test accuracy" in stdout, err
     sh = load_checkpoint(tuned)
-    assert all(len(lc.codebook) <= 4 for lc in sh.state.layers.values()
+    assert all(lc.codebook.k <= 4 for lc in sh.state.layers.values()
                if lc.codebook is not None)
     code, out, err = run_cli("quantize", base, "--avg-bits", "4", "--criterion", "l1",
                              "--json", "--out", tmp_path / "q.safetensors")
