@@ -136,3 +136,27 @@ def test_make_loader_uses_distributed_sampler(tmp_path) -> None:
         assert len(loader) == 2
     finally:
         dist.destroy_process_group()
+
+
+def test_split_option_gives_another_partition_of_the_same_images():
+    from xaicompress.data import load_dataset
+
+    a, b = load_dataset("mnist5k"), load_dataset("mnist5k?split=1")
+    assert len(a.train) == len(b.train) == 4000 and len(a.test) == len(b.test) == 1000
+    xa = torch.stack([a.test[i][0] for i in range(len(a.test))])
+    xb = torch.stack([b.test[i][0] for i in range(len(b.test))])
+    assert not torch.equal(xa, xb)  # other test images ...
+    ya = torch.tensor([int(a.test[i][1]) for i in range(len(a.test))])
+    yb = torch.tensor([int(b.test[i][1]) for i in range(len(b.test))])
+    assert torch.equal(ya.bincount(), yb.bincount())  # ... with the same class balance
+    assert torch.equal(load_dataset("mnist5k?split=0").test[7][0], a.test[7][0])
+
+
+def test_split_option_is_checked():
+    from xaicompress.data import load_dataset
+
+    for bad in ("mnist5k?split=-1", "mnist5k?split=x", "mnist5k?split=1001"):
+        with pytest.raises(XaiCompressError, match="split"):
+            load_dataset(bad)
+    with pytest.raises(XaiCompressError, match="embedded"):
+        load_dataset("idx:/nowhere?split=1")

@@ -200,16 +200,16 @@ def test_users_own_model_from_its_checkpoint_and_no_deeplift_rule(tmp_path, monk
     from xaicompress.checkpoint import save_checkpoint
     from xaicompress.train import train_checkpoint
 
-    (tmp_path / "usernets_outputs.py").write_text(USER_MODEL)
+    (tmp_path / "usernets_out.py").write_text(USER_MODEL)
     monkeypatch.syspath_prepend(str(tmp_path))
-    ckpt = save_checkpoint(train_checkpoint("usernets_outputs:build", "digits", epochs=0.2),
+    ckpt = save_checkpoint(train_checkpoint("usernets_out:build", "digits", epochs=0.2),
                            tmp_path / "mine.safetensors")
     stages = [{"type": "prune_unstructured", "criterion": "l1", "ratio": 0.5}]
     untrusted = validate_config({"checkpoint": str(ckpt), "data": "digits", "stages": stages})
-    with pytest.raises(XaiCompressError, match="usernets_outputs:build"):
+    with pytest.raises(XaiCompressError, match="usernets_out:build"):
         run_pipeline(untrusted, tmp_path / "no")
     assert not (tmp_path / "no").exists()
-    cfg = validate_config({"checkpoint": str(ckpt), "model": "usernets_outputs:build", "data": "digits",
+    cfg = validate_config({"checkpoint": str(ckpt), "model": "usernets_out:build", "data": "digits",
                            "stages": stages, "report": {"heatmaps": 2, "latency_repeats": 1}})
     res = run_pipeline(cfg, tmp_path / "yes")
     fid = res.report["stages"][0]["fidelity"]

@@ -6,7 +6,8 @@
   ``random_state=0``.
 
 The split seed is fixed (never the user's seed) so every run, every stage and every
-machine sees exactly the same train and test images.
+machine sees exactly the same train and test images; ``?split=N`` picks another fixed
+partition (seed N) of the same images, for checking results on a second split.
 """
 
 from __future__ import annotations
@@ -40,25 +41,29 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(x), np.asarray(y, dtype=np.int64)
 
 
-def _split(x: np.ndarray, y: np.ndarray, test_size: float | int):
+def _split(x: np.ndarray, y: np.ndarray, test_size: float | int, split: int = SPLIT_SEED):
     from sklearn.model_selection import train_test_split
 
-    return train_test_split(x, y, test_size=test_size, stratify=y, random_state=SPLIT_SEED)
+    return train_test_split(x, y, test_size=test_size, stratify=y, random_state=split)
 
 
-def load_mnist5k(spec: str, image_size: int | None = None) -> DatasetBundle:
-    """4,000 train / 1,000 test MNIST digits, images (1, 28, 28) (or resized)."""
+def load_mnist5k(spec: str, image_size: int | None = None, split: int = SPLIT_SEED
+                 ) -> DatasetBundle:
+    """4,000 train / 1,000 test MNIST digits, images (1, 28, 28) (or resized); `split`
+    selects the stratified partition."""
     x, y = _mnist5k_arrays()
-    x_tr, x_te, y_tr, y_te = _split(x, y, test_size=1000)
+    x_tr, x_te, y_tr, y_te = _split(x, y, test_size=1000, split=split)
     return _bundle(spec, x_tr / 255.0, y_tr, x_te / 255.0, y_te, 28, image_size)
 
 
-def load_digits(spec: str, image_size: int | None = None) -> DatasetBundle:
+def load_digits(spec: str, image_size: int | None = None, split: int = SPLIT_SEED
+                ) -> DatasetBundle:
     """scikit-learn digits, 80/20 stratified, images (1, 8, 8) (or resized)."""
     from sklearn.datasets import load_digits as sk_load_digits
 
     data = sk_load_digits()
-    x_tr, x_te, y_tr, y_te = _split(data.data, data.target.astype(np.int64), test_size=0.2)
+    x_tr, x_te, y_tr, y_te = _split(data.data, data.target.astype(np.int64), test_size=0.2,
+                                    split=split)
     return _bundle(spec, x_tr / 16.0, y_tr, x_te / 16.0, y_te, 8, image_size)
 
 

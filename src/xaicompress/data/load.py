@@ -34,15 +34,19 @@ def load_dataset(spec: str, *, seed: int = 0, image_size: int | None = None) -> 
     ):
         raise XaiCompressError(f"image size {image_size!r}: expected 1..{MAX_IMAGE_SIZE}")
     size = parsed.options.get("size", image_size)
+    split = parsed.options.get("split", 0)
+    if split and parsed.kind not in ("mnist5k", "digits"):
+        raise XaiCompressError(f"--data {spec!r}: option split=N applies to the embedded "
+                               "datasets only (a folder's own train/test split is kept)")
     try:
         if parsed.kind == "mnist5k":
             from xaicompress.data.embedded import load_mnist5k
 
-            return load_mnist5k(spec, size)
+            return load_mnist5k(spec, size, split)
         if parsed.kind == "digits":
             from xaicompress.data.embedded import load_digits
 
-            return load_digits(spec, size)
+            return load_digits(spec, size, split)
         root = _folder(spec, parsed.path or "")
         if parsed.kind == "idx":
             from xaicompress.data.idx import load_idx

@@ -12,8 +12,11 @@ Examples: ``mnist5k``, ``digits``, ``idx:~/data/FashionMNIST``, ``cifar10:/data/
 * ``mnist5k`` and ``digits`` are embedded and take no PATH; every other kind needs one.
 * The PATH is everything after the first colon (so ``folder:C:\\imgs`` works) up to the last
   ``?`` that starts a well-formed option list.
-* Only one option exists: ``size=N`` (1..4096) resizes images to N x N (for ``folder`` the
-  default is 32; for in-memory kinds the native size is kept unless asked).
+* ``size=N`` (1..4096) resizes images to N x N (for ``folder`` the default is 32; for
+  in-memory kinds the native size is kept unless asked).
+* ``split=N`` (0..1000, embedded kinds only) draws a different stratified train/test
+  partition of the same images (``split=0`` is the default one): a second split on which
+  to check that a configuration chosen on the first is not tuned to its test images.
 
 Parsing never touches the filesystem: whether PATH exists is checked by `load_dataset`.
 Any malformed input raises `XaiCompressError`, never another exception type.
@@ -69,6 +72,15 @@ def _parse_size(spec: str, value: str) -> int:
     return size
 
 
+MAX_SPLIT = 1000
+
+
+def _parse_split(spec: str, value: str) -> int:
+    if not value.isascii() or not value.isdigit() or not 0 <= int(value) <= MAX_SPLIT:
+        raise _bad(spec, f"option split={value!r} must be an integer in 0..{MAX_SPLIT}")
+    return int(value)
+
+
 def _parse_options(spec: str, text: str) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for pair in text.split("&"):
@@ -77,8 +89,10 @@ def _parse_options(spec: str, text: str) -> dict[str, Any]:
             raise _bad(spec, f"option {key!r} given twice")
         if key == "size":
             options[key] = _parse_size(spec, value)
+        elif key == "split":
+            options[key] = _parse_split(spec, value)
         else:
-            raise _bad(spec, f"unknown option {key!r}; the only option is size=N")
+            raise _bad(spec, f"unknown option {key!r}; expected size=N or split=N")
     return options
 
 
