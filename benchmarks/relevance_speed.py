@@ -116,6 +116,22 @@ def peak_rss_mb(name: str, n: int, seed: int, vgg_width: float) -> float:
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
+def write_block(path: Path, name: str, text: str) -> None:
+    """Replace the block `name` of a markdown file shared by several scripts (kept between
+    `<!-- begin name -->` and `<!-- end name -->`), or append it."""
+    from xaicompress.atomic import atomic_write_text
+
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    old = path.read_text() if path.is_file() else "## Relevance engine\n"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, new.rstrip() + "\n")
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
