@@ -105,6 +105,7 @@ def _vision(source, name):
 @pytest.mark.parametrize("source,name", [
     ("torchvision", "mobilenet_v3_small"),  # depthwise convs, squeeze-excitation, Hardswish
     ("torchvision", "shufflenet_v2_x0_5"),  # grouped convs and a channel shuffle
+    ("torchvision", "squeezenet1_1"),       # ReLU(inplace=True) straight after each conv
     ("timm", "tf_efficientnet_lite0"),      # Conv2dSame: TensorFlow "same" padding in forward
     ("timm", "efficientvit_b0"),            # LiteMLA: torch.fx cannot trace it
 ])

@@ -171,6 +171,10 @@ class Canonical:
              Conv2d/Linear feeding it straight, for RevealCancel.
     after_activation: max-pool targets fed straight by an elementwise nonlinearity
              (maxpool=captum leaves those unwrapped, reproducing Captum's hook order).
+    input_cut: the Conv2d/Linear calls every path from the input crosses first (a clean
+             cut: nothing else reads what lies before them), e.g. {"conv1"}; empty when
+             there is none. Their contributions add up to the input's, so the backward
+             pass can stop there when input-space maps are not wanted.
     """
 
     module: fx.GraphModule
@@ -179,6 +183,7 @@ class Canonical:
     origin: dict[str, str] = field(default_factory=dict)
     heads: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
     after_activation: set[str] = field(default_factory=set)
+    input_cut: set[str] = field(default_factory=set)
 
     @property
     def names(self) -> dict[str, str]:
@@ -294,9 +299,31 @@ class _Rewriter:
             else:
                 self.kind[node] = self.visit(node)
         _find_heads(self.canon)
+        self.canon.input_cut = self.input_cut()
         self.gm.graph.lint()
         self.gm.recompile()
         return self.canon
+
+    def input_cut(self) -> set[str]:
+        """Layer calls that separate the input from everything else (see Canonical)."""
+        pure: set[fx.Node] = set()
+        frontier: set[str] = set()
+        for node in self.gm.graph.nodes:
+            if self.kind.get(node) != SIGNAL:
+                continue
+            sources = [a for a in node.all_input_nodes if self.kind.get(a) == SIGNAL]
+            if node.op == "placeholder" or (node.target not in self.canon.layers and sources
+                                            and all(a in pure for a in sources)):
+                pure.add(node)
+            elif node.op == "call_module" and node.target in self.canon.layers and all(
+                    a in pure for a in sources):
+                frontier.add(node.target)
+            elif any(a in pure for a in sources):
+                return set()  # something else reads the input side: no clean cut
+        outputs = [n for n in self.gm.graph.nodes if n.op == "output"]
+        if not frontier or any(a in pure for n in outputs for a in n.all_input_nodes):
+            return set()
+        return frontier
 
     def visit(self, node: fx.Node) -> int:
         k = self.kind_of((node.args, node.kwargs))

@@ -129,7 +129,7 @@ class DeepLift(AccumulatingCriterion):
                 run.engine.set_reference(run.ref.per_sample(xs))
             rows = xs.repeat_interleave(group, 0) if group > 1 else xs
             res = run.engine.attribute(rows, opt.rows_target(self.target, ys, group),
-                                       lambda p: self._on_layer(run, sums, p))
+                                       lambda p: self._on_layer(run, sums, p), inputs=False)
             sums.maximum("delta", float(res.delta.abs().max()))
             sums.add("rows", len(rows))
             sums.add("abs_delta_f", res.delta_f.abs().sum())

@@ -79,6 +79,18 @@ class _State:
         self.captum_pools = False
         self.callback: LayerCallback | None = None
         self.ref_rows = 1
+        self.cut = False  # stop the backward pass at the input cut (no input maps)
+        self.cut_total: Tensor | None = None  # (R,) contributions summed at the cut
+
+    def add_cut(self, p: LayerPass) -> None:
+        """Add a cut layer's contributions, per row, to the input-side total."""
+        if p.split is not None:
+            dzp, dzn, mp, mn = p.split
+            c = dzp * mp + dzn * mn
+        else:
+            c = (p.z - p.z_ref) * p.m
+        total = c.flatten(1).sum(1)
+        self.cut_total = total if self.cut_total is None else self.cut_total + total
 
     def rows(self, memo: tuple, n: int) -> tuple:
         """Reference memo for n input rows: as is when it broadcasts (1 row) or matches,
@@ -122,6 +134,7 @@ class LayerProbe(nn.Module):
         self.layer, self.state, self.name = layer, state, name
         self.memo: tuple[Tensor, Tensor] | None = None
         self.head: RevealCancelHead | None = None
+        self.at_cut = False
 
     def forward(self, x: Tensor) -> Tensor:
         st = self.state
@@ -136,13 +149,20 @@ class LayerProbe(nn.Module):
         x_ref, z_ref = st.rows(self.memo, x.shape[0])
         head = self.head if st.opts.rule == "revealcancel" else None
         z = head_forward(self.layer, x, x_ref, head) if head is not None else self.layer(x)
+        cut = st.cut and self.at_cut
+        if cut:  # the backward pass ends here: the input's gradient is not needed
+            z = z.detach().requires_grad_(True)
         cb = st.callback
-        if cb is not None and z.requires_grad:
+        if (cb is not None or cut) and z.requires_grad:
             xd, zd, layer, name = x.detach(), z.detach(), self.layer, self.name
 
             def on_grad(m: Tensor) -> None:
-                cb(LayerPass(name, layer, xd, x_ref, zd, z_ref, m,
-                             head.split() if head is not None else None))
+                p = LayerPass(name, layer, xd, x_ref, zd, z_ref, m,
+                              head.split() if head is not None else None)
+                if cut:
+                    st.add_cut(p)
+                if cb is not None:
+                    cb(p)
 
             z.register_hook(on_grad)
         return z
@@ -206,6 +226,8 @@ class _Instrumented:
             rule_mods[act].head = head
         for target in canon.after_activation:
             rule_mods[target].captum_plain = True
+        for target in canon.input_cut:
+            probes[target].at_cut = True
         self.layer_names = {t: p.name for t, p in probes.items()}
 
     @contextmanager
@@ -247,13 +269,13 @@ def instrumented(model: nn.Module) -> _Instrumented:
 class BatchAttribution:
     """What one batch of R rows gave.
 
-    inputs:  (R, C, H, W) input-space contributions (x - x_ref) * m_x
+    inputs:  (R, C, H, W) input-space contributions (x - x_ref) * m_x (None when not asked)
     logits:  (R, K) model outputs on the inputs
     delta_f: (R,) f_t(x) - f_t(x_ref) of the target (sum over classes for target "all")
     delta:   (R,) sum of `inputs` minus delta_f: the convergence delta (0 in exact maths)
     """
 
-    inputs: Tensor
+    inputs: Tensor | None
     logits: Tensor
     delta_f: Tensor
     delta: Tensor
@@ -306,24 +328,37 @@ class DeepLiftEngine:
         return out
 
     def attribute(self, x: Tensor, target: Tensor | str,
-                  on_layer: LayerCallback | None = None) -> BatchAttribution:
+                  on_layer: LayerCallback | None = None, *,
+                  inputs: bool = True) -> BatchAttribution:
         """Input pass and one backward pass over rows x (R, C, H, W).
 
         target: class index per row (R,) int64, "pred" (argmax per row) or "all" (the sum
         of all class outputs, by linearity the sum of every class's contributions).
+        inputs=False: no input-space maps are wanted (`inputs` is None then); where the
+        model has an input cut (`Canonical.input_cut`, e.g. its first conv) the backward
+        pass stops there and the convergence delta is taken at the cut, whose
+        contributions sum to the input's (the first convolution's input gradient, often
+        the most expensive one, is skipped).
         """
         inst = self.inst
         if inst.ref_x is None or inst.ref_out is None:
             raise RuntimeError("set_reference must run before attribute")
         n = x.shape[0]
-        xr = x.detach().requires_grad_(True)
+        cut = not inputs and bool(inst.canon.input_cut)
+        xr = x.detach() if cut else x.detach().requires_grad_(True)
         with inst.session(self.model, "input", self.opts, self.maxpool == "captum",
                           on_layer) as st, torch.enable_grad():
+            st.cut, st.cut_total = cut, None
             out = _logits(inst.gm(xr))
             st.mode = "off"
             grad_out = _target_grad(out, target)
             delta_f = ((out.detach() - match_rows(inst.ref_out, n)) * grad_out).sum(1)
             out.backward(grad_out)
+            total = st.cut_total
+            st.cut, st.cut_total = False, None
+        if cut:
+            total = total if total is not None else torch.zeros_like(delta_f)
+            return BatchAttribution(None, out.detach(), delta_f, total.detach() - delta_f)
         grad = xr.grad if xr.grad is not None else torch.zeros_like(xr)
         contrib = (xr.detach() - match_rows(inst.ref_x, n)) * grad
         delta = contrib.flatten(1).sum(1) - delta_f

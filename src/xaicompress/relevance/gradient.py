@@ -38,10 +38,15 @@ GradCallback = Callable[[str, nn.Module, Tensor, Tensor, Tensor], None]
 
 
 def _gradient_hook(name: str, cb: GradCallback) -> Callable[..., None]:
-    """Forward hook handing (x, z, dT/dz) to `cb` during backward."""
-    def hook(layer: nn.Module, inputs: tuple[Any, ...], z: Any) -> None:
-        if not (isinstance(z, Tensor) and z.requires_grad):
-            return
+    """Forward hook handing (x, z, dT/dz) to `cb` during backward. The input batch does not
+    require a gradient, so a layer fed straight by it returns its output as a new leaf:
+    the backward pass ends there (no input gradient of the first layer is computed)."""
+    def hook(layer: nn.Module, inputs: tuple[Any, ...], z: Any) -> Tensor | None:
+        if not (isinstance(z, Tensor) and z.is_floating_point() and torch.is_grad_enabled()):
+            return None  # (also the no-grad recomputation below)
+        leaf = not z.requires_grad
+        if leaf:  # a copy, not the leaf itself: an in-place ReLU may follow
+            z = z.detach().requires_grad_(True).clone()
         x, zd = inputs[0].detach(), z.detach()
         vx, vz = x._version, zd._version
 
@@ -56,6 +61,7 @@ def _gradient_hook(name: str, cb: GradCallback) -> Callable[..., None]:
             cb(name, layer, x, zz, g)
 
         z.register_hook(on_grad)
+        return z if leaf else None
 
     return hook
 
@@ -102,7 +108,7 @@ class GradientCriterion(AccumulatingCriterion):
         return run
 
     def accumulate(self, run: _GradRun, x: Tensor, y: Tensor, sums: Sums) -> None:
-        x = x.to(run.dtype).requires_grad_(True)
+        x = x.to(run.dtype)
         with torch.enable_grad():
             self.objective(run.model(x), y).backward()
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd import Function
+from torch.nn.modules.utils import _pair
 
 from xaicompress.errors import XaiCompressError
 
@@ -130,11 +131,13 @@ def derivative(fn: nn.Module, x: Tensor) -> Tensor:
 
 
 def _ratio(dy: Tensor, dx: Tensor, fallback: Callable[[], Tensor], eps: float) -> Tensor:
-    """dy / dx, and `fallback()` where |dx| < eps (computed only when some are)."""
-    m = dy / dx
-    small = dx.abs() < eps
-    if bool(small.any()):
-        m = torch.where(small, fallback(), m)
+    """dy / dx, and `fallback()` where |dx| < eps (masked only when some are: a minimum is
+    one cheap pass, a boolean mask and `where` cost ~5 passes of the tensor)."""
+    # dy is a temporary of the full shape: divide in place (one allocation less per call;
+    # fresh large allocations, not arithmetic, dominate these elementwise passes on CPU)
+    m = dy.div_(dx) if dy.shape == dx.shape and not dy.requires_grad else dy / dx
+    if dx.numel() and float(dx.abs().amin()) < eps:
+        m = torch.where(dx.abs() < eps, fallback(), m)
     return m
 
 
@@ -211,10 +214,21 @@ def pool_with_indices(pool: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
                         pool.ceil_mode, return_indices=True)
 
 
+def _unpool(pool: nn.Module, values: Tensor, like: Tensor, index: Tensor) -> Tensor:
+    """Sum `values` (pooled shape) into the input positions `index` points at (shape of
+    `like`), with PyTorch's own max-pool backward kernels (overlapping windows add up)."""
+    if isinstance(pool, nn.AdaptiveMaxPool2d):
+        return torch.ops.aten.adaptive_max_pool2d_backward(values, like, index)
+    ks, st = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size)
+    return torch.ops.aten.max_pool2d_with_indices_backward(
+        values, like, ks, st, _pair(pool.padding), _pair(pool.dilation), pool.ceil_mode,
+        index)
+
+
 class _MaxPoolFn(Function):
     """With y = maxpool(x), y' = maxpool(x'), d = y − y':
-    m_x = [scatter(g·max(d, 0), argmax x) + scatter(g·min(d, 0), argmax x')] / Δx, and the
-    ordinary max-pool gradient where |Δx| < eps. The contributions of a window sum to g·d."""
+    m_x = [scatter(g·max(d, 0), argmax x) + scatter(g·min(d, 0), argmax x')] / Δx, and 0
+    where Δx = 0. The contributions of a window sum to g·d."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, pool: nn.Module, x_ref: Tensor, y_ref: Tensor,
@@ -222,23 +236,24 @@ class _MaxPoolFn(Function):
         y, idx = pool_with_indices(pool, x)
         d = y - y_ref
         ctx.save_for_backward(x - x_ref, d.clamp(min=0), d.clamp(max=0), idx,
-                              idx_ref.expand_as(idx))
-        ctx.eps = eps
+                              idx_ref.expand_as(idx).contiguous())
+        ctx.pool = pool
         return y
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
         dx, up, down, idx, idx_ref = ctx.saved_tensors
-        n, c = dx.shape[:2]
+        pool = ctx.pool
 
         def scatter(values: Tensor, index: Tensor) -> Tensor:
-            out = torch.zeros(n, c, dx[0, 0].numel(), dtype=g.dtype, device=g.device)
-            return out.scatter_add_(2, index.reshape(n, c, -1),
-                                    values.reshape(n, c, -1)).view_as(dx)
+            """Values routed to (and summed at) the argmax positions: max-pool's backward."""
+            return _unpool(pool, values, dx, index)
 
-        rescaled = (scatter(g * up, idx) + scatter(g * down, idx_ref)) / dx
-        plain = scatter(g, idx)
-        return torch.where(dx.abs() < ctx.eps, plain, rescaled), None, None, None, None, None
+        # |routed| <= |g| |dx| position by position, so the ratio is bounded; only an
+        # input equal to its reference (dx = 0, contribution 0 whatever the multiplier)
+        # gives 0/0, and gets multiplier 0
+        m = scatter(g * up, idx).add_(scatter(g * down, idx_ref)).div_(dx)
+        return m.nan_to_num_(0.0, 0.0, 0.0), None, None, None, None, None
 
 
 class MaxPool(Rule):
