@@ -356,7 +356,7 @@ class _Rewriter:
         if isinstance(rule, PassThrough):
             return
         if getattr(m, "inplace", False):  # a private out-of-place copy; the user's is kept
-            m = copy.copy(m)
+            m = _private_copy(m)
             m.inplace = False
         self.add_rule_call(node, m, node.args, type(m).__name__.lower(),
                            f"{path} ({type(m).__name__})")
@@ -462,6 +462,16 @@ class _Rewriter:
             raise self.refuse(node, "batch_norm in training mode")
         if fn is operator.getitem and any(self.kind_of(a) == SIGNAL for a in node.args[1:]):
             raise self.refuse(node, "indexing with a computed index")
+
+
+def _private_copy(m: nn.Module) -> nn.Module:
+    """A shallow copy (parameters shared) with hook tables of its own, so hooks put on the
+    copy (or the original) do not fire for both."""
+    new = copy.copy(m)
+    for key, value in list(vars(new).items()):
+        if "hooks" in key and isinstance(value, dict):
+            vars(new)[key] = type(value)()
+    return new
 
 
 def _qualname(fn: Any) -> str:

@@ -226,9 +226,11 @@ def _conv_columns(layer: nn.Conv2d, padded: Tensor, m: Tensor, group: int
     r, ckk, p = cols.shape
     gr = layer.groups
     b = r // group
+    o = m.shape[1]
+    if group == 1:  # views: no permuted copies
+        return cols.view(b, gr, ckk // gr, p), m.reshape(b, gr, o // gr, p)
     cols = cols.view(b, group, gr, ckk // gr, p).permute(0, 2, 3, 1, 4).reshape(
         b, gr, ckk // gr, group * p)
-    o = m.shape[1]
     ms = m.reshape(b, group, gr, o // gr, p).permute(0, 2, 3, 1, 4).reshape(
         b, gr, o // gr, group * p)
     return cols, ms
