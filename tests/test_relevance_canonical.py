@@ -232,3 +232,37 @@ def test_constant_scaling_and_residual_adds_are_linear():
 
     delta, df = _delta(Res(), (1, 2, 3))
     assert delta < 1e-12 * max(df, 1.0)
+
+
+class SizeBranch(nn.Module):
+    """Control flow on sizes (timm's ConvMlp pools only when the map is large enough)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, padding=1)
+        self.fc = nn.Linear(3 * 2 * 2, 2)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        if x.shape[-1] > 2:
+            x = F.adaptive_avg_pool2d(x, 2)
+        return self.fc(x.flatten(1))
+
+
+def test_control_flow_on_sizes_is_traced_on_the_reference():
+    from xaicompress.relevance.engine import DeepLiftEngine
+
+    with pytest.raises(XaiCompressError, match="cannot be traced"):
+        canonicalise(SizeBranch().eval())  # no example input: plain symbolic tracing
+    torch.manual_seed(0)
+    m = SizeBranch().double().eval()
+    canon = canonicalise(m, torch.zeros(1, 2, 6, 6, dtype=torch.float64))
+    assert canon.shape == (2, 6, 6)
+    delta, df = _delta(m, (2, 6, 6))
+    assert delta <= 1e-12 * df
+    engine = DeepLiftEngine(m)
+    engine.set_reference(torch.zeros(1, 2, 6, 6, dtype=torch.float64))
+    with pytest.raises(XaiCompressError, match="traced for"):
+        engine.attribute(torch.zeros(2, 2, 5, 5, dtype=torch.float64), "all")
+    with pytest.raises(XaiCompressError, match="cannot be traced"):
+        canonicalise(Branchy().eval(), torch.zeros(1, 1, 2, 2))  # values, not sizes

@@ -171,6 +171,8 @@ class Canonical:
              Conv2d/Linear feeding it straight, for RevealCancel.
     after_activation: max-pool targets fed straight by an elementwise nonlinearity
              (maxpool=captum leaves those unwrapped, reproducing Captum's hook order).
+    shape:   None, or the input shape (C, H, W) the trace is specialised to (the model
+             branches on sizes; traced on an example of that shape).
     input_cut: the Conv2d/Linear calls every path from the input crosses first (a clean
              cut: nothing else reads what lies before them), e.g. {"conv1"}; empty when
              there is none. Their contributions add up to the input's, so the backward
@@ -184,6 +186,7 @@ class Canonical:
     heads: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
     after_activation: set[str] = field(default_factory=set)
     input_cut: set[str] = field(default_factory=set)
+    shape: tuple[int, ...] | None = None  # the input shape a size-specialised trace fits
 
     @property
     def names(self) -> dict[str, str]:
@@ -205,14 +208,129 @@ def _innermost(stack: Any, model: nn.Module) -> str:
     return f"{type(model).__name__}.forward"
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Trace `model` in eval mode; the GraphModule shares its modules and parameters."""
+class _ShapeTracer(_Tracer):
+    """A tracer that also runs the model on an example input, so Python control flow on
+    *sizes* (`if x.shape[-1] < 7:` in timm's ConvMlp) takes the example's branch. Control
+    flow on values stays an error. The graph is specialised to the example's shape."""
+
+    def __init__(self, example: torch.Tensor) -> None:
+        super().__init__()
+        self.example = example
+        self.values: dict[fx.Node, Any] = {}
+        self.sizes: set[fx.Node] = set()  # nodes computed from sizes only
+        self.eager = False  # computing an example value: no proxies for attributes
+
+    def _value(self, a: Any) -> Any:
+        return self.values[a.node] if isinstance(a, fx.Proxy) else a
+
+    def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, *rest: Any,
+                     **kw: Any) -> fx.Proxy:
+        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **kw)
+        node = proxy.node
+        a = fx.node.map_aggregate(args, self._value)
+        k = fx.node.map_aggregate(kwargs, self._value)
+        proxies = _proxies((args, kwargs))
+        self.eager = True
+        try:
+            self.values[node] = self._run(kind, target, a, k)
+        finally:
+            self.eager = False
+        if (kind == "call_method" and target in SHAPE_METHODS) or (
+                kind == "call_function" and target is getattr and args[1] in SHAPE_ATTRIBUTES) \
+                or (proxies and all(p.node in self.sizes for p in proxies)):
+            self.sizes.add(node)
+        return proxy
+
+    def _run(self, kind: str, target: Any, a: Any, k: Any) -> Any:
+        """The example value of one node (module attributes read as themselves)."""
+        with torch.no_grad():
+            if kind == "placeholder":
+                value = self.example if not self.values else (a[0] if a else None)
+            elif kind == "get_attr":
+                value = functools.reduce(getattr, target.split("."), self.root)
+            elif kind == "call_module":
+                value = self.root.get_submodule(target).forward(*a, **k)
+            elif kind == "call_method":
+                value = getattr(a[0], target)(*a[1:], **k)
+            else:
+                value = target(*a, **k)
+        return value
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        return attr_val if self.eager else super().getattr(attr, attr_val,
+                                                           parameter_proxy_cache)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        if not _proxies((args, kwargs)):  # computing an example value: run it eagerly
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        if obj.node in self.sizes:
+            return bool(self.values[obj.node])
+        return super().to_bool(obj)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ShapeProxy(node, self)
+
+    def iter(self, obj: fx.Proxy) -> Any:
+        value = self.values.get(obj.node)
+        if isinstance(value, (tuple, list, torch.Size)):
+            return iter([obj[i] for i in range(len(value))])
+        return super().iter(obj)
+
+
+class _ShapeProxy(fx.Proxy):
+    """A proxy whose device and dtype are the example's (`torch.autocast(x.device.type)`)."""
+
+    def __getattr__(self, k: str) -> Any:
+        if k in ("device", "dtype", "is_cuda"):
+            value = getattr(self.tracer, "values", {}).get(self.node)
+            if isinstance(value, torch.Tensor):
+                return getattr(value, k)
+        return super().__getattr__(k)
+
+
+def _proxies(tree: Any) -> list[fx.Proxy]:
+    found: list[fx.Proxy] = []
+
+    def visit(a: Any) -> Any:
+        if isinstance(a, fx.Proxy):
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                visit(b)
+        elif isinstance(a, dict):
+            for b in a.values():
+                visit(b)
+        return a
+
+    visit(tree)
+    return found
+
+
+def trace(model: nn.Module, example: torch.Tensor | None = None
+          ) -> tuple[fx.GraphModule, tuple[int, ...] | None]:
+    """Trace `model` in eval mode; the GraphModule shares its modules and parameters.
+
+    When symbolic tracing fails and an `example` input (1, C, H, W) is given, the model is
+    traced again running on it (`_ShapeTracer`): control flow on sizes then follows the
+    example. Returns (GraphModule, the input shape (C, H, W) it is specialised to or None).
+    """
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
-    tracer = _Tracer()
+    tracer: _Tracer = _Tracer()
+    shape = None
     try:
-        graph = tracer.trace(model)
-    except Exception as exc:  # fx raises many types; all mean "this forward is not traceable"
+        try:
+            graph = tracer.trace(model)
+        except Exception:  # fx raises many types; all mean "this forward is not traceable"
+            if example is None:
+                raise
+            tracer = _ShapeTracer(example.detach())
+            graph = tracer.trace(model)
+            shape = tuple(example.shape[1:])
+    except Exception as exc:
         where = _innermost(tracer.module_stack, model)
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise XaiCompressError(
@@ -222,7 +340,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
     finally:
         for m, f in flags:
             m.training = f
-    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+    return fx.GraphModule(model, graph, class_name=type(model).__name__), shape
 
 
 class _Rewriter:
@@ -508,11 +626,15 @@ def _find_heads(canon: Canonical) -> None:
             canon.heads[node.target] = (src.target, norms[::-1])
 
 
-def canonicalise(model: nn.Module) -> Canonical:
+def canonicalise(model: nn.Module, example: torch.Tensor | None = None) -> Canonical:
     """Rewrite a parameter-sharing trace of `model` so DeepLIFT attributes it exactly (see
     the module doc). Raises XaiCompressError naming the module path of the first operation
-    that has no rule. The model itself is not modified."""
-    return _Rewriter(trace(model), model).run()
+    that has no rule. The model itself is not modified. `example` (1, C, H, W): an input
+    to trace a model whose forward branches on sizes (see `trace`)."""
+    gm, shape = trace(model, example)
+    canon = _Rewriter(gm, model).run()
+    canon.shape = shape
+    return canon
 
 
 def _describe(node: fx.Node) -> str:

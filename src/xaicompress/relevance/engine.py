@@ -188,9 +188,10 @@ def weights_key(model: nn.Module) -> tuple:
 class _Instrumented:
     """A model's canonical trace with wrappers installed (cached per model)."""
 
-    def __init__(self, model: nn.Module, structure: tuple) -> None:
+    def __init__(self, model: nn.Module, structure: tuple,
+                 example: Tensor | None = None) -> None:
         self.structure = structure
-        self.canon: Canonical = canonicalise(model)
+        self.canon: Canonical = canonicalise(model, example)
         self.gm = self.canon.module
         self.state = _State()
         self.ref_weights: tuple | None = None
@@ -255,12 +256,15 @@ class _Instrumented:
 _CACHE: weakref.WeakKeyDictionary[nn.Module, _Instrumented] = weakref.WeakKeyDictionary()
 
 
-def instrumented(model: nn.Module) -> _Instrumented:
-    """The cached instrumented trace of `model`, rebuilt when its structure changed."""
+def instrumented(model: nn.Module, example: Tensor | None = None) -> _Instrumented:
+    """The cached instrumented trace of `model`, rebuilt when its structure changed (or,
+    for a trace specialised to an input size, when `example` has another size)."""
     key = structure_key(model)
     inst = _CACHE.get(model)
-    if inst is None or inst.structure != key:
-        inst = _Instrumented(model, key)
+    fits = inst is not None and (inst.canon.shape is None or example is None
+                                 or inst.canon.shape == tuple(example.shape[1:]))
+    if inst is None or inst.structure != key or not fits:
+        inst = _Instrumented(model, key, example)
         _CACHE[model] = inst
     return inst
 
@@ -299,7 +303,26 @@ class DeepLiftEngine:
         self.opts = RuleOptions(float(eps), choice("rule", rule, RULES),
                                 choice("layernorm", layernorm, LAYERNORM_RULES))
         self.model = model
-        self.inst = instrumented(model)
+        self._inst: _Instrumented | None = None
+        try:
+            self._inst = instrumented(model)
+        except XaiCompressError:
+            pass  # may trace with an example input (a forward that branches on sizes):
+            # set_reference retries with the reference and raises if that fails too
+
+    @property
+    def inst(self) -> _Instrumented:
+        if self._inst is None:
+            raise RuntimeError("set_reference must run first (the model traces only on an "
+                               "example input)")
+        return self._inst
+
+    def _instrument(self, example: Tensor) -> _Instrumented:
+        inst = self._inst
+        if inst is None or (inst.canon.shape is not None
+                            and inst.canon.shape != tuple(example.shape[1:])):
+            self._inst = instrumented(self.model, example[:1])
+        return self.inst
 
     @property
     def names(self) -> dict[str, str]:
@@ -313,8 +336,8 @@ class DeepLiftEngine:
 
     def set_reference(self, ref: Tensor) -> Tensor:
         """Run the reference pass on ref (K, C, H, W); returns its logits (K, classes)."""
-        inst = self.inst
         ref = ref.detach()
+        inst = self._instrument(ref)
         wkey = weights_key(self.model)
         if (inst.ref_x is not None and inst.ref_out is not None and inst.ref_weights == wkey
                 and inst.ref_x.shape == ref.shape and inst.ref_x.dtype == ref.dtype
@@ -343,6 +366,9 @@ class DeepLiftEngine:
         inst = self.inst
         if inst.ref_x is None or inst.ref_out is None:
             raise RuntimeError("set_reference must run before attribute")
+        if inst.canon.shape is not None and tuple(x.shape[1:]) != inst.canon.shape:
+            raise XaiCompressError(f"input shape {tuple(x.shape[1:])}: the model was traced "
+                                   f"for {inst.canon.shape} (its forward branches on sizes)")
         n = x.shape[0]
         cut = not inputs and bool(inst.canon.input_cut)
         xr = x.detach() if cut else x.detach().requires_grad_(True)

@@ -270,7 +270,7 @@ def activation_points(model: nn.Module) -> dict[str, str]:
     follow single-consumer BatchNorm/Dropout/Identity modules up to and including the first
     elementwise nonlinearity. Empty when the model does not trace with torch.fx."""
     try:
-        gm = trace(model)
+        gm, _ = trace(model)
     except XaiCompressError:
         return {}
     mods = dict(gm.named_modules(remove_duplicate=False))
