@@ -250,6 +250,8 @@ def markdown(data: dict[str, Any]) -> str:
         "Refused: " + ("; ".join(f"{r['model']} ({_reason(r)})" for r in refused) or "none")
         + ".",
         "",
+        f"<details><summary>Per-model table ({len(data['rows'])} models)</summary>",
+        "",
         "| source | model | params | ours | f32 | const LN | Captum DeepLift |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -262,7 +264,7 @@ def markdown(data: dict[str, Any]) -> str:
         lines.append(f"| {r['source']} | {label} | {r['params'] / 1e6:.1f}M | "
                      f"{fmt_side(r.get('ours'))} | {fmt_side(r.get('ours_f32'))} | "
                      f"{fmt_side(r.get('const'))} | {fmt_side(r.get('captum'))} |")
-    lines.append("")
+    lines += ["", "</details>", ""]
     return "\n".join(lines)
 
 
