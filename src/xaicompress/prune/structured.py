@@ -45,7 +45,8 @@ from xaicompress.prune.schedule import (
     check_scope,
     cumulative_targets,
 )
-from xaicompress.relevance.base import Criterion, compute_relevance, get_criterion
+from xaicompress.relevance.base import UNITS, Criterion, compute_relevance
+from xaicompress.relevance.registry import get_criterion
 from xaicompress.train import finetune_checkpoint
 
 CriterionLike = Criterion | str | tp.importance.Importance
@@ -199,8 +200,10 @@ def _channels(model: nn.Module, example: Tensor, ignored: list[nn.Module]) -> di
 def _importance(criterion: Criterion | tp.importance.Importance, model: nn.Module,
                 data: Any, samples: int, seed: int) -> tp.importance.Importance:
     if isinstance(criterion, Criterion):
-        # a DatasetBundle also hands its normalisation to criteria (DeepLIFT's black image)
-        rel = compute_relevance(model, criterion, data, samples=samples, seed=seed)
+        # a DatasetBundle also hands its normalisation to criteria (DeepLIFT's black image);
+        # a group is scored from its layers' output units: per-weight scores are not needed
+        rel = compute_relevance(model, criterion, data, samples=samples, seed=seed,
+                                need=UNITS)
         return RelevanceImportance.from_relevance(model, rel)
     if needs_gradients(criterion):
         accumulate_gradients(model, gradient_batches(_as_train_set(data), samples, seed))
@@ -222,7 +225,7 @@ def resolve_criterion(criterion: CriterionLike) -> Criterion | tp.importance.Imp
         return get_criterion(criterion)
     if isinstance(criterion, (Criterion, tp.importance.Importance)):
         return criterion
-    raise XaiCompressError(f"--criterion {criterion!r}: expected a criterion name, a Criterion "
+    raise XaiCompressError(f"criterion {criterion!r}: expected a criterion name, a Criterion "
                            "or a torch_pruning Importance")
 
 
@@ -255,6 +258,46 @@ def _fraction_for_macs(model: nn.Module, scores: dict[str, Tensor], original: di
     return hi
 
 
+def _check_structured_options(ckpt: Checkpoint, ratio: float, scope: str, steps: int,
+                              finetune_epochs: float, finetune_lr: float | None, samples: int,
+                              macs_ratio: float | None, min_channels: int, norm: str,
+                              max_layer_ratio: float | None) -> None:
+    if norm not in NORMS:
+        raise XaiCompressError(f"--norm {norm!r}: expected one of {', '.join(NORMS)}")
+    if max_layer_ratio is not None and not 0.0 < max_layer_ratio <= 1.0:
+        raise XaiCompressError(f"--max-layer-ratio {max_layer_ratio}: expected a fraction in "
+                               "(0, 1]")
+    check_options(steps=steps, finetune_epochs=finetune_epochs, samples=samples,
+                  finetune_lr=finetune_lr)
+    check_scope(scope)
+    if macs_ratio is None:
+        check_ratio(ratio, "--ratio")
+    else:
+        check_ratio(macs_ratio, "--macs-ratio")
+    if int(min_channels) != min_channels or min_channels < 1:
+        raise XaiCompressError(f"--min-channels {min_channels}: expected a positive integer")
+    busy = [n for n in ckpt.state.layers if n in ckpt.state]
+    if busy:
+        raise XaiCompressError(f"checkpoint: layers {busy[:3]} already carry masks/codebooks/"
+                               "bits; structured pruning must come before unstructured pruning "
+                               "and quantization")
+
+
+def _check_reachable(model: nn.Module, original: dict[str, int], macs_ratio: float, scope: str,
+                     min_channels: int, norm: str, shape: tuple[int, ...], example: Tensor,
+                     macs0: int) -> None:
+    """Refuse a MACs target that pruning every group to `min_channels` cannot reach."""
+    smallest = copy.deepcopy(model)
+    floor_scores = {n: torch.ones(c) for n, c in original.items()}
+    apply_plan(smallest, plan_removal(floor_scores, original, 1.0, scope, min_channels, norm),
+               example)  # cap 1.0: the floor of what any cap allows
+    reachable = 1 - count_macs(smallest, shape) / macs0
+    if reachable < macs_ratio:
+        raise XaiCompressError(f"--macs-ratio {macs_ratio}: unreachable, pruning every layer "
+                               f"to --min-channels {min_channels} cuts MACs by only "
+                               f"{reachable:.3f}")
+
+
 def prune_structured(
     ckpt: Checkpoint,
     criterion: CriterionLike,
@@ -285,26 +328,9 @@ def prune_structured(
     `layer_cap`; 1.0: no cap); see `plan_removal`.
     """
     crit = resolve_criterion(criterion)
-    if norm not in NORMS:
-        raise XaiCompressError(f"--norm {norm!r}: expected one of {', '.join(NORMS)}")
-    if max_layer_ratio is not None and not 0.0 < max_layer_ratio <= 1.0:
-        raise XaiCompressError(f"--max-layer-ratio {max_layer_ratio}: expected a fraction in "
-                               "(0, 1]")
-    check_options(steps=steps, finetune_epochs=finetune_epochs, samples=samples,
-                  finetune_lr=finetune_lr)
+    _check_structured_options(ckpt, ratio, scope, steps, finetune_epochs, finetune_lr, samples,
+                              macs_ratio, min_channels, norm, max_layer_ratio)
     lr = finetune_lr or PRUNE_FINETUNE_LR
-    check_scope(scope)
-    if macs_ratio is None:
-        check_ratio(ratio, "--ratio")
-    else:
-        check_ratio(macs_ratio, "--macs-ratio")
-    if int(min_channels) != min_channels or min_channels < 1:
-        raise XaiCompressError(f"--min-channels {min_channels}: expected a positive integer")
-    busy = [n for n in ckpt.state.layers if n in ckpt.state]
-    if busy:
-        raise XaiCompressError(f"checkpoint: layers {busy[:3]} already carry masks/codebooks/"
-                               "bits; structured pruning must come before unstructured pruning "
-                               "and quantization")
     model_in = ckpt.model
     _check_supported(model_in)
     train_set = _as_train_set(bundle)
@@ -319,15 +345,8 @@ def prune_structured(
     names = {id(m): n for n, m in out.model.named_modules()}
     ignored_names = [names[id(m)] for m in ignored]
     if macs_ratio is not None:
-        smallest = copy.deepcopy(out.model)
-        floor_scores = {n: torch.ones(c) for n, c in original.items()}
-        apply_plan(smallest, plan_removal(floor_scores, original, 1.0, scope, min_channels, norm),
-                   example)  # cap 1.0: the floor of what any cap allows
-        reachable = 1 - count_macs(smallest, shape) / macs0
-        if reachable < macs_ratio:
-            raise XaiCompressError(f"--macs-ratio {macs_ratio}: unreachable, pruning every layer "
-                                   f"to --min-channels {min_channels} cuts MACs by only "
-                                   f"{reachable:.3f}")
+        _check_reachable(out.model, original, macs_ratio, scope, min_channels, norm, shape,
+                         example, macs0)
     fraction = 0.0
     step_log = []
     for k in track(range(steps), "prune (structured)", steps):
