@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import IMG, RESULTS, ROOT, add_seeds  # noqa: E402
+from _common import base_model as shared_base_model  # noqa: E402
 
 from xaicompress.atomic import atomic_save_figure, atomic_write_text
-from xaicompress.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from xaicompress.checkpoint import Checkpoint
 from xaicompress.data import load_dataset
 from xaicompress.quant.integer import quantize
 from xaicompress.quant.qat import qat_train
@@ -37,12 +39,8 @@ from xaicompress.relevance import (
     get_criterion,
     list_criteria,
 )
-from xaicompress.train import accuracy, train_checkpoint
+from xaicompress.train import accuracy
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-CACHE = RESULTS / "cache"
-IMG = ROOT / "docs" / "img"
 DOC = ROOT / "docs" / "results" / "mixed_precision.md"
 #: how each base model is trained (resnet20: 6 epochs of Adam reach ~98% on mnist5k)
 TRAIN = {"lenet5": {"epochs": 15, "lr": 3e-3}, "resnet20": {"epochs": 6, "lr": 3e-3}}
@@ -75,18 +73,9 @@ class _Fixed(Criterion):
 
 
 def base_model(model: str, seed: int, quick: bool) -> tuple[Checkpoint, float | None]:
-    """(checkpoint, training seconds or None when reused from the cache)."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / (f"base_{model}_s{seed}.safetensors" if not quick
-                    else f"mp_quick_{model}_s{seed}.safetensors")
-    if path.is_file():
-        return load_checkpoint(path), None
-    t0 = time.perf_counter()
+    """(checkpoint, training seconds or None when reused from the shared cache)."""
     kw = {"epochs": 2, "lr": 3e-3} if quick else TRAIN[model]
-    ckpt = train_checkpoint(model, "mnist5k", seed=seed, **kw)
-    seconds = time.perf_counter() - t0
-    save_checkpoint(ckpt, path)  # atomic: a concurrent reader never sees half a file
-    return ckpt, seconds
+    return shared_base_model(model, seed=seed, **kw)
 
 
 def run(models: list[str], seeds: list[int], budgets: list[float], methods: list[str],
@@ -272,7 +261,7 @@ def plot(res: dict[str, Any], budget: float) -> list[Path]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_seeds(ap)
     ap.add_argument("--models", nargs="+", default=["lenet5", "resnet20"])
     ap.add_argument("--budgets", type=float, nargs="+", default=[2, 2.5, 3, 4, 6])
     ap.add_argument("--methods", nargs="+", default=list(METHODS))

@@ -40,26 +40,23 @@ import torch
 
 os.environ.setdefault("XAICOMPRESS_NO_PROGRESS", "1")
 
+from _common import CACHE, IMG, RESULTS, ROOT, add_seeds, base_model_cached  # noqa: E402
+from _common import base_model as shared_base_model  # noqa: E402
+
 from xaicompress.atomic import atomic_save_figure, atomic_write_text  # noqa: E402
 from xaicompress.checkpoint import (  # noqa: E402
     Checkpoint,
     ModelSpec,
     count_nonzero,
     count_params,
-    load_checkpoint,
-    save_checkpoint,
 )
 from xaicompress.data import load_dataset  # noqa: E402
 from xaicompress.metrics import count_macs, measure_latency  # noqa: E402
 from xaicompress.prune import prune_structured, prune_unstructured  # noqa: E402
 from xaicompress.prune.schedule import PRUNE_FINETUNE_LR  # noqa: E402
 from xaicompress.relevance import Criterion, Relevance, get_criterion, list_criteria  # noqa: E402
-from xaicompress.train import accuracy, finetune_checkpoint, train_checkpoint  # noqa: E402
+from xaicompress.train import accuracy, finetune_checkpoint  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-CACHE = RESULTS / "cache"
-IMG = ROOT / "docs" / "img"
 MD = ROOT / "docs" / "results" / "pruning.md"
 
 BASE_TRAIN = {"lenet5": {"epochs": 15, "lr": 3e-3}, "lenet300": {"epochs": 15, "lr": 1e-3},
@@ -138,21 +135,14 @@ class Cells:
 
 def base_ckpt(model: str, seed: int, quick: bool, cached_only: bool = False
               ) -> Checkpoint | None:
-    CACHE.mkdir(parents=True, exist_ok=True)
+    """The base model of `model`/seed from the benchmarks' shared cache (None when it is
+    not there and only cached results are wanted)."""
     cfg = dict(BASE_TRAIN[model])
     if quick:
         cfg["epochs"] = 1
-    path = CACHE / f"{model}_mnist5k_e{cfg['epochs']}_s{seed}.safetensors"
-    if path.is_file():
-        return load_checkpoint(path)
-    if cached_only:
+    if cached_only and not base_model_cached(model, seed=seed, **cfg):
         return None
-    t = time.time()
-    ck = train_checkpoint(model, "mnist5k", seed=seed, **cfg)
-    save_checkpoint(ck, path)
-    print(f"trained {model} seed {seed}: {ck.metrics['accuracy']:.2f}% "
-          f"({time.time() - t:.0f}s)", flush=True)
-    return ck
+    return shared_base_model(model, seed=seed, **cfg)[0]
 
 
 def classic_criteria() -> list[str]:
@@ -417,16 +407,16 @@ def run_unstructured_part(classic: list[str], dl: dict, seeds: list[int], uratio
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=5, help="seeds for lenet5/lenet300")
-    ap.add_argument("--resnet-seeds", type=int, default=3)
+    add_seeds(ap, "0,1,2,3,4", help="seeds for lenet5/lenet300")
+    add_seeds(ap, "0,1,2", "--resnet-seeds", help="seeds for resnet20")
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 seed, tiny grid")
     ap.add_argument("--parts",
                     default="globalrule,structured,iterative,unstructured,resnet,latency")
     ap.add_argument("--resnet", default="reduced", choices=["off", "reduced", "full"],
                     help="resnet20 structured grid: reduced (l1, random, gradxact, tp:magnitude,"
                          " deeplift; ratios 0.5/0.8) or full")
-    ap.add_argument("--rule-seeds", type=int, default=3,
-                    help="seeds for the global-scope selection rule study")
+    add_seeds(ap, "0,1,2", "--rule-seeds",
+              help="seeds for the global-scope selection rule study")
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cached-only", action="store_true",
@@ -438,8 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     parts = set(args.parts.split(","))
-    seeds = [0] if args.quick else list(range(args.seeds))
-    rseeds = [0] if args.quick else list(range(args.resnet_seeds))
+    seeds = [0] if args.quick else args.seeds
+    rseeds = [0] if args.quick else args.resnet_seeds
     sratios = [0.5, 0.8] if args.quick else STRUCT_RATIOS
     uratios = [0.9] if args.quick else UNSTRUCT_RATIOS
     samples = 64 if args.quick else args.samples
@@ -459,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         # cheap (no training): measured afresh even in a --cached-only report
         result["latency"] = run_latency(args.quick)
     if "globalrule" in parts:
-        result["globalrule_lenet5"] = run_globalrule(seeds[: args.rule_seeds],
+        result["globalrule_lenet5"] = run_globalrule([0] if args.quick else args.rule_seeds,
                                                      cells_of["globalrule"], args.quick, samples)
     if "structured" in parts:
         result["structured_lenet5"] = run_structured("lenet5", seeds, sratios, crit_grid,

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, write_json  # noqa: E402
+from _common import RESULTS, add_seeds, write_json  # noqa: E402
 from relevance_speed import write_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -300,7 +300,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated model names")
     ap.add_argument("--timm-only", action="store_true")
     ap.add_argument("--limit", type=int, default=240, help="seconds per model")
-    ap.add_argument("--seeds", default="0", help="accepted for reproduce.py; unused")
+    add_seeds(ap, "0", help="accepted for reproduce.py; unused")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("XC_THREADS", "1")))
     os.environ.setdefault("XAICOMPRESS_NO_PROGRESS", "1")

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import add_seeds
 from torch.utils.data import DataLoader, Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +180,7 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", default="0", help="comma list; the first seeds the models")
+    add_seeds(ap, "0", help="comma list; the first seeds the models")
     ap.add_argument("--quick", action="store_true", help="smoke run: 128 samples, 1 repeat")
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
@@ -190,7 +191,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("XAICOMPRESS_NO_PROGRESS", "1")
-    args.seed = int(args.seeds.split(",")[0])
+    args.seed = args.seeds[0]
     args.memory = [int(v) for v in args.memory_samples.split(",")]
     if args.quick:
         args.samples, args.repeats, args.memory = 128, 1, [128, 256]

@@ -7,7 +7,7 @@
 
 Steps:
  1. run benchmarks/{training,relevance_speed,pruning,weight_sharing,mixed_precision}.py as
-    subprocesses (each with its own --seeds format, --quick passed through; a missing
+    subprocesses (--seeds a,b,c and --quick passed through; a missing
     script is reported, not fatal);
  2. run configs/{lenet5,lenet300,resnet20}-mnist.yaml through `run_pipeline` for every seed
     (stage cache in benchmarks/results/cache/pipeline, so a rerun resumes), write
@@ -45,20 +45,12 @@ def _seeds_comma(seeds: list[int]) -> list[str]:
     return ["--seeds", ",".join(map(str, seeds))]
 
 
-def _seeds_count(seeds: list[int]) -> list[str]:
-    return ["--seeds", str(len(seeds))]
-
-
-def _seeds_list(seeds: list[int]) -> list[str]:
-    return ["--seeds", *map(str, seeds)]
-
-
-# Each script's own --seeds format (they were written by different people).
+# Every script takes the one --seeds a,b,c format of benchmarks/_common.py.
 BENCHMARKS = {
     "training": _seeds_comma,
     "relevance_speed": _seeds_comma,
-    "pruning": _seeds_count,
-    "weight_sharing": _seeds_list,
+    "pruning": _seeds_comma,
+    "weight_sharing": _seeds_comma,
     "mixed_precision": _seeds_comma,
     "robustness": lambda seeds: [],
 }

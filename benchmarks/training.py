@@ -12,21 +12,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import fmt, write_json, write_section  # noqa: E402
+from _common import add_seeds, fmt, write_json, write_section  # noqa: E402
 
 MODELS = {"lenet5": {}, "lenet300": {}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--seeds", default="0,1,2")
+    add_seeds(ap)
     ap.add_argument("--quick", action="store_true", help="1 seed, 1 epoch: smoke run")
     args = ap.parse_args()
     import torch
 
     from xaicompress.train import train_checkpoint
 
-    seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
+    seeds = [0] if args.quick else args.seeds
     rows, data = [], {}
     for model in MODELS:
         accs, secs, cpu = [], [], []

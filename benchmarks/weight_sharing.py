@@ -18,25 +18,21 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from _common import IMG, RESULTS, ROOT, add_seeds  # noqa: E402
+from _common import base_model as shared_base_model  # noqa: E402
 
 from xaicompress.atomic import atomic_save_figure, atomic_write_text
-from xaicompress.checkpoint import load_checkpoint, save_checkpoint
 from xaicompress.data import load_dataset
 from xaicompress.export.packed import packed_report
 from xaicompress.quant import share_finetune as SF
 from xaicompress.quant.codebook import WEIGHT_POWER, share_weights
 from xaicompress.quant.share_finetune import finetune_shared
 from xaicompress.relevance import compute_relevance, get_criterion, list_criteria
-from xaicompress.train import accuracy, train_checkpoint
+from xaicompress.train import accuracy
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
-CACHE = RESULTS / "cache"
-IMG = ROOT / "docs" / "img"
 DOC = ROOT / "docs" / "results" / "weight_sharing.md"
 #: criterion label -> (spec, share_weights options) of the main table. |w|-weighted is l1
 #: with the scores as they are (the issue's baseline); the relevance criteria use the default
@@ -95,15 +91,8 @@ FT_SETTINGS = {
 CURRENT = f"current default (others {SF.OTHER_LR:g}, batch {SF.BATCH_SIZE})"
 
 
-def base_model(model: str, seed: int, epochs: float, quick: bool):  # noqa: ANN201
-    CACHE.mkdir(parents=True, exist_ok=True)
-    path = CACHE / (f"base_{model}_s{seed}.safetensors" if not quick
-                    else f"share_quick_{model}_s{seed}.safetensors")
-    if path.is_file():
-        return load_checkpoint(path)
-    ckpt = train_checkpoint(model, "mnist5k", epochs=epochs, lr=3e-3, seed=seed)
-    save_checkpoint(ckpt, path)
-    return ckpt
+def base_model(model: str, seed: int, epochs: float):  # noqa: ANN201
+    return shared_base_model(model, seed=seed, epochs=epochs, lr=3e-3)[0]
 
 
 def _largest_spread(sh) -> float:  # noqa: ANN001
@@ -123,7 +112,7 @@ def run(models: list[str], seeds: list[int], rel_seeds: list[int], ks: list[int]
     rows, ft_rows, var_rows = [], [], []
     for model in models:
         for seed in sorted(set(seeds) | set(rel_seeds)):
-            base = base_model(model, seed, 2 if quick else 15, quick)
+            base = base_model(model, seed, 2 if quick else 15)
             base_acc = accuracy(base.model, test)
             base_bytes = packed_report(base).file_bytes
             rels = {}
@@ -515,9 +504,9 @@ def plot(res: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--relevance-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
-                    help="seeds of the no-fine-tuning weighting-variant study")
+    add_seeds(ap)
+    add_seeds(ap, "0,1,2,3,4", "--relevance-seeds",
+              help="seeds of the no-fine-tuning weighting-variant study")
     ap.add_argument("--models", nargs="+", default=["lenet5", "lenet300"])
     ap.add_argument("--ks", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     ap.add_argument("--samples", type=int, default=512)

@@ -19,3 +19,21 @@ def run_cli(capsys):
         return code, out, err
 
     return _run
+
+
+# Datasets shared by the test modules. Module scope: each module gets its own bundle, so a
+# module that subsets or wraps it cannot change what another module sees.
+@pytest.fixture(scope="module")
+def mnist():
+    """The embedded 5,000 real MNIST digits (seed 0 split)."""
+    from xaicompress.data import load_dataset
+
+    return load_dataset("mnist5k", seed=0)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """scikit-learn's 8x8 digits (seed 0 split)."""
+    from xaicompress.data import load_dataset
+
+    return load_dataset("digits", seed=0)

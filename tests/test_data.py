@@ -21,11 +21,6 @@ from xaicompress.data.embedded import _mnist5k_arrays
 from xaicompress.errors import XaiCompressError
 
 
-@pytest.fixture(scope="module")
-def mnist() -> DatasetBundle:
-    return load_dataset("mnist5k")
-
-
 def test_mnist5k_shapes_and_split(mnist: DatasetBundle) -> None:
     assert mnist.spec == "mnist5k" and parse_data_spec(mnist.spec).kind == "mnist5k"
     assert mnist.input_shape == (1, 28, 28) and mnist.num_classes == 10

@@ -15,11 +15,6 @@ from xaicompress.relevance.inputmaps import input_attribution, save_heatmap_grid
 from xaicompress.train import accuracy, train
 
 
-@pytest.fixture(scope="module")
-def digits():
-    return load_dataset("digits")
-
-
 def _checkpoint(name, bundle, path, epochs=1):
     spec = ModelSpec(name, tuple(bundle.input_shape), bundle.num_classes)
     torch.manual_seed(0)

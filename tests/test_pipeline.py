@@ -3,6 +3,7 @@ reproduce the final model, a rerun comes from the cache with identical numbers, 
 interrupted run resumes to the same result."""
 
 import json
+import math
 import shutil
 import time
 
@@ -63,12 +64,14 @@ def test_report_fields_and_real_compression(first_run):
     rep = json.loads((out / "report.json").read_text())
     for part in ("baseline", "final"):
         for k in METRICS:
-            assert isinstance(rep[part][k], (int, float)), (part, k)
+            assert math.isfinite(rep[part][k]) and rep[part][k] > 0, (part, k)
+        assert 50 < rep[part]["accuracy"] <= 100  # percent, far above chance (10) on mnist5k
     assert [s["name"] for s in rep["stages"]] == [s["type"] for s in TINY["stages"]]
     for s in rep["stages"]:
         assert {"name", "criterion", "seconds", *METRICS} <= set(s)
         assert set(s["fidelity"]) >= {"cosine", "top10_overlap", "agreement"}
-        assert -1 <= s["fidelity"]["cosine"] <= 1 and 0 <= s["fidelity"]["top10_overlap"] <= 1
+        # the compressed model still explains its decisions like the original
+        assert s["fidelity"]["cosine"] > 0.5 and 0 < s["fidelity"]["top10_overlap"] <= 1
     assert rep["stages"][0]["criterion"] == "deeplift" and rep["stages"][3]["criterion"] is None
     b, f = rep["baseline"], rep["final"]
     packed = (out / "model.xcpk").stat().st_size

@@ -12,7 +12,7 @@ from xaicompress.checkpoint import (
     count_params,
     save_checkpoint,
 )
-from xaicompress.data import load_dataset, subset
+from xaicompress.data import subset
 from xaicompress.encoding import Mask
 from xaicompress.errors import XaiCompressError
 from xaicompress.metrics import count_macs
@@ -27,11 +27,6 @@ MODELS = [
     ("resnet20", {"width": 0.5}, (3, 32, 32)),
     ("resnet56", {"width": 0.25}, (3, 16, 16)),
 ]
-
-
-@pytest.fixture(scope="module")
-def mnist():
-    return load_dataset("mnist5k", seed=0)
 
 
 def _ckpt(name, kw, shape, seed=0):

@@ -12,7 +12,7 @@ from xaicompress.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from xaicompress.data import load_dataset, subset
+from xaicompress.data import subset
 from xaicompress.errors import XaiCompressError
 from xaicompress.prune import prune_unstructured, sparse_bytes
 from xaicompress.train import accuracy, train
@@ -22,11 +22,6 @@ def _ckpt(name="lenet5", seed=0):
     torch.manual_seed(seed)
     spec = ModelSpec(name, (1, 28, 28), 10, {})
     return Checkpoint(spec.build().eval(), spec, "mnist5k")
-
-
-@pytest.fixture(scope="module")
-def mnist():
-    return load_dataset("mnist5k", seed=0)
 
 
 def _fake(n=64):
