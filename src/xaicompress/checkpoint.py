@@ -278,7 +278,11 @@ def probe_batch(input_shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def probe_outputs(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Tensor:
-    """The model's outputs (eval mode, no gradients) on `probe_batch`."""
+    """The model's outputs (eval mode, no gradients) on `probe_batch`, computed on a CPU copy
+    of a GPU model: files are loaded back on the CPU, and the comparison must be exact."""
+    from xaicompress.device import cpu_copy
+
+    model = cpu_copy(model)
     x = probe_batch(input_shape)
     was = model.training
     model.eval()

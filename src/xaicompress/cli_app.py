@@ -204,3 +204,53 @@ def option_error(exc: OptionError, flags: Mapping[str, tuple[str, ...]] | None =
                  ) -> XaiCompressError:
     """A library step's `OptionError` with the option's flag."""
     return exc.named((flags or {}).get(exc.option, (flag(exc.option),))[0])
+
+
+# ----------------------------------------------------------- device options
+def runtime_options(*, amp: bool = True, enter: bool = True
+                    ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add `--device`, `--workers`, `--deterministic` (and `--amp` when the command trains)
+    to a command, generated from `pipeline.config.RuntimeConfig` (declared once there).
+
+    enter=True: the command runs inside `device.use_runtime` with those settings.
+    enter=False (`compress`, whose config holds them too): the command receives
+    `runtime: dict` with only the options typed on the command line, to lay over its config.
+    """
+    from xaicompress.pipeline.config import RuntimeConfig
+
+    names = [n for n in RuntimeConfig.model_fields if amp or n != "amp"]
+    params = [_option(n, {None: RuntimeConfig.model_fields[n]}, (flag(n),), 1, "Device")
+              for n in names]
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        own = [p for p in inspect.signature(fn, eval_str=True).parameters.values()
+               if p.name != "runtime"]
+        ctx_first = bool(own) and own[0].name == "ctx"
+
+        def command(ctx: typer.Context, **kwargs: Any) -> Any:
+            given = {}
+            for p in params:
+                value = kwargs.pop(p.name)
+                source = ctx.get_parameter_source(p.name)
+                if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+                    given[p.name] = value
+            if ctx_first:
+                kwargs["ctx"] = ctx
+            cfg = validate_options(RuntimeConfig, given, command=ctx.info_name or "command")
+            if not enter:
+                return fn(**kwargs, runtime={k: getattr(cfg, k) for k in given})
+            from xaicompress.device import use_runtime
+
+            with use_runtime(cfg.runtime()):
+                return fn(**kwargs)
+
+        rest = own[1:] if ctx_first else own
+        ctx_p = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                  annotation=typer.Context)
+        command.__name__, command.__doc__ = fn.__name__, fn.__doc__
+        command.__module__ = fn.__module__
+        command.__signature__ = inspect.Signature([ctx_p, *rest, *params])  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in [ctx_p, *rest, *params]}
+        return command
+
+    return deco

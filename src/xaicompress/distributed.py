@@ -40,7 +40,18 @@ def world_size() -> int:
 
 
 def backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    """gloo for CPU tensors, plus nccl for CUDA tensors where CUDA exists. NCCL alone
+    refuses CPU tensors, which a CPU run (`--device cpu`) and the object broadcasts use;
+    with a device-mapped backend torch picks per collective (object collectives use gloo)."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
+def collective_device() -> torch.device:
+    """Where a collective's scratch tensor lives: this rank's GPU when the run uses one (its
+    NCCL path), else the CPU (gloo)."""
+    from xaicompress.device import current_device
+
+    return current_device()
 
 
 def _env_int(name: str, low: int) -> int | None:
@@ -83,9 +94,11 @@ def init_from_env() -> bool:
     if launch_env() is None or not dist.is_available():
         return False
     if not dist.is_initialized():
+        local = _env_int("LOCAL_RANK", 0) or 0
+        if torch.cuda.is_available() and local < torch.cuda.device_count():
+            # before the process group, so NCCL binds this rank to its own GPU
+            torch.cuda.set_device(local)
         dist.init_process_group(backend=backend())
-        if torch.cuda.is_available():
-            torch.cuda.set_device(_env_int("LOCAL_RANK", 0) or 0)
     return True
 
 

@@ -12,6 +12,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from xaicompress.data import make_loader
+from xaicompress.device import (
+    autocast,
+    current_device,
+    grad_scaler,
+    model_device,
+    runtime,
+    to_model_device,
+)
 from xaicompress.errors import XaiCompressError
 from xaicompress.progress import track
 
@@ -36,8 +44,9 @@ def train(
     params: list[torch.nn.Parameter] | None = None,
     description: str = "train",
     augment: int | None = 0,
+    amp: str | None = None,
 ) -> nn.Module:
-    """Train `model` in place with a cosine schedule; returns it.
+    """Train `model` in place with a cosine schedule, on the model's device; returns it.
 
     after_step: called after every optimizer step (e.g. to re-apply pruning masks).
     params: the parameters to optimise (default: all that require grad).
@@ -45,6 +54,8 @@ def train(
     augment: random translations of up to this many pixels (0 = none, None = image height
         // 12, i.e. 2 px on 28x28 and none on 8x8); a cheap regulariser that matters on small
         training sets such as mnist5k's 4,000 images.
+    amp: mixed precision, off | bf16 | fp16 (fp16 with a GradScaler, CUDA only); None = the
+        running command's `--amp` (off outside one).
     """
     if epochs <= 0:
         return model
@@ -69,20 +80,19 @@ def train(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     net = _maybe_ddp(model)
     net.train()
+    step_fn = _Step(net, opt, amp if amp is not None else runtime().amp)
     step = 0
     epoch = 0
     with _progress(total, description) as advance:
         while step < total:
             if hasattr(loader.sampler, "set_epoch"):
                 loader.sampler.set_epoch(epoch)
-            for x, y in loader:
+            for batch in loader:
+                x, y = to_model_device(batch, model)
                 shift = x.shape[-2] // 12 if augment is None else augment
                 if shift:
                     x = random_shift(x, shift)
-                opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(net(x), y)
-                loss.backward()
-                opt.step()
+                step_fn(x, y)
                 sched.step()
                 if after_step is not None:
                     after_step(model)
@@ -95,17 +105,38 @@ def train(
     return model
 
 
+class _Step:
+    """One optimizer step, in mixed precision when asked: the forward pass and the loss
+    under autocast, the backward pass through a GradScaler (enabled for fp16 only; off, it
+    is exactly loss.backward(); opt.step())."""
+
+    def __init__(self, net: nn.Module, opt: torch.optim.Optimizer, amp: str) -> None:
+        self.net, self.opt, self.amp = net, opt, amp
+        self.device = model_device(net)
+        self.scaler = grad_scaler(self.device, amp)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        with autocast(self.device, self.amp):
+            loss = F.cross_entropy(self.net(x), y)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+
+
 def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
     """Translate each image (N, C, H, W) by a random integer offset in [-s, s]^2, filling
-    with the image's own border value (the background after normalisation)."""
+    with the image's own border value (the background after normalisation). The offsets
+    come from the CPU generator whatever x's device, so a GPU run shifts as a CPU run."""
     n, _, h, w = x.shape
+    dev = x.device
     pad = F.pad(x, (max_shift,) * 4, mode="replicate")
-    dy = torch.randint(0, 2 * max_shift + 1, (n,))
-    dx = torch.randint(0, 2 * max_shift + 1, (n,))
-    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]
-    idx_n = torch.arange(n)[:, None, None, None]
-    idx_c = torch.arange(x.shape[1])[None, :, None, None]
+    dy = torch.randint(0, 2 * max_shift + 1, (n,)).to(dev)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,)).to(dev)
+    rows = (dy[:, None] + torch.arange(h, device=dev)[None, :])[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=dev)[None, :])[:, None, None, :]
+    idx_n = torch.arange(n, device=dev)[:, None, None, None]
+    idx_c = torch.arange(x.shape[1], device=dev)[None, :, None, None]
     return pad[idx_n, idx_c, rows, cols]
 
 
@@ -113,7 +144,10 @@ def _maybe_ddp(model: nn.Module) -> nn.Module:
     from xaicompress.distributed import is_distributed
 
     if is_distributed():
-        return nn.parallel.DistributedDataParallel(model)
+        device = model_device(model)
+        # a CUDA model: DDP on this rank's GPU (NCCL all-reduces its gradients there)
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
     return model
 
 
@@ -133,12 +167,13 @@ class _progress:
 @torch.no_grad()
 def predict(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> tuple[torch.Tensor,
                                                                                 torch.Tensor]:
-    """Logits (N, K) and labels (N,) over the whole dataset, in order."""
+    """Logits (N, K) and labels (N,) over the whole dataset, in order (run on the model's
+    device, returned on the CPU)."""
     model.eval()
     outs, ys = [], []
     # Evaluation always sees the whole set on every rank: no DistributedSampler here.
     for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        outs.append(model(x))
+        outs.append(model(to_model_device(x, model)).cpu())
         ys.append(y)
     return torch.cat(outs), torch.cat(ys)
 
@@ -164,7 +199,7 @@ def train_checkpoint(model_name: str, data_spec: str, *, epochs: float = 15, see
     spec = ModelSpec(model_name, tuple(bundle.input_shape), bundle.num_classes,
                      dict(model_kwargs or {}))
     seed_everything(seed)
-    model = spec.build()
+    model = spec.build().to(current_device())  # built on the CPU (same init), then placed
     train(model, bundle.train, epochs=epochs, lr=lr, optimizer=optimizer,
           batch_size=batch_size, seed=seed, augment=augment)
     cfg = {"stage": "train", "epochs": epochs, "seed": seed, "optimizer": optimizer, "lr": lr,

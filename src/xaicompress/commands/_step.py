@@ -14,10 +14,13 @@ from xaicompress.pipeline.stages import run_stage
 
 def load_inputs(checkpoint: str, model: str | None, data: str | None, seed: int
                 ) -> tuple[Checkpoint, DatasetBundle, str]:
-    """The checkpoint (or packed file), and its data (`data`, else the checkpoint's own)."""
+    """The checkpoint (or packed file), loaded on the CPU and placed on the command's
+    `--device`, and its data (`data`, else the checkpoint's own)."""
+    from xaicompress.device import current_device
     from xaicompress.export.packed import load_any
 
     ckpt = load_any(checkpoint, model=model)
+    ckpt.model.to(current_device())
     spec = data or ckpt.data or DEFAULT_SPEC
     bundle = load_dataset(spec, seed=seed)
     check_data_fits(ckpt, bundle.input_shape, bundle.num_classes, spec)

@@ -1,21 +1,23 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from xaicompress.cli_app import JsonOpt, app
+from xaicompress.cli_app import JsonOpt, app, runtime_options
 from xaicompress.commands.compress import ConfigOpt, _echo
 from xaicompress.pipeline import load_config, run_compare
 from xaicompress.pipeline.compare import parse_list, pm
 
 
 @app.command("compare")
+@runtime_options(enter=False)
 def compare_cmd(
     config: ConfigOpt,
+    runtime: dict[str, Any],
     criteria: Annotated[str, typer.Option("--criteria", help="Comma-separated criteria, each "
                                           "substituted into every stage that has one (at most "
                                           "100).")]
@@ -29,7 +31,7 @@ def compare_cmd(
     """Run the same pipeline once per criterion and seed; table of mean ± std."""
     crit_list = parse_list(criteria, "--criteria")
     seed_list = parse_list(seeds, "--seeds", int)
-    cfg = load_config(config)
+    cfg = load_config(config).model_copy(update=runtime)
     result = run_compare(cfg, crit_list, seed_list, out, echo=_echo)
     if as_json:
         print(json.dumps(result["summary"], indent=2))

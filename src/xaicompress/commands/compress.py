@@ -2,12 +2,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from xaicompress.cli_app import MAX_SEED, JsonOpt, app
+from xaicompress.cli_app import MAX_SEED, JsonOpt, app, runtime_options
 from xaicompress.pipeline import load_config, run_pipeline
 from xaicompress.report import summary_table
 
@@ -26,17 +26,28 @@ def _echo(msg: str) -> None:
 
 
 @app.command("compress")
+@runtime_options(enter=False)
 def compress_cmd(
     config: ConfigOpt,
     out: Annotated[str, typer.Option("--out", help="Output folder (created with its parents). "
                                      "Finished stages are cached in OUT/cache.")],
+    runtime: dict[str, Any],
     seed: SeedOverride = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a config's stages (cached) and write the packed model, ONNX and a report."""
+    run_compress(config, out, seed=seed, as_json=as_json, runtime=runtime)
+
+
+def run_compress(config: str, out: str, *, seed: int | None = None, as_json: bool = False,
+                 runtime: dict[str, Any] | None = None) -> None:
+    """`compress` (also `demo`): the config, with the --seed and device options typed on the
+    command line laid over it."""
     cfg = load_config(config)
     if seed is not None:
         cfg = cfg.with_seed(seed)
+    if runtime:
+        cfg = cfg.model_copy(update=runtime)
     res = run_pipeline(cfg, out, echo=_echo)
     if as_json:
         print(json.dumps(res.report, indent=2))

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from xaicompress.cli_app import app
-from xaicompress.commands.compress import SeedOverride, compress_cmd
+from xaicompress.cli_app import app, runtime_options
+from xaicompress.commands.compress import SeedOverride, run_compress
 from xaicompress.errors import XaiCompressError
 
 DEMO_CONFIG = "lenet5-mnist.yaml"
@@ -24,7 +24,9 @@ def demo_config_path() -> Path:
 
 
 @app.command("demo")
+@runtime_options(enter=False)
 def demo_cmd(
+    runtime: dict[str, Any],
     seed: SeedOverride = None,
     out: Annotated[str, typer.Option("--out", help="Output folder.")] = "xaicompress-demo",
     config: Annotated[str | None, typer.Option("--config", help="Config to run instead of "
@@ -32,4 +34,4 @@ def demo_cmd(
 ) -> None:
     """Compress LeNet-5 on the embedded MNIST digits (configs/lenet5-mnist.yaml): prune,
     share weights, export, and report. Fast the second time (stages are cached)."""
-    compress_cmd(config or str(demo_config_path()), out, seed=seed, as_json=False)
+    run_compress(config or str(demo_config_path()), out, seed=seed, runtime=runtime)

@@ -8,13 +8,15 @@ from rich.console import Console
 from rich.table import Table
 
 from xaicompress.checkpoint import check_data_fits
-from xaicompress.cli_app import CkptDataOpt, JsonOpt, SeedOpt, TrustOpt, app
+from xaicompress.cli_app import CkptDataOpt, JsonOpt, SeedOpt, TrustOpt, app, runtime_options
 from xaicompress.data import DEFAULT_SPEC, load_dataset
+from xaicompress.device import current_device
 from xaicompress.export.packed import load_any
 from xaicompress.metrics import evaluate
 
 
 @app.command("evaluate")
+@runtime_options(amp=False)
 def evaluate_cmd(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint or packed model file.")],
     model: TrustOpt = None,
@@ -24,6 +26,7 @@ def evaluate_cmd(
 ) -> None:
     """Accuracy, parameters, non-zeros, MACs, bytes and CPU latency of a checkpoint."""
     ckpt = load_any(checkpoint, model=model)
+    ckpt.model.to(current_device())  # loaded on the CPU; accuracy runs on --device
     spec = data or ckpt.data or DEFAULT_SPEC
     bundle = load_dataset(spec, seed=seed)
     check_data_fits(ckpt, bundle.input_shape, bundle.num_classes, spec)

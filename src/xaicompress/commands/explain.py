@@ -6,13 +6,15 @@ import typer
 from rich.console import Console
 
 from xaicompress.checkpoint import check_data_fits, load_checkpoint
-from xaicompress.cli_app import CkptDataOpt, SeedOpt, TrustOpt, app
+from xaicompress.cli_app import CkptDataOpt, SeedOpt, TrustOpt, app, runtime_options
 from xaicompress.data import DEFAULT_SPEC, load_dataset
+from xaicompress.device import current_device
 from xaicompress.pipeline.config import MAX_BATCH, MAX_SAMPLES
 from xaicompress.relevance.explain import explain_checkpoint
 
 
 @app.command("explain")
+@runtime_options(amp=False)
 def explain_cmd(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint file.")],
     model: TrustOpt = None,
@@ -34,6 +36,7 @@ def explain_cmd(
 
     crit = get_criterion(criterion)  # a bad spec fails before any loading
     ckpt = load_checkpoint(checkpoint, model=model)
+    ckpt.model.to(current_device())  # loaded on the CPU; relevance runs on --device
     spec = data or ckpt.data or DEFAULT_SPEC
     bundle = load_dataset(spec, seed=seed)
     check_data_fits(ckpt, bundle.input_shape, bundle.num_classes, spec)

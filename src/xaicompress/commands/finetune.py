@@ -7,13 +7,22 @@ from rich.console import Console
 
 from xaicompress.atomic import check_writable
 from xaicompress.checkpoint import save_checkpoint
-from xaicompress.cli_app import CkptDataOpt, SeedOpt, TrustOpt, app, model_options, validate_options
+from xaicompress.cli_app import (
+    CkptDataOpt,
+    SeedOpt,
+    TrustOpt,
+    app,
+    model_options,
+    runtime_options,
+    validate_options,
+)
 from xaicompress.commands._step import load_inputs, run_step
 from xaicompress.pipeline.config import FinetuneStage
 from xaicompress.train import accuracy
 
 
 @app.command("finetune")
+@runtime_options()
 @model_options({None: FinetuneStage})
 def finetune_cmd(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint (or packed file) to "

@@ -16,6 +16,7 @@ from xaicompress.cli_app import (
     TrustOpt,
     app,
     model_options,
+    runtime_options,
     validate_options,
 )
 from xaicompress.commands._step import load_inputs, run_step
@@ -30,6 +31,7 @@ MODES = {"--structured": PruneStructuredStage, "--unstructured": PruneUnstructur
 
 
 @app.command("prune")
+@runtime_options()
 @model_options(MODES)
 def prune_cmd(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint (or packed file) to prune.")],

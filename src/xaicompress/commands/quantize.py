@@ -16,6 +16,7 @@ from xaicompress.cli_app import (
     TrustOpt,
     app,
     model_options,
+    runtime_options,
     validate_options,
 )
 from xaicompress.commands._step import load_inputs, run_step
@@ -26,6 +27,7 @@ _ROWS = ("accuracy", "params", "nonzero_params", "fp32_bytes", "size_bytes")
 
 
 @app.command("quantize")
+@runtime_options()
 @model_options({None: QuantizeStage})
 def quantize_cmd(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint (or packed file) to quantize.")],

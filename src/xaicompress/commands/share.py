@@ -8,7 +8,15 @@ from rich.table import Table
 
 from xaicompress.atomic import check_writable
 from xaicompress.checkpoint import save_checkpoint
-from xaicompress.cli_app import CkptDataOpt, SeedOpt, TrustOpt, app, model_options, validate_options
+from xaicompress.cli_app import (
+    CkptDataOpt,
+    SeedOpt,
+    TrustOpt,
+    app,
+    model_options,
+    runtime_options,
+    validate_options,
+)
 from xaicompress.commands._step import load_inputs, run_step
 from xaicompress.pipeline.config import ShareStage
 
@@ -18,6 +26,7 @@ FLAGS = {"codebook_dtype": ("--codebook-dtype", "--codebook"),
 
 
 @app.command("share")
+@runtime_options()
 @model_options({None: ShareStage}, flags=FLAGS)
 def share_cmd(
     checkpoint: Annotated[str, typer.Argument(help="Checkpoint (or packed file) to share.")],

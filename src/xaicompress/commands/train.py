@@ -7,12 +7,20 @@ from rich.console import Console
 
 from xaicompress.atomic import check_writable
 from xaicompress.checkpoint import save_checkpoint
-from xaicompress.cli_app import DataOpt, SeedOpt, app, model_options, validate_options
+from xaicompress.cli_app import (
+    DataOpt,
+    SeedOpt,
+    app,
+    model_options,
+    runtime_options,
+    validate_options,
+)
 from xaicompress.pipeline.config import TrainConfig
 from xaicompress.train import train_checkpoint
 
 
 @app.command("train")
+@runtime_options()
 @model_options({None: TrainConfig}, panel="Training options")
 def train_cmd(
     options: dict[str, Any],

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
@@ -20,6 +22,9 @@ def make_loader(dataset: Dataset, batch_size: int = 128, *, shuffle: bool = Fals
     permutation, so epochs differ but runs repeat). Under an initialised torch.distributed
     process group a `DistributedSampler(shuffle, seed, drop_last)` is used instead; the
     caller must then call ``loader.sampler.set_epoch(epoch)`` to vary the order per epoch.
+    Inside a command running on a GPU (`xaicompress.device.use_runtime`) batches come in
+    pinned memory from `--workers` worker processes (the order is the sampler's, in the
+    main process, so workers do not change the numbers); elsewhere no workers, no pinning.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise XaiCompressError(f"batch size {batch_size!r}: expected an integer >= 1")
@@ -27,14 +32,23 @@ def make_loader(dataset: Dataset, batch_size: int = 128, *, shuffle: bool = Fals
         from torch.utils.data.distributed import DistributedSampler
 
         sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=0,
-                          drop_last=drop_last)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
+                          drop_last=drop_last, **_device_kwargs())
     generator = None
     if shuffle:
         generator = torch.Generator()
         generator.manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=0, drop_last=drop_last)
+                      drop_last=drop_last, **_device_kwargs())
+
+
+def _device_kwargs() -> dict[str, Any]:
+    """DataLoader options of the running command's device (`--workers`, pinned memory)."""
+    from xaicompress.device import runtime
+
+    rt = runtime()
+    return {"num_workers": rt.workers, "pin_memory": rt.pin_memory,
+            "persistent_workers": rt.workers > 0}
 
 
 def subset(dataset: Dataset, n: int, *, seed: int = 0) -> Dataset:

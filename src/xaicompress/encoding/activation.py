@@ -37,7 +37,7 @@ def fake_quant_activation(x: Tensor, scale: Tensor, bits: int) -> Tensor:
     the in-memory model equals what ONNX Runtime computes.
     """
     lo, hi = act_range(bits)
-    s = scale.to(x.dtype)
+    s = scale.to(x.device, x.dtype)
     q = torch.clamp(torch.round(x / s), lo, hi) * s
     if torch.is_grad_enabled() and x.requires_grad:
         return x + (q - x).detach()
@@ -53,7 +53,7 @@ class ActQuant:
 
     def __init__(self, bits: int, scale: Tensor | float) -> None:
         self.bits = int(bits)
-        self.scale = torch.as_tensor(scale, dtype=torch.float32).detach().reshape(())
+        self.scale = torch.as_tensor(scale, dtype=torch.float32).detach().cpu().reshape(())
 
     def __repr__(self) -> str:
         return f"ActQuant(bits={self.bits}, scale={float(self.scale):.4g})"

@@ -51,8 +51,9 @@ class Codebook:
     META: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, values: Tensor, indices: Tensor) -> None:
-        self.values = values.detach().to(torch.float32).reshape(-1)
-        self.indices = indices.detach().to(torch.int64)
+        # on the CPU, as all compression state; `effective` meets the weight on its device
+        self.values = values.detach().to("cpu", torch.float32).reshape(-1)
+        self.indices = indices.detach().to("cpu", torch.int64)
 
     def __repr__(self) -> str:
         return f"Codebook(k={self.k})"
@@ -71,7 +72,7 @@ class Codebook:
         return codebook_dtype_of(self.values)
 
     def effective(self, w: Tensor) -> Tensor:
-        return self.values.to(w.dtype)[self.indices].reshape(w.shape)
+        return self.values.to(w.device, w.dtype)[self.indices.to(w.device)].reshape(w.shape)
 
     def copy(self) -> Codebook:
         return Codebook(self.values.clone(), self.indices.clone())

@@ -39,7 +39,7 @@ class IntGrid:
 
     def __init__(self, bits: int, scale: Tensor) -> None:
         self.bits = int(bits)
-        self.scale = scale.detach().to(torch.float32).reshape(-1)
+        self.scale = scale.detach().to("cpu", torch.float32).reshape(-1)  # state: on the CPU
 
     def __repr__(self) -> str:
         return f"IntGrid(bits={self.bits})"
@@ -53,7 +53,7 @@ class IntGrid:
         return self.bits
 
     def _scale_like(self, w: Tensor) -> Tensor:
-        return self.scale.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1)))
+        return self.scale.to(w.device, w.dtype).reshape(-1, *([1] * (w.dim() - 1)))
 
     def quantize(self, w: Tensor) -> Tensor:
         """The integers q (int64, w's shape) of weight w (out, ...)."""

@@ -27,7 +27,9 @@ class Mask:
     def __init__(self, keep: Tensor) -> None:
         if not isinstance(keep, Tensor):
             raise TypeError(f"Mask needs a bool tensor, got {type(keep).__name__}")
-        self.keep = keep.detach().to(torch.bool)
+        # compression state lives on the CPU (files are written from it); it meets a GPU
+        # weight through `apply`, which moves it to the weight's device
+        self.keep = keep.detach().to("cpu", torch.bool)
 
     def __repr__(self) -> str:
         return f"Mask({self.kept}/{self.keep.numel()} kept)"
@@ -43,7 +45,7 @@ class Mask:
 
     def apply(self, w: Tensor) -> Tensor:
         """w with the pruned weights set to zero."""
-        return w * self.keep.to(w.dtype)
+        return w * self.keep.to(w.device, w.dtype)
 
     def copy(self) -> Mask:
         return Mask(self.keep.clone())

@@ -111,7 +111,7 @@ class _QuantLayer(nn.Module):
 
 def export_model(ckpt: Checkpoint) -> nn.Module:
     """A copy of `ckpt.model` ready for export: effective weights, Q/DQ layers, no hooks."""
-    model = copy.deepcopy(ckpt.model)
+    model = copy.deepcopy(ckpt.model).to("cpu")  # exported from a CPU copy
     remove_activation_quant(model)
     ckpt.state.apply(model)
     modules = dict(model.named_modules())

@@ -27,6 +27,7 @@ model forbids unknown keys, so a typo is an error, never silently ignored. Relat
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -40,6 +41,7 @@ from pydantic import (
     model_validator,
 )
 
+from xaicompress.device import AMP_CHOICES, DEVICE_CHOICES, Runtime, make_runtime
 from xaicompress.errors import XaiCompressError
 from xaicompress.prune.structured import NORMS as STRUCTURED_NORMS
 from xaicompress.prune.unstructured import LAYER_KINDS
@@ -309,8 +311,42 @@ class ReportConfig(_Strict):
     latency_repeats: Annotated[int, Field(ge=1, le=1000)] = 20
 
 
-class PipelineConfig(_Strict):
-    """A whole `compress` run: where the model comes from, the data, and the stages."""
+#: `device:` values: auto (the GPU when there is one), cpu, cuda, cuda:N (xaicompress.device)
+DEVICE_PATTERN = r"^\s*(auto|cpu|cuda|cuda:\d+)\s*$"
+
+
+class RuntimeConfig(_Strict):
+    """Where and how models run (`--device`, `--workers`, `--amp`, `--deterministic` of
+    every command that runs a model; top-level keys of a config). Not part of the stage
+    cache key except `amp`, which changes the numbers (docs/design.md "Devices")."""
+
+    device: str = Field("auto", description=(
+        "auto (the GPU when there is one; cuda:LOCAL_RANK under torchrun), cpu, cuda or "
+        "cuda:N."))
+    workers: Annotated[int, Field(ge=0, le=64)] | None = Field(None, description=(
+        "DataLoader worker processes (default: 0 on the CPU, 2 on a GPU)."))
+    amp: Literal[AMP_CHOICES] = Field("off", description=(  # type: ignore[valid-type]
+        "Mixed precision of training and fine-tuning (bf16, fp16 with loss scaling: CUDA "
+        "only); relevance always runs in float32."))
+    deterministic: bool = Field(False, description=(
+        "torch.use_deterministic_algorithms: the same seed gives the same numbers on a "
+        "GPU too (slower; ops without a deterministic kernel raise)."))
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.match(DEVICE_PATTERN, v, re.IGNORECASE):
+            raise ValueError(f"expected one of {', '.join(DEVICE_CHOICES)}")
+        return v.strip().lower()
+
+    def runtime(self) -> Runtime:
+        """The resolved settings (an unavailable device is an XaiCompressError)."""
+        return make_runtime(self.device, self.workers, self.amp, self.deterministic)
+
+
+class PipelineConfig(RuntimeConfig):
+    """A whole `compress` run: where the model comes from, the data, and the stages (and,
+    from RuntimeConfig, the device it runs on)."""
 
     name: str | None = None
     model: ModelConfig | None = None

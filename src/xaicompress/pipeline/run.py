@@ -21,6 +21,7 @@ from xaicompress.atomic import atomic_write_text, check_writable, record_writes
 from xaicompress.checkpoint import Checkpoint, check_data_fits, load_checkpoint
 from xaicompress.data import DatasetBundle, load_dataset
 from xaicompress.data.fingerprint import data_fingerprint
+from xaicompress.device import Runtime, current_device, use_runtime
 from xaicompress.errors import OptionError, XaiCompressError
 from xaicompress.interrupt import Interrupted, deferred
 from xaicompress.metrics import evaluate
@@ -180,7 +181,7 @@ def _store(cache: StageCache, ckpt: Checkpoint, key: str, label: str) -> Checkpo
 
     raw = cache.save(ckpt, key, label)
     # Continue from the stored bytes, exactly what a resumed run would load.
-    return checkpoint_from_bytes(raw, str(cache.path(key, label)), model=cache.model)
+    return _placed(checkpoint_from_bytes(raw, str(cache.path(key, label)), model=cache.model))
 
 
 NO_DEEPLIFT = "DeepLIFT cannot explain this model"
@@ -242,11 +243,35 @@ def run_pipeline(config: PipelineConfig, out_dir: str | os.PathLike[str], *,
     echo: called with one line per step (e.g. print), for a terminal log.
     An interruption (SIGINT / SIGTERM) leaves every finished stage in the cache and is
     re-raised with a note of what was kept.
+    Runs on `config.device` (`device: auto` = the GPU when there is one): every model is
+    placed there after loading; files are written from CPU copies.
     """
+    with use_runtime(_runtime(config)):
+        return _run(config, out_dir, cache_dir, plots, echo)
+
+
+def _runtime(config: PipelineConfig) -> Runtime:
+    try:
+        return config.runtime()
+    except XaiCompressError as exc:  # the config's key, not the flag, when it came from there
+        raise XaiCompressError(str(exc).replace("--device", "device:", 1)) from None
+
+
+def _placed(ckpt: Checkpoint) -> Checkpoint:
+    """`ckpt` with its model on the run's device (checkpoints load on the CPU)."""
+    ckpt.model.to(current_device())
+    return ckpt
+
+
+def _run(config: PipelineConfig, out_dir: str | os.PathLike[str],
+         cache_dir: str | os.PathLike[str] | None, plots: bool,
+         echo: Callable[[str], None] | None) -> PipelineResult:
     say = echo or (lambda _msg: None)
     t_start = time.perf_counter()
     check_out_dir(out_dir)
     bundle, start = read_inputs(config)
+    if start is not None:
+        _placed(start)
     out = prepare_out_dir(out_dir)
     cache = StageCache(cache_dir if cache_dir is not None else out / "cache",
                        model=config.trusted_model)
@@ -275,11 +300,15 @@ def _run_stages(config: PipelineConfig, cache: StageCache, steps: list[Checkpoin
     receives the baseline first (so an interruption knows how many were kept), and leaves
     with the stages only."""
     data_id = data_fingerprint(bundle, memo=cache.folder / "data-fingerprints.json")
+    # amp changes the numbers of every training: part of the keys (absent when off, so the
+    # keys of float32 runs are those of before); the device is not (same numbers up to
+    # float rounding, and a cache moves between a GPU and a CPU machine)
+    amp = {"amp": config.amp} if config.amp != "off" else {}
     key = baseline_key(_source(config), {"spec": config.data, "content": data_id},
-                       config.train.model_dump(mode="json") if config.checkpoint is None
-                       else {}, config.seed)
+                       {**config.train.model_dump(mode="json"), **amp}
+                       if config.checkpoint is None else {}, config.seed)
     label = "00-baseline"
-    baseline = cache.load(key, label)
+    baseline = _placed_or_none(cache.load(key, label))
     cached = [baseline is not None]
     if baseline is None:
         say("baseline: " + ("loading checkpoint" if config.checkpoint else "training"))
@@ -301,9 +330,10 @@ def _run_stages(config: PipelineConfig, cache: StageCache, steps: list[Checkpoin
     n = len(config.stages)
     for i, st in enumerate(track(config.stages, "compress", total=n)):
         seed_i = stage_seed(config.seed, i)
-        key = stage_key(key, {**st.model_dump(mode="json"), "measured": measured}, seed_i)
+        key = stage_key(key, {**st.model_dump(mode="json"), "measured": measured, **amp},
+                        seed_i)
         label = f"{i + 1:02d}-{st.type}"
-        hit = cache.load(key, label)
+        hit = _placed_or_none(cache.load(key, label))
         cached.append(hit is not None)
         if hit is None:
             say(f"stage {i + 1}/{n} {st.label()}: running")
@@ -323,6 +353,10 @@ def _run_stages(config: PipelineConfig, cache: StageCache, steps: list[Checkpoin
         ckpt = hit
     steps.pop(0)
     return baseline, cached
+
+
+def _placed_or_none(ckpt: Checkpoint | None) -> Checkpoint | None:
+    return None if ckpt is None else _placed(ckpt)
 
 
 def _heatmaps_possible(config: PipelineConfig, steps: list[Checkpoint]) -> PipelineConfig:

@@ -25,6 +25,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from xaicompress.device import to_model_device
 from xaicompress.relevance.base import Relevance
 
 _OUT_FNS = (tp.pruner.function.prune_conv_out_channels,
@@ -89,7 +90,8 @@ def accumulate_gradients(model: nn.Module, batches: Iterable[tuple[Tensor, Tenso
     was_training = model.training
     model.eval()
     model.zero_grad(set_to_none=True)
-    for x, y in batches:
+    for batch in batches:
+        x, y = to_model_device(batch, model)
         F.cross_entropy(model(x), y, reduction="sum").backward()
     model.train(was_training)
 

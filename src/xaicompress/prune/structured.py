@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from xaicompress.checkpoint import Checkpoint
+from xaicompress.device import model_device
 from xaicompress.errors import XaiCompressError
 from xaicompress.metrics import count_macs
 from xaicompress.progress import track
@@ -99,7 +100,8 @@ def group_scores(model: nn.Module, importance: tp.importance.Importance, example
         imp = importance(group)
         if imp is None:
             continue
-        out[names[group[0].dep.target.module]] = l1_normalise(imp)
+        # Torch-Pruning's own importances score on the weights' device; selection is CPU-side
+        out[names[group[0].dep.target.module]] = l1_normalise(imp.cpu())
     return out
 
 
@@ -337,7 +339,7 @@ def prune_structured(
     out = ckpt.copy()
     out.model.eval()
     shape = tuple(ckpt.spec.input_shape)
-    example = torch.zeros(1, *shape)
+    example = torch.zeros(1, *shape, device=model_device(out.model))
     ignored = [classifier_layer(out.model, ckpt.spec.num_classes)]
     original = _channels(out.model, example, ignored)
     macs0 = count_macs(out.model, shape)

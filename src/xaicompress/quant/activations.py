@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from xaicompress.data import make_loader, subset
+from xaicompress.device import model_device, to_model_device
 from xaicompress.encoding.activation import MAX_BITS, MIN_BITS, act_range
 from xaicompress.errors import XaiCompressError
 
@@ -35,7 +36,7 @@ def calibrate_activations(model: nn.Module, dataset: Dataset, layers: list[str],
     if samples < 1:
         raise XaiCompressError(f"--samples {samples}: expected a positive number of samples")
     modules = dict(model.named_modules())
-    peaks = {name: torch.zeros(()) for name in layers}
+    peaks = {name: torch.zeros((), device=model_device(model)) for name in layers}
     handles = []
 
     def watch(name: str):  # noqa: ANN202
@@ -51,12 +52,12 @@ def calibrate_activations(model: nn.Module, dataset: Dataset, layers: list[str],
         loader = make_loader(subset(dataset, samples, seed=seed), batch_size, shuffle=False,
                              seed=seed)
         for x, _y in loader:
-            model(x)
+            model(to_model_device(x, model))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
     qmax = act_range(bits)[1]
     # A layer that only ever saw zeros gets scale 1: any positive scale represents 0 exactly.
-    return {name: (p / qmax if p > 0 else torch.ones(())).float().reshape(())
+    return {name: (p.cpu() / qmax if p > 0 else torch.ones(())).float().reshape(())
             for name, p in peaks.items()}

@@ -232,7 +232,7 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
 
     data = {}
     for name, m in layers.items():
-        w = m.weight.detach().float().reshape(-1).numpy()
+        w = m.weight.detach().float().reshape(-1).cpu().numpy()
         lc = out.state.layers.get(name)
         keep = (lc.mask.keep.reshape(-1).numpy() if lc is not None and lc.mask is not None
                 else np.ones(w.size, dtype=bool))

@@ -64,7 +64,7 @@ def channel_scales(w: Tensor, bits: int, *, clip: str = "mse",
     base = torch.clamp(peak / qmax(bits), min=_MIN_SCALE)
     if clip == "max":
         return base
-    imp = (importance.detach().float().abs().reshape_as(flat)
+    imp = (importance.detach().float().abs().to(flat.device).reshape_as(flat)
            if clip == "wmse" and importance is not None else torch.ones_like(flat))
     best_err = torch.full_like(peak, math.inf)
     best = base.clone()
@@ -82,8 +82,9 @@ def weighted_error(w: Tensor, importance: Tensor, bits: int, clip: str = "mse",
                    mask: Tensor | None = None) -> float:
     """sum_w R_w (w - Q_b(w))^2 for one layer (w, importance and mask share w's shape)."""
     w = w.detach().float()
+    importance = importance.to(w.device)  # relevance is a CPU result; w may be on a GPU
     if mask is not None:
-        w = w * mask
+        w = w * mask.to(w.device)
     s = channel_scales(w, bits, clip=clip, importance=importance)
     return float((importance.float().abs() * (w - fake_quant_weight(w, s, bits)) ** 2).sum())
 

@@ -46,8 +46,10 @@ def qat_train(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1, lr: fl
         parametrize.register_parametrization(modules[name], "weight",
                                              STEQuant(lc.grid, lc.mask))
     try:
+        # amp off: the fake-quantized weights q * s must meet the inputs at float32, as the
+        # runtime computes them (bf16 keeps 8 mantissa bits of s)
         train(ckpt.model, train_set, epochs=epochs, lr=lr, seed=seed, batch_size=batch_size,
-              description="QAT")
+              description="QAT", amp="off")
     finally:
         for name in quantized:
             # Keep the latent float weights; the state re-derives the quantized ones from them.

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from xaicompress.checkpoint import Checkpoint
 from xaicompress.data import make_loader
+from xaicompress.device import autocast, grad_scaler, model_device, runtime, to_model_device
 from xaicompress.encoding import Codebook, CompressionState
 from xaicompress.encoding.codebook import codebook_dtype_of, round_to_dtype
 from xaicompress.errors import XaiCompressError
@@ -89,7 +90,8 @@ def _train_loss(model: nn.Module, train_set: Dataset, batch_size: int = 512) -> 
     was = model.training
     model.eval()
     total, n = 0.0, 0
-    for x, y in make_loader(train_set, batch_size, shuffle=False):
+    for batch in make_loader(train_set, batch_size, shuffle=False):
+        x, y = to_model_device(batch, model)
         total += float(F.cross_entropy(model(x), y, reduction="sum"))
         n += len(y)
     model.train(was)
@@ -115,14 +117,16 @@ def _parametrize(out: Checkpoint, shared: dict[str, Codebook], lr: float | None,
     for name, cb in shared.items():
         w = modules[name].weight
         lc = out.state.layers[name]
-        mask = lc.mask.keep if lc.mask is not None else torch.ones(w.shape, dtype=torch.bool)
+        mask = (lc.mask.keep if lc.mask is not None else torch.ones(w.shape, dtype=torch.bool)
+                ).to(w.device)
         rates[name] = (float(centroid_lrs[name]) if centroid_lrs and name in centroid_lrs
                        else lr if lr is not None else centroid_lr(w, mask, lr_scale))
         if not (math.isfinite(rates[name]) and rates[name] > 0):
             raise XaiCompressError(f"codebook fine-tuning: learning rate {rates[name]} of layer "
                                    f"{name!r}: expected a positive number")
         parametrize.register_parametrization(modules[name], "weight",
-                                             SharedWeight(cb.values, cb.indices, mask))
+                                             SharedWeight(cb.values, cb.indices, mask).to(
+                                                 w.device))  # the state is on the CPU
         # never read by the forward: frozen, so DDP does not wait for its gradient
         modules[name].parametrizations.weight.original.requires_grad_(False)
     return rates
@@ -165,6 +169,7 @@ class _Run:
     clip: float | None
     augment: int | None
     keep_best: bool
+    amp: str = "off"
     losses: list[float] = field(default_factory=list)
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     step: int = 0
@@ -183,6 +188,8 @@ class _Run:
         params = [p for g in self.groups for p in g["params"]]
         opt = torch.optim.Adam(self.groups)
         net = _maybe_ddp(model)  # gradients averaged over ranks under torchrun
+        device = model_device(model)
+        scaler = grad_scaler(device, self.amp)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
         per_epoch = len(loader)
         if self.keep_best:
@@ -194,15 +201,20 @@ class _Run:
             while self.step < total:
                 if hasattr(loader.sampler, "set_epoch"):
                     loader.sampler.set_epoch(epoch)
-                for x, y in loader:
+                for batch in loader:
+                    x, y = to_model_device(batch, model)
                     shift = x.shape[-2] // 12 if self.augment is None else self.augment
                     if shift:
                         x = random_shift(x, shift)
                     opt.zero_grad(set_to_none=True)
-                    F.cross_entropy(net(x), y).backward()
+                    with autocast(device, self.amp):
+                        loss = F.cross_entropy(net(x), y)
+                    scaler.scale(loss).backward()
                     if self.clip is not None:
+                        scaler.unscale_(opt)  # clip the true gradients, not scaled ones
                         torch.nn.utils.clip_grad_norm_(params, self.clip)
-                    opt.step()
+                    scaler.step(opt)
+                    scaler.update()
                     sched.step()
                     self.others.apply(model)
                     self.step += 1
@@ -251,7 +263,7 @@ def finetune_shared(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1,
     others = CompressionState({n: lc for n, lc in out.state.layers.items() if n not in shared})
     run = _Run(out, train_set, _param_groups(out.model, shared, rates,
                                              lr if lr is not None else other_lr),
-               others, clip, augment, keep_best)
+               others, clip, augment, keep_best, runtime().amp)
     seed_everything(seed)
     loader = make_loader(train_set, batch_size, shuffle=True, seed=seed)
     try:
@@ -259,7 +271,7 @@ def finetune_shared(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1,
     finally:
         new = _unparametrize(out.model, shared)
     for name, old in shared.items():
-        cb = torch.from_numpy(round_to_dtype(new[name].numpy(), dtypes[name]))
+        cb = torch.from_numpy(round_to_dtype(new[name].cpu().numpy(), dtypes[name]))
         if not torch.isfinite(cb).all():
             raise XaiCompressError(f"codebook fine-tuning diverged on layer {name!r}; try a "
                                    "smaller --lr")

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from xaicompress.device import model_device, to_model_device
 from xaicompress.errors import XaiCompressError
 from xaicompress.progress import track
 from xaicompress.relevance.distributed import all_reduce_max, all_reduce_sums
@@ -64,6 +65,12 @@ class Relevance:
     units: dict[str, Tensor]
     weights: dict[str, Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # a result, read by CPU-side algorithms (k-means, the MILP, numpy): always on the CPU
+        # whatever device the model was scored on
+        self.units = {k: v.cpu() for k, v in self.units.items()}
+        self.weights = {k: v.cpu() for k, v in self.weights.items()}
 
     def layers(self) -> list[str]:
         return list(self.units or self.weights)
@@ -163,25 +170,28 @@ class Sums:
     Relevance by default (`AccumulatingCriterion.finish`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        # on the model's device: adding a batch's contributions costs no host copy
+        self.device = torch.device(device)
         self.tensors: dict[str, Tensor] = {}
         self.maxima: dict[str, float] = {}
         self.samples = 0
 
     def zeros(self, key: str, shape: tuple[int, ...] | torch.Size) -> Tensor:
-        self.tensors[key] = torch.zeros(tuple(shape), dtype=torch.float64)
+        self.tensors[key] = torch.zeros(tuple(shape), dtype=torch.float64, device=self.device)
         return self.tensors[key]
 
     def add(self, key: str, value: Tensor | float) -> None:
         t = self.tensors[key]
-        t += value.detach().to(torch.float64) if isinstance(value, Tensor) else float(value)
+        t += value.detach().to(t.device, torch.float64) if isinstance(value, Tensor) \
+            else float(value)
 
     def maximum(self, key: str, value: float) -> None:
         self.maxima[key] = max(self.maxima.get(key, float("-inf")), float(value))
 
     def reduce(self) -> None:
         """All-reduce (sum) every tensor and the sample count, max every maximum."""
-        count = torch.tensor([float(self.samples)], dtype=torch.float64)
+        count = torch.tensor([float(self.samples)], dtype=torch.float64, device=self.device)
         all_reduce_sums({**self.tensors, "__samples": count})
         self.samples = int(round(float(count)))
         self.maxima = {k: all_reduce_max(v) for k, v in sorted(self.maxima.items())}
@@ -209,11 +219,11 @@ class AccumulatingCriterion(Criterion):
         if loader is None:
             raise XaiCompressError(f"criterion {self.name!r}: needs data (a loader of (x, y) "
                                    "batches), none given")
-        sums = Sums()
+        sums = Sums(model_device(model))
         state = self.setup(model, loader, sums, asked)
         try:
             for batch in track(loader, f"{self.name} relevance"):
-                x, y = batch[0], batch[1]
+                x, y = to_model_device((batch[0], batch[1]), model)
                 self.accumulate(state, x, y, sums)
                 sums.samples += len(x)
         finally:

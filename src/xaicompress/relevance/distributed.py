@@ -17,14 +17,17 @@ from xaicompress.distributed import is_distributed
 def all_reduce_sums(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Sum every tensor over ranks, in place (no-op on a single process); returns `tensors`.
 
-    The tensors are flattened into one buffer so a whole criterion costs one collective.
+    The tensors are flattened into one buffer so a whole criterion costs one collective; the
+    buffer lives on the tensors' device (the model's: NCCL on a GPU, gloo on the CPU).
     """
     if not is_distributed() or not tensors:
         return tensors
     import torch.distributed as dist
 
     keys = sorted(tensors)
-    flat = torch.cat([tensors[k].reshape(-1).to(torch.float64) for k in keys])
+    device = next((t.device for t in tensors.values() if t.device.type != "cpu"),
+                  torch.device("cpu"))
+    flat = torch.cat([tensors[k].reshape(-1).to(device, torch.float64) for k in keys])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     offset = 0
     for k in keys:
@@ -41,6 +44,8 @@ def all_reduce_max(value: float) -> float:
         return value
     import torch.distributed as dist
 
-    t = torch.tensor([value], dtype=torch.float64)
+    from xaicompress.distributed import collective_device
+
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())

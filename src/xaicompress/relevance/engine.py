@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from xaicompress.device import to_model_device
 from xaicompress.errors import XaiCompressError
 from xaicompress.relevance.canonical import Canonical, canonicalise
 from xaicompress.relevance.options import choice
@@ -171,7 +172,7 @@ class LayerProbe(nn.Module):
 def structure_key(model: nn.Module) -> tuple:
     """Changes when a module or a parameter/buffer is replaced or resized."""
     mods = tuple((n, id(m), type(m)) for n, m in model.named_modules(remove_duplicate=False))
-    tensors = tuple((n, id(t), tuple(t.shape)) for n, t in (
+    tensors = tuple((n, id(t), tuple(t.shape), t.device) for n, t in (
         *model.named_parameters(remove_duplicate=False),
         *model.named_buffers(remove_duplicate=False)))
     return mods + tensors
@@ -336,11 +337,12 @@ class DeepLiftEngine:
 
     def set_reference(self, ref: Tensor) -> Tensor:
         """Run the reference pass on ref (K, C, H, W); returns its logits (K, classes)."""
-        ref = ref.detach()
+        ref = to_model_device(ref.detach(), self.model)  # a CPU reference for a GPU model
         inst = self._instrument(ref)
         wkey = weights_key(self.model)
         if (inst.ref_x is not None and inst.ref_out is not None and inst.ref_weights == wkey
                 and inst.ref_x.shape == ref.shape and inst.ref_x.dtype == ref.dtype
+                and inst.ref_x.device == ref.device
                 and torch.equal(inst.ref_x, ref)):
             return inst.ref_out
         with inst.session(self.model, "ref", self.opts, False, None), torch.no_grad():
@@ -363,6 +365,7 @@ class DeepLiftEngine:
         contributions sum to the input's (the first convolution's input gradient, often
         the most expensive one, is skipped).
         """
+        x = to_model_device(x, self.model)
         inst = self.inst
         if inst.ref_x is None or inst.ref_out is None:
             raise RuntimeError("set_reference must run before attribute")

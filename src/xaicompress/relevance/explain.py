@@ -20,6 +20,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from xaicompress.atomic import atomic_save_figure, atomic_write_bytes, check_writable
+from xaicompress.device import to_model_device
 from xaicompress.errors import XaiCompressError
 from xaicompress.relevance.base import Criterion, Relevance, compute_relevance
 from xaicompress.relevance.registry import get_criterion
@@ -123,7 +124,7 @@ def explain_checkpoint(ckpt: Any, bundle: Any, out_dir: str | os.PathLike[str], 
         maps = input_attribution(model, x, reference=reference, pixel_mean=bundle.mean,
                                  pixel_std=bundle.std)
         with torch.no_grad():
-            pred = model.eval()(x).argmax(1)
+            pred = model.eval()(to_model_device(x, model)).argmax(1).cpu()
         names = getattr(bundle, "classes", None) or [str(i) for i in range(bundle.num_classes)]
         titles = [f"true {names[int(a)]} / pred {names[int(b)]}" for a, b in zip(y, pred,
                                                                               strict=True)]

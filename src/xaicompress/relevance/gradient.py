@@ -125,7 +125,7 @@ def _target_objective(target: str | int, logits: Tensor, y: Tensor) -> Tensor:
         if t == "all":
             return logits.sum()
         t = logits.detach().argmax(1)
-    t = torch.as_tensor(t).long().view(-1, 1)
+    t = torch.as_tensor(t, device=logits.device).long().view(-1, 1)
     if (t >= logits.shape[1]).any():
         raise XaiCompressError(f"target: class indices must be in [0, {logits.shape[1]})")
     return logits.gather(1, t).sum()

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from xaicompress.device import to_model_device
 from xaicompress.errors import XaiCompressError
 from xaicompress.relevance.engine import DeepLiftEngine
 from xaicompress.relevance.references import black_image, parse_reference, resolve_reference
@@ -24,6 +25,7 @@ def input_attribution(model: nn.Module, x: Tensor, *, target: Any = None,
     or (N,) indices. reference: None / "zeros" (black image: pass pixel_mean/pixel_std),
     "blur", a tensor (C, H, W) / (K, C, H, W) (K references are averaged), or a callable.
     Each map sums to f_t(x) - f_t(reference) up to float rounding. The model is not changed.
+    Runs on the model's device; the maps are returned on the CPU.
     """
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise XaiCompressError(f"input_attribution: x must be (N, C, H, W), got "
@@ -32,7 +34,7 @@ def input_attribution(model: nn.Module, x: Tensor, *, target: Any = None,
     if spec.kind in ("mean", "samples"):
         raise XaiCompressError(f"reference={spec.describe()}: needs a dataset; pass the "
                                "reference image as a tensor instead")
-    x = x.detach().float()
+    x = to_model_device(x.detach().float(), model)  # maps come back on the CPU
     if spec.kind == "zeros":
         ref_const: Tensor | None = black_image(tuple(x.shape[1:]), pixel_mean, pixel_std)[None]
         per_sample = None
@@ -60,7 +62,7 @@ def input_attribution(model: nn.Module, x: Tensor, *, target: Any = None,
             t = tt[i:i + len(xs)].repeat_interleave(group)
         res = engine.attribute(rows, t)
         outs.append(res.inputs.view(len(xs), group, *x.shape[1:]).mean(1))
-    return torch.cat(outs)
+    return torch.cat(outs).cpu()
 
 
 def save_heatmap_grid(images: Tensor, maps: Tensor, path: str | os.PathLike[str], *,

@@ -92,11 +92,20 @@ def resolve_reference(spec: ReferenceSpec, loader: DataLoader, first: Tensor, *,
                       pixel_mean: Sequence[float] | None = None,
                       pixel_std: Sequence[float] | None = None, sigma: float | None = None,
                       seed: int = 0) -> Reference:
-    """Turn `spec` into tensors for inputs shaped like `first` (N, C, H, W).
+    """Turn `spec` into tensors for inputs shaped like `first` (N, C, H, W), on its device.
 
     `mean` and `samples:N` read `loader.dataset` (the whole dataset the loader draws from,
     identical on every rank, so distributed runs agree without a collective).
     """
+    ref = _resolve(spec, loader, first, pixel_mean, pixel_std, sigma, seed)
+    if ref.constant is not None and ref.constant.device != first.device:
+        ref = Reference(ref.spec, ref.constant.to(first.device))
+    return ref
+
+
+def _resolve(spec: ReferenceSpec, loader: DataLoader, first: Tensor,
+             pixel_mean: Sequence[float] | None, pixel_std: Sequence[float] | None,
+             sigma: float | None, seed: int) -> Reference:
     shape = tuple(first.shape[1:])
     dtype = first.dtype
     if spec.kind == "zeros":
@@ -116,7 +125,7 @@ def resolve_reference(spec: ReferenceSpec, loader: DataLoader, first: Tensor, *,
             if not isinstance(r, Tensor) or r.shape != x.shape:
                 raise XaiCompressError("reference callable: must return a tensor shaped like "
                                        f"its input {tuple(x.shape)}")
-            return r.detach().to(x.dtype)
+            return r.detach().to(x.device, x.dtype)
 
         return Reference(spec, per_sample=checked)
     if spec.kind == "blur":

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from xaicompress.data import DatasetBundle, dataset_tensors, subset
+from xaicompress.device import to_model_device
 from xaicompress.relevance.inputmaps import input_attribution
 from xaicompress.train import predict
 
@@ -69,7 +70,7 @@ class FidelityProbe:
         x, _ = dataset_tensors(subset(bundle.test, samples, seed=seed))
         logits, _ = predict(original, bundle.test)
         with torch.no_grad():
-            target = original.eval()(x).argmax(1)
+            target = original.eval()(to_model_device(x, original)).argmax(1).cpu()
         return cls(bundle, x, target, input_maps(original, x, target, bundle),
                    logits.argmax(1))
 
