@@ -190,6 +190,23 @@ def set_deterministic(on: bool = True) -> None:
     torch.use_deterministic_algorithms(on)
 
 
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """True float32 matmuls and convolutions in the block: TF32 off (cuDNN allows it for
+    convolutions by default on Ampere and later, ~1e-3 relative error) and autocast off.
+    Relevance runs inside: DeepLIFT's contributions must sum to f(x) - f(ref) within 1e-4,
+    and a CPU and a GPU run of the same model must agree to that."""
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with contextlib.ExitStack() as stack:
+            for kind in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+                stack.enter_context(torch.autocast(kind, enabled=False))
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+
+
 # ---------------------------------------------------------------- mixed precision
 def amp_dtype(amp: str) -> torch.dtype | None:
     """The autocast dtype of an `--amp` value (None for off)."""

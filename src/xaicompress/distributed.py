@@ -42,7 +42,12 @@ def world_size() -> int:
 def backend() -> str:
     """gloo for CPU tensors, plus nccl for CUDA tensors where CUDA exists. NCCL alone
     refuses CPU tensors, which a CPU run (`--device cpu`) and the object broadcasts use;
-    with a device-mapped backend torch picks per collective (object collectives use gloo)."""
+    with a device-mapped backend torch picks per collective (object collectives use gloo).
+    XAICOMPRESS_DIST_BACKEND overrides it (e.g. gloo: two ranks sharing one GPU, which
+    NCCL refuses)."""
+    override = os.environ.get("XAICOMPRESS_DIST_BACKEND", "").strip()
+    if override:
+        return override
     return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
 
 

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from xaicompress.device import model_device, to_model_device
+from xaicompress.device import full_float32, model_device, to_model_device
 from xaicompress.errors import XaiCompressError
 from xaicompress.progress import track
 from xaicompress.relevance.distributed import all_reduce_max, all_reduce_sums
@@ -222,10 +222,11 @@ class AccumulatingCriterion(Criterion):
         sums = Sums(model_device(model))
         state = self.setup(model, loader, sums, asked)
         try:
-            for batch in track(loader, f"{self.name} relevance"):
-                x, y = to_model_device((batch[0], batch[1]), model)
-                self.accumulate(state, x, y, sums)
-                sums.samples += len(x)
+            with full_float32():  # never TF32 or autocast: docs/relevance.md "Precision"
+                for batch in track(loader, f"{self.name} relevance"):
+                    x, y = to_model_device((batch[0], batch[1]), model)
+                    self.accumulate(state, x, y, sums)
+                    sums.samples += len(x)
         finally:
             self.teardown(state)
         sums.reduce()

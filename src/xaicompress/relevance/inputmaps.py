@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from xaicompress.device import to_model_device
+from xaicompress.device import full_float32, to_model_device
 from xaicompress.errors import XaiCompressError
 from xaicompress.relevance.engine import DeepLiftEngine
 from xaicompress.relevance.references import black_image, parse_reference, resolve_reference
@@ -60,7 +60,8 @@ def input_attribution(model: nn.Module, x: Tensor, *, target: Any = None,
             if tt.numel() != len(x):
                 raise XaiCompressError(f"target: {tt.numel()} classes for {len(x)} inputs")
             t = tt[i:i + len(xs)].repeat_interleave(group)
-        res = engine.attribute(rows, t)
+        with full_float32():
+            res = engine.attribute(rows, t)
         outs.append(res.inputs.view(len(xs), group, *x.shape[1:]).mean(1))
     return torch.cat(outs).cpu()
 
