@@ -53,6 +53,7 @@ BENCHMARKS = {
     "weight_sharing": _seeds_comma,
     "mixed_precision": _seeds_comma,
     "robustness": lambda seeds: [],
+    "gpu": lambda seeds: [],  # records "not measured" on a machine without a GPU
 }
 CLAIMS = {
     1: ("pruning", "DeepLIFT improves pruning"),
@@ -342,7 +343,7 @@ def write_results(quick: bool, status: dict[str, str]) -> Path:
 
     verdict_md, verdicts = verdicts_markdown(quick, status)
     order = ["training", "relevance", "relevance_speed", "pruning", "weight_sharing",
-             "mixed_precision", "pipeline", "robustness"]
+             "mixed_precision", "pipeline", "robustness", "gpu"]
     sections = sorted(SECTIONS.glob("*.md"), key=lambda p: (order.index(p.stem) if p.stem in
                                                             order else len(order), p.stem))
     head = ["# xaicompress: results", "",
