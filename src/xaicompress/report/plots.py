@@ -16,6 +16,7 @@ from torch import nn  # noqa: E402
 
 from xaicompress.atomic import atomic_save_figure  # noqa: E402
 from xaicompress.data import DatasetBundle, dataset_tensors, subset  # noqa: E402
+from xaicompress.device import to_model_device
 from xaicompress.report.fidelity import input_maps, map_similarity  # noqa: E402
 
 
@@ -83,8 +84,8 @@ def plot_heatmaps(original: nn.Module, compressed: nn.Module, bundle: DatasetBun
     (summed over channels, explaining the original's predicted class)."""
     x, _ = dataset_tensors(subset(bundle.test, n, seed=seed))
     with torch.no_grad():
-        target = original.eval()(x).argmax(1)
-        pred = compressed.eval()(x).argmax(1)
+        target = original.eval()(to_model_device(x, original)).argmax(1).cpu()
+        pred = compressed.eval()(to_model_device(x, compressed)).argmax(1).cpu()
     before = input_maps(original, x, target, bundle)
     after = input_maps(compressed, x, target, bundle)
     cos, _ = map_similarity(before, after)
