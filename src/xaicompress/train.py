@@ -204,6 +204,8 @@ def train_checkpoint(model_name: str, data_spec: str, *, epochs: float = 15, see
           batch_size=batch_size, seed=seed, augment=augment)
     cfg = {"stage": "train", "epochs": epochs, "seed": seed, "optimizer": optimizer, "lr": lr,
            "batch_size": batch_size, "augment": augment}
+    if runtime().amp != "off":  # absent when off: float32 checkpoints' metadata unchanged
+        cfg["amp"] = runtime().amp
     ckpt = Checkpoint(model, spec, data_spec, history=[cfg])
     ckpt.metrics = {"accuracy": accuracy(model, bundle.test)}
     return ckpt
