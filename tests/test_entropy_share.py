@@ -122,3 +122,16 @@ def test_options_are_checked():
         ShareStage(type="share", clusters=8, assignment="entropy")
     st = ShareStage(type="share", avg_bits=0.3, clusters=8, assignment="entropy")
     assert st.options()["assignment"] == "entropy"
+
+
+def test_quantize_budget_counts_entropy_coded_bits():
+    from xaicompress.quant.integer import quantize
+
+    q = quantize(_peaked(), "l1", None, avg_bits=3)
+    rep = packed_report(q)
+    n = sum(m.weight.numel() for m in prunable_layers(q.model).values())
+    coded = rep.parts_bits["values"]
+    assert coded <= 3 * n
+    # peaked weights code below their width, so the allocation affords wider integers
+    assert sum(q.state.layers[k].grid.bits * m.weight.numel()
+               for k, m in prunable_layers(q.model).items()) > 3 * n
