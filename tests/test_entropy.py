@@ -201,3 +201,18 @@ def test_crc_covers_the_entropy_coded_payload():
     raw = packed_bytes(ck)
     (crc,) = TRAILER.unpack_from(raw, len(raw) - TRAILER.size)
     assert crc == zlib.crc32(raw[:-TRAILER.size])
+
+
+def test_float_vectors_exact_in_fp16_are_stored_at_half_width(tmp_path):
+    ck = _base()
+    with torch.no_grad():
+        for name, p in ck.model.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(p.half().float())
+    path = tmp_path / "m.xcpk"
+    write_packed(ck, path)
+    rec = read_header(path)["tensors"]
+    assert rec["fc1.bias"]["streams"][0] == {"role": "values", "coding": "float16",
+                                            "bytes": 2 * 120}
+    assert rec["fc1.weight"]["streams"][0]["coding"] == "float32"  # not exact: full width
+    _check_against_library(path, ck)

@@ -40,6 +40,9 @@ def test_real_coded_size_fits_the_budget(avg_bits):
         if lc.mask is not None:  # the mask is exactly the zero cluster
             assert torch.equal(lc.mask.keep, lc.codebook.indices != z)
         assert torch.equal(m.weight.detach(), lc.effective(m.weight.detach()))
+    for name, p in sh.model.named_parameters():  # biases rounded: stored at fp16, losslessly
+        if p.dim() <= 1:
+            assert torch.equal(p.detach().half().float(), p.detach()), name
     back = packed_from_bytes(packed_bytes(sh))
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():

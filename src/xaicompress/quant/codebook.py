@@ -274,7 +274,22 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
     if finetune_epochs > 0:
         out = finetune_shared(out, train_set, epochs=finetune_epochs, lr=finetune_lr,
                               seed=seed)
+    if assignment == "entropy" and codebook_dtype == "fp16":
+        round_vectors(out, codebook_dtype)
     return out
+
+
+def round_vectors(ckpt: Checkpoint, codebook_dtype: str) -> None:
+    """Round the model's float vectors (biases, norm parameters and statistics: every float
+    tensor of at most one dimension) to the codebook dtype, in place, so that the packed
+    file stores them losslessly at its width (`Dense`: float16 when exact). At 100x on
+    LeNet-5 the fp32 biases were ~18% of the file; fp16 moves a bias by at most 2^-11 of
+    itself."""
+    with torch.no_grad():
+        for t in (*ckpt.model.parameters(), *ckpt.model.buffers()):
+            if t.is_floating_point() and t.dim() <= 1:
+                t.copy_(torch.from_numpy(round_to_dtype(t.detach().cpu().numpy(),
+                                                        codebook_dtype)).to(t.dtype))
 
 
 def _check_options(codebook_dtype: str, finetune_epochs: float, init: str,
