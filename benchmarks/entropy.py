@@ -10,11 +10,11 @@ other real digits' partition; the configs were chosen on `mnist5k?split=2`, `--t
             sharing, entropy-coded file)
   plain     the same with criterion none in the share stage (plain entropy-constrained
             assignment), at the same budget
-  dc        Deep Compression's recipe at the same packed size: the shipped structured
-            pruning, magnitude (l1) unstructured pruning, plain k-means (nearest assignment,
-            criterion none), entropy-coded indices and positions (our range coder stands in
-            for Huffman: it is never larger); its avg_bits is searched so that its file is no
-            larger than the shipped one's
+  dc        Deep Compression's recipe at no larger a packed file (first split only): the
+            shipped structured pruning, magnitude (l1) unstructured pruning of every layer
+            at the ratio (bisection) that makes the file fit, plain k-means at 2 index bits
+            on average (nearest assignment, criterion none), entropy-coded indices and
+            positions (our range coder stands in for Huffman: it is never larger)
 Also the encode (packed_bytes) and decode (packed_from_bytes) time of each final file, and
 its bits per weight after coding per layer. Results: benchmarks/results/entropy.json and
 docs/results/entropy.md. Every pipeline stage is cached (benchmarks/results/cache/entropy),
@@ -105,40 +105,40 @@ def _share_stage(model: str) -> dict[str, Any]:
     return {"avg_bits": st.avg_bits, "clusters": st.clusters}
 
 
-def dc_at_size(model: str, data: str, seed: int, target_bytes: int) -> dict[str, Any]:
-    """Deep Compression's recipe with the largest avg_bits (fixed-width index bits, 1..8, on
-    a grid of 0.25) whose entropy-coded file is no larger than `target_bytes`."""
-    base = {"unstructured": {"criterion": "l1"}}
+def dc_at_size(model: str, data: str, seed: int, target_bytes: int,
+               steps: int = 3) -> dict[str, Any]:
+    """Deep Compression's recipe at no larger a file than `target_bytes`: the shipped
+    structured stage, then magnitude (l1) unstructured pruning of every layer at the
+    smallest ratio (bisection on [0.8, 0.99]) whose file fits, plain k-means at 2 index bits
+    on average (nearest, criterion none, MILP allocation) and the entropy-coded file."""
+    share = {"criterion": "none", "assignment": "nearest", "avg_bits": 2.0, "clusters": None}
+    lo, hi = 0.8, 0.99
     best = None
-    lo, hi = 1.0, 8.0
-    for _ in range(5):  # bisection on the budget, file size grows with it
-        mid = round((lo + hi) / 2 * 4) / 4
-        r = run(model, data, seed, f"dc{mid}", share={
-            "criterion": "none", "assignment": "nearest", "avg_bits": mid, "clusters": None},
-            **base)
+    for _ in range(steps):
+        mid = round((lo + hi) / 2, 3)
+        r = run(model, data, seed, f"dc{mid}", share=share,
+                unstructured={"criterion": "l1", "ratio": mid, "layers": "all"})
         if r["file_bytes"] <= target_bytes:
-            best, lo = r, mid
+            best, hi = r, mid
         else:
-            hi = mid
-        if hi - lo <= 0.25:
-            break
+            lo = mid
     if best is None:
-        best = run(model, data, seed, "dc1.0", share={
-            "criterion": "none", "assignment": "nearest", "avg_bits": 1.0, "clusters": None},
-            **base)
+        best = run(model, data, seed, f"dc{hi}", share=share,
+                   unstructured={"criterion": "l1", "ratio": hi, "layers": "all"})
     return best
 
 
-def evaluate(models: list[str], seeds: list[int], splits: tuple[str, ...], dc: bool
-             ) -> list[dict[str, Any]]:
+def evaluate(models: list[str], seeds: list[int], splits: tuple[str, ...], dc: bool,
+             plain: bool = True) -> list[dict[str, Any]]:
     rows = []
     for model in models:
         for data in splits:
             for seed in seeds:
                 shipped = run(model, data, seed, "shipped")
-                plain = run(model, data, seed, "plain", share={"criterion": "none"})
-                rows += [shipped, plain]
-                if dc:
+                rows.append(shipped)
+                if plain:
+                    rows.append(run(model, data, seed, "plain", share={"criterion": "none"}))
+                if dc and data == splits[0]:
                     rows.append({**dc_at_size(model, data, seed, shipped["file_bytes"]),
                                  "tag": "dc"})
                 print(json.dumps({k: rows[-1][k] for k in ("model", "data", "seed", "ratio",
@@ -197,15 +197,35 @@ def markdown(rows: list[dict[str, Any]], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+def merge() -> None:
+    rows, notes = [], []
+    for model in GOALS:
+        p = RESULTS / f"entropy_{model}.json"
+        if p.is_file():
+            data = json.loads(p.read_text())
+            rows += data["rows"]
+            notes.append(f"{model}: seeds {', '.join(map(str, data['seeds']))}")
+    seeds = sorted({r["seed"] for r in rows})
+    write_json("entropy", {"seeds": seeds, "rows": rows})
+    write_section("entropy", markdown(rows, seeds) + "\n\nRuns per model: " +
+                  "; ".join(notes) + ".")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="lenet5,lenet300")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--data", default=",".join(SPLITS))
     ap.add_argument("--no-dc", action="store_true", help="skip Deep Compression's recipe")
+    ap.add_argument("--no-plain", action="store_true", help="skip the plain assignment")
     ap.add_argument("--tune", default=None, help="model: the validation sweep instead")
     ap.add_argument("--budgets", default="0.3,0.4,0.5,0.6")
+    ap.add_argument("--merge", action="store_true", help="combine the per-model results "
+                    "(entropy_<model>.json) into entropy.json / docs/results/entropy.md")
     args = ap.parse_args()
+    if args.merge:
+        merge()
+        return
     import torch
 
     torch.set_num_threads(1)
@@ -215,11 +235,11 @@ def main() -> None:
         write_json(f"entropy_tune_{args.tune}", rows)
         return
     rows = evaluate(args.models.split(","), seeds, tuple(args.data.split(",")),
-                    not args.no_dc)
-    name = "entropy" if args.models == "lenet5,lenet300" else \
-        f"entropy_{args.models.replace(',', '_')}"
-    write_json(name, {"seeds": seeds, "rows": rows})
-    write_section(name, markdown(rows, seeds))
+                    not args.no_dc, not args.no_plain)
+    for model in args.models.split(","):
+        write_json(f"entropy_{model}", {"seeds": seeds,
+                                        "rows": [r for r in rows if r["model"] == model]})
+    merge()
 
 
 if __name__ == "__main__":
