@@ -208,7 +208,29 @@ def merge() -> None:
     seeds = sorted({r["seed"] for r in rows})
     write_json("entropy", {"seeds": seeds, "rows": rows})
     write_section("entropy", markdown(rows, seeds) + "\n\nRuns per model: " +
-                  "; ".join(notes) + ".")
+                  "; ".join(notes) + ".\n\n" + _validation() + _speed())
+
+
+def _validation() -> str:
+    """The validation runs (TUNE_SPLIT) the configs were chosen from."""
+    lines = [f"Validation runs on `{TUNE_SPLIT}` (seed 0 unless noted; the share stage's "
+             "options as changed from the config of the time):", "",
+             "| model | share options | seed | x smaller | drop (pt) |", "|---|---|---:|---:|---:|"]
+    for p in sorted(RESULTS.glob("entropy_tune_*.json")):
+        for r in json.loads(p.read_text()):
+            lines.append(f"| {r['model']} | `{json.dumps(r['variant'].get('share', {}))}` | "
+                         f"{r['seed']} | {r['ratio']:.1f} | {r['drop']:.1f} |")
+    return "\n".join(lines) + "\n\n"
+
+
+def _speed() -> str:
+    p = RESULTS / "entropy_speed.json"
+    if not p.is_file():
+        return ""
+    t = json.loads(p.read_text())["cpu_seconds_median"]
+    return ("Share stage CPU time on a pruned LeNet-5 (`benchmarks/entropy_speed.py`, relevance "
+            "given, no fine-tuning, 1 thread, median of 3): " + ", ".join(
+                f"{k} {v:.2f} s" for k, v in t.items()) + ".")
 
 
 def main() -> None:
