@@ -8,9 +8,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from xaicompress.encoding.bitpack import index_bits, pack_bits, packed_length, unpack_bits
+from xaicompress.encoding.bitpack import index_bits
 from xaicompress.encoding.checks import check_int, check_shape, float32_field, index_field
-from xaicompress.encoding.streams import Stream, Streams, array_stream, uint_coding
+from xaicompress.encoding.entropy import symbol_stream
+from xaicompress.encoding.streams import Stream, Streams, array_stream
 from xaicompress.errors import XaiCompressError
 
 #: the codebook value types weight sharing offers (`--codebook`), as torch dtypes
@@ -40,8 +41,8 @@ class Codebook:
 
     Effective weight = values[indices] (times the mask; pruned weights use no entry).
     Packed: "codebook" stream (float16 when lossless, else float32) and "indices" of the
-    kept weights at ceil(log2 k) bits each ("uint<b>"; no stream when k = 1). Checkpoint:
-    tensors "codebook" and "indices".
+    kept weights, range-coded ("range") or at ceil(log2 k) bits each ("uint<b>"), whichever
+    is smaller; no stream when k = 1. Checkpoint: tensors "codebook" and "indices".
     """
 
     #: the header fields of its tensor records besides shape, encoding, masked, streams
@@ -87,10 +88,13 @@ class Codebook:
             raise XaiCompressError(f"{where}: codebook index out of range 0..{self.k - 1}")
 
     # ---------------------------------------------------------------- packed file
-    def payload_bits(self, kept: int) -> int:
-        return self.k * CODEBOOK_BITS[self.storage_dtype] + self.value_bits * kept
+    def zero_entry(self) -> int | None:
+        """Index of the first codebook entry equal to 0 (the zero cluster), or None."""
+        zeros = torch.nonzero(self.values == 0).reshape(-1)
+        return int(zeros[0]) if zeros.numel() else None
 
     def encode(self, w: Tensor, keep: Tensor | None) -> tuple[dict[str, Any], list[Stream]]:
+        """Streams of the weights at `keep` (flat bool; None = every weight)."""
         del w  # the indices say it all
         dtype = self.storage_dtype
         book = array_stream("codebook", self.values, _STREAM_CODING[dtype])
@@ -100,8 +104,7 @@ class Codebook:
             idx = idx[keep]
         b = self.value_bits
         if b:
-            streams.append(Stream("indices", uint_coding(b), pack_bits(idx.numpy(), b),
-                                  b * idx.numel()))
+            streams.append(symbol_stream("indices", idx.numpy(), b, self.k))
         return {"k": self.k}, streams
 
     @classmethod
@@ -115,14 +118,7 @@ class Codebook:
         b = index_bits(k)
         idx = np.zeros(count, dtype=np.int64)
         if b:
-            _, data = streams.take("indices", (uint_coding(b),))
-            if len(data) != packed_length(count, b):
-                raise XaiCompressError(f"{where}: indices stream of {len(data)} bytes, expected "
-                                       f"{packed_length(count, b)} for {count} indices of "
-                                       f"{b} bits")
-            idx = unpack_bits(data, b, count)
-            if count and int(idx.max()) >= k:
-                raise XaiCompressError(f"{where}: codebook index out of range 0..{k - 1}")
+            idx = streams.take_symbols("indices", b, k, count)
         full = torch.zeros(numel, dtype=torch.int64)
         full[keep if keep is not None else slice(None)] = torch.from_numpy(idx)
         out = cls(values, full.reshape(shape))

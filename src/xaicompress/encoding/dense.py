@@ -15,8 +15,9 @@ from xaicompress.errors import XaiCompressError
 
 class Dense:
     """No weight encoding. Packed: one "values" stream, float32 for floating tensors (what
-    a runtime computes with), the tensor's own integer coding (int64, ...) for integer
-    buffers such as BatchNorm's batch counter. With a mask only the kept values are stored.
+    a runtime computes with; float16 when every value is exactly a binary16 value, which
+    loses nothing), the tensor's own integer coding (int64, ...) for integer buffers such as
+    BatchNorm's batch counter. With a mask only the kept values are stored.
     """
 
     #: the header fields of its tensor records besides shape, encoding, masked, streams
@@ -41,6 +42,9 @@ class Dense:
             flat = flat[keep]
         coding = self.coding_of(w.dtype)
         values = flat.float() if coding == "float32" else flat
+        if coding == "float32" and values.numel() and bool(torch.equal(values.half().float(),
+                                                                       values)):
+            coding = "float16"
         return {}, [array_stream("values", values, coding)]
 
     @classmethod
@@ -51,7 +55,7 @@ class Dense:
         count = numel if keep is None else int(keep.sum())
         coding = cls.coding_of(dtype)
         if coding == "float32":
-            vals = streams.take_floats("values", ("float32",), count)
+            vals = streams.take_floats("values", ("float32", "float16"), count)
         else:
             arr = streams.take_array("values", (coding,), count)
             if coding == "bool" and arr.size and int(arr.max()) > 1:

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from xaicompress.encoding.bitpack import pack_bits, packed_length, unpack_bits
 from xaicompress.encoding.checks import check_int, float32_field
-from xaicompress.encoding.streams import Stream, Streams, array_stream, uint_coding
+from xaicompress.encoding.entropy import symbol_stream
+from xaicompress.encoding.streams import Stream, Streams, array_stream
 from xaicompress.errors import XaiCompressError
 
 #: widths the format holds (the quantizer chooses among 2..8, `quant.integer.BITS_CHOICES`)
@@ -27,7 +27,8 @@ class IntGrid:
 
     Effective weight = scale[c] * q, q = clamp(round(w / scale[c]), -qmax, qmax).
     Packed: "scales" stream (float32, one per output channel) and "values": q + qmax of the
-    kept weights at b bits ("uint<b>", offset binary). Checkpoint: tensor "scale", metadata
+    kept weights, range-coded ("range") or at b bits ("uint<b>", offset binary), whichever
+    is smaller. Checkpoint: tensor "scale", metadata
     "bits".
     """
 
@@ -77,17 +78,14 @@ class IntGrid:
             raise XaiCompressError(f"{where}: scales must be finite and > 0")
 
     # ---------------------------------------------------------------- packed file
-    def payload_bits(self, kept: int) -> int:
-        return 32 * self.scale.numel() + self.bits * kept
-
     def encode(self, w: Tensor, keep: Tensor | None) -> tuple[dict[str, Any], list[Stream]]:
         q = self.quantize(w.detach().float()).reshape(-1)
         if keep is not None:
             q = q[keep]
         b = self.bits
         return {"bits": b}, [array_stream("scales", self.scale, "float32"),
-                             Stream("values", uint_coding(b), pack_bits((q + self.qmax).numpy(), b),
-                                    b * q.numel())]
+                             symbol_stream("values", (q + self.qmax).numpy(), b,
+                                           2 * self.qmax + 1)]
 
     @classmethod
     def decode(cls, params: dict[str, Any], streams: Streams, shape: tuple[int, ...],
@@ -99,13 +97,7 @@ class IntGrid:
         grid.validate(shape, where)
         numel = int(torch.Size(shape).numel())
         count = numel if keep is None else int(keep.sum())
-        _, data = streams.take("values", (uint_coding(b),))
-        if len(data) != packed_length(count, b):
-            raise XaiCompressError(f"{where}: values stream of {len(data)} bytes, expected "
-                                   f"{packed_length(count, b)} for {count} values of {b} bits")
-        u = unpack_bits(data, b, count)
-        if count and int(u.max()) > 2 * grid.qmax:
-            raise XaiCompressError(f"{where}: integer value out of range 0..{2 * grid.qmax}")
+        u = streams.take_symbols("values", b, 2 * grid.qmax + 1, count)
         q = np.zeros(numel, dtype=np.float32)
         q[keep.numpy() if keep is not None else slice(None)] = (u - grid.qmax).astype(np.float32)
         s = grid.scale.reshape(-1, *([1] * (len(shape) - 1)))

@@ -25,6 +25,7 @@ from xaicompress.encoding.intgrid import IntGrid
 from xaicompress.encoding.mask import Mask
 from xaicompress.encoding.streams import Stream, Streams
 from xaicompress.errors import XaiCompressError
+from xaicompress.export.xcpk_reader import ZERO_CLUSTER
 
 WeightEncoding = Codebook | IntGrid
 #: weight encodings by the name the packed header gives them ("encoding" of a tensor)
@@ -79,21 +80,33 @@ class LayerEncoding:
 
     # ---------------------------------------------------------------- packed file
     def pack(self, w: Tensor) -> tuple[dict[str, Any], list[Stream]]:
-        """(header fields, streams) of weight `w` (the effective weight) under this encoding."""
+        """(header fields, streams) of weight `w` (the effective weight) under this encoding.
+
+        A masked codebook whose pruned weights are exactly its zero cluster may be stored
+        without positions (coding "zerocluster": every weight's index, the mask implied);
+        the smaller of the two layouts is written."""
         codec = self.weights or DENSE
         keep = self.mask.keep.reshape(-1) if self.mask is not None else None
         params, streams = codec.encode(w, keep)
         fields: dict[str, Any] = {"encoding": codec.kind, **params}
-        if self.mask is not None:
-            fields["masked"] = True
-            streams = self.mask.encode() + streams
+        if self.mask is None:
+            return fields, streams
+        fields["masked"] = True
+        streams = self.mask.encode() + streams
+        if self._mask_is_zero_cluster():
+            _, whole = codec.encode(w, None)
+            whole = [Stream("positions", ZERO_CLUSTER, b"", 0), *whole]
+            if sum(len(s.data) for s in whole) < sum(len(s.data) for s in streams):
+                streams = whole
         return fields, streams
 
-    def payload_bits(self, numel: int) -> int:
-        """Exact bits of the layer's weight streams (no byte padding)."""
-        kept = self.mask.kept if self.mask is not None else numel
-        bits = (self.weights or DENSE).payload_bits(kept)
-        return bits + (self.mask.position_bits() if self.mask is not None else 0)
+    def _mask_is_zero_cluster(self) -> bool:
+        """Whether the mask is exactly 'index != the codebook's zero entry'."""
+        cb = self.codebook
+        if cb is None or self.mask is None or bool(self.mask.keep.all()):
+            return False
+        z = cb.zero_entry()
+        return z is not None and bool(torch.equal(cb.indices != z, self.mask.keep))
 
     @classmethod
     def unpack(cls, fields: dict[str, Any], streams: Streams, shape: tuple[int, ...],
@@ -111,11 +124,32 @@ class LayerEncoding:
         masked = fields.get("masked", False)
         if not isinstance(masked, bool):
             raise XaiCompressError(f"{where}: masked is {masked!r}, expected true or false")
+        if masked and codec is Codebook and streams.has("positions") and \
+                streams.coding("positions") == ZERO_CLUSTER:
+            return cls._unpack_zero_cluster(fields, streams, shape, dtype)
         mask = Mask.decode(streams, shape) if masked else None
         keep = mask.keep.reshape(-1) if mask is not None else None
         weights, w = codec.decode(fields, streams, shape, keep, dtype)
         streams.done()
         return cls(mask, weights), mask.apply(w) if mask is not None else w
+
+    @classmethod
+    def _unpack_zero_cluster(cls, fields: dict[str, Any], streams: Streams,
+                             shape: tuple[int, ...], dtype: torch.dtype
+                             ) -> tuple[LayerEncoding, Tensor]:
+        """A codebook stored with every index; kept = index is not the zero entry."""
+        _, data = streams.take("positions", (ZERO_CLUSTER,))
+        if data:
+            raise XaiCompressError(f"{streams.where}: a {ZERO_CLUSTER} positions stream holds "
+                                   "no bytes")
+        cb, w = Codebook.decode(fields, streams, shape, None, dtype)
+        streams.done()
+        z = cb.zero_entry()
+        if z is None:
+            raise XaiCompressError(f"{streams.where}: positions coded as the zero cluster, but "
+                                   "no codebook entry is 0")
+        mask = Mask(cb.indices != z)
+        return cls(mask, cb), mask.apply(w)
 
     # ----------------------------------------------------------------- checkpoint
     def to_checkpoint(self) -> tuple[dict[str, Tensor], dict[str, Any]]:

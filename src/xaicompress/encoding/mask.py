@@ -16,9 +16,9 @@ from xaicompress.errors import XaiCompressError
 class Mask:
     """keep: bool tensor of the weight's shape, True = kept. Pruned weights are exactly 0.
 
-    Packed: one "positions" stream (bitmap or relative indices, whichever is smaller:
-    `encoding.positions`), none when every weight is kept. Checkpoint: tensor "mask"
-    (uint8 0/1).
+    Packed: one "positions" stream (bitmap, relative indices or the range-coded bitmap,
+    whichever is smallest: `encoding.positions`), none when every weight is kept.
+    Checkpoint: tensor "mask" (uint8 0/1).
     """
 
     TENSORS: ClassVar[tuple[str, ...]] = ("mask",)
@@ -63,7 +63,8 @@ class Mask:
         if bool(self.keep.all()):
             return []
         kind, payload = encode_positions(self.keep)
-        return [Stream("positions", kind, payload, position_bits(self.keep))]
+        bits = 8 * len(payload) if kind == "range" else position_bits(self.keep, entropy=False)
+        return [Stream("positions", kind, payload, bits)]
 
     @classmethod
     def decode(cls, streams: Streams, shape: tuple[int, ...]) -> Mask:

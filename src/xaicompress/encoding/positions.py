@@ -12,8 +12,10 @@ module only encodes *where* they are, in the cheapest of two formats:
             kept weights. Codes 1..M mean "the next kept weight is `code` positions further".
             Payload: 1 byte k, uint32 little-endian number of entries, the k-bit codes packed
             little-endian; ``40 + entries * k`` bits. k (1..16) is chosen to minimise the size.
+``range``   the bitmap's bits entropy-coded (`encoding.entropy`, block-adaptive model):
+            about numel * H(sparsity) bits.
 
-`encode_positions(mask) -> (kind, payload)` picks the cheaper; `decode_positions(kind,
+`encode_positions(mask) -> (kind, payload)` picks the cheapest; `decode_positions(kind,
 payload, numel)` returns the flat bool mask bit-exactly; `position_bits(mask)` is the size
 of the chosen encoding in bits (``len(payload) == ceil(position_bits / 8)``).
 """
@@ -24,11 +26,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from xaicompress.encoding.entropy import range_coded
 from xaicompress.errors import XaiCompressError
+from xaicompress.export.xcpk_reader import RANGE, XcpkError, range_decode
 
 BITMAP = "bitmap"
 RELIDX = "relidx"
-KINDS = (BITMAP, RELIDX)
+KINDS = (BITMAP, RELIDX, RANGE)
 _MAX_K = 16
 _HEADER_BITS = 8 + 32
 
@@ -66,21 +70,32 @@ def _sizes(flat: np.ndarray) -> tuple[int, int, int, int]:
     return flat.size, _HEADER_BITS + entries * k, k, entries
 
 
-def position_bits(mask: Tensor) -> int:
+def position_bits(mask: Tensor, *, entropy: bool = True) -> int:
     """Bits needed to store the positions of the kept (True) entries of `mask` (any shape)
-    in the cheaper of bitmap and relative-index format."""
-    flat = _flat_mask(mask)
-    bitmap, relidx, _, _ = _sizes(flat)
+    in the cheapest format (`encode_positions`; the range coding's whole bytes)."""
+    kind, payload = encode_positions(mask, entropy=entropy)
+    if kind == RANGE:
+        return 8 * len(payload)
+    bitmap, relidx, _, _ = _sizes(_flat_mask(mask))
     return min(bitmap, relidx)
 
 
-def encode_positions(mask: Tensor) -> tuple[str, bytes]:
+def encode_positions(mask: Tensor, *, entropy: bool = True) -> tuple[str, bytes]:
     """Encode the positions of True entries of `mask` (any shape; flattened row-major).
 
-    Returns ``(kind, payload)`` with kind ``"bitmap"`` or ``"relidx"``, whichever is smaller
-    (bitmap on a tie).
+    Returns ``(kind, payload)`` with kind ``"bitmap"``, ``"relidx"`` or (when `entropy`)
+    ``"range"``, whichever is smallest in whole bytes (bitmap, then relidx, on a tie).
     """
     flat = _flat_mask(mask)
+    kind, payload = _fixed_positions(flat)
+    if entropy:
+        coded = range_coded(flat.astype(np.int64), 2)
+        if len(coded) < len(payload):
+            return RANGE, coded
+    return kind, payload
+
+
+def _fixed_positions(flat: np.ndarray) -> tuple[str, bytes]:
     bitmap_bits, relidx_bits, k, entries = _sizes(flat)
     if bitmap_bits <= relidx_bits:
         return BITMAP, np.packbits(flat, bitorder="little").tobytes()
@@ -103,6 +118,12 @@ def decode_positions(kind: str, payload: bytes, numel: int) -> Tensor:
     numel = int(numel)
     if numel < 0:
         raise XaiCompressError(f"sparse positions: numel {numel} is negative")
+    if kind == RANGE:
+        try:
+            return torch.from_numpy(range_decode(bytes(payload), 2, numel,
+                                                 "sparse positions").astype(bool))
+        except XcpkError as exc:
+            raise XaiCompressError(str(exc)) from None
     raw = np.frombuffer(bytes(payload), dtype=np.uint8)
     if kind == BITMAP:
         if raw.size != (numel + 7) // 8:

@@ -14,6 +14,10 @@ Codings of format version 2 (all little-endian):
                                    (`encoding.bitpack`: LSB first, value after value;
                                    uint8 is therefore one byte per value)
   bitmap, relidx                   positions of kept weights (`encoding.positions`)
+  range                            entropy-coded symbols (indices, integers, a bitmap's
+                                   bits): `encoding.entropy` writes, `xcpk_reader` reads
+  zerocluster                      (positions of a codebook, no bytes) the pruned weights
+                                   are those whose index is the codebook's zero entry
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from xaicompress.encoding.bitpack import MAX_BITS
+from xaicompress.encoding.bitpack import MAX_BITS, packed_length, unpack_bits
 from xaicompress.errors import XaiCompressError
+from xaicompress.export.xcpk_reader import RANGE, XcpkError, range_decode
 
 #: codings of whole numpy values, by name
 ARRAY_CODINGS: dict[str, np.dtype] = {
@@ -94,6 +99,10 @@ class Streams:
     def has(self, role: str) -> bool:
         return role in self._by_role
 
+    def coding(self, role: str) -> str:
+        """The coding of stream `role` (which must exist), without taking it."""
+        return self._by_role[role][0]
+
     def take(self, role: str, codings: Iterable[str]) -> tuple[str, bytes]:
         """(coding, bytes) of the stream `role`, whose coding must be one of `codings`."""
         allowed = tuple(codings)
@@ -113,6 +122,25 @@ class Streams:
             raise XaiCompressError(f"{self.where}: {role} stream of {len(data)} bytes, expected "
                                    f"{count} {coding} values ({count * dt.itemsize} bytes)")
         return np.frombuffer(data, dtype=dt, count=count)
+
+    def take_symbols(self, role: str, bits: int, alphabet: int, count: int) -> np.ndarray:
+        """`count` symbols (int64, each < `alphabet`) of stream `role`, coded "uint<bits>"
+        or "range" (entropy-coded)."""
+        coding, data = self.take(role, (uint_coding(bits), RANGE))
+        where = f"{self.where}: {role} stream"
+        if coding == RANGE:
+            try:
+                return range_decode(data, alphabet, count, where)
+            except XcpkError as exc:
+                raise XaiCompressError(str(exc)) from None
+        if len(data) != packed_length(count, bits):
+            raise XaiCompressError(f"{where} of {len(data)} bytes, expected "
+                                   f"{packed_length(count, bits)} for {count} values of "
+                                   f"{bits} bits")
+        out = unpack_bits(data, bits, count)
+        if count and int(out.max()) >= alphabet:
+            raise XaiCompressError(f"{where}: value out of range 0..{alphabet - 1}")
+        return out
 
     def take_floats(self, role: str, codings: Iterable[str], count: int) -> Tensor:
         """`count` finite values of stream `role` as a float32 tensor (count,)."""

@@ -67,13 +67,16 @@ class PackedSize:
     """What a packed file is made of, in bytes (theoretical = exact payload bits / 8).
 
     parts_bits: exact bits by stream role ("values", "positions", "codebook", "indices",
-    "scales") and "dense" for tensors that no layer encoding covers (biases, norms)."""
+    "scales") and "dense" for tensors that no layer encoding covers (biases, norms); a
+    range-coded stream counts its whole bytes. tensor_bits: the same per tensor
+    (state_dict name)."""
 
     file_bytes: int = 0
     header_bytes: int = 0
     payload_bytes: int = 0
     theoretical_bits: int = 0
     parts_bits: dict[str, int] = field(default_factory=dict)
+    tensor_bits: dict[str, int] = field(default_factory=dict)
 
     @property
     def theoretical_bytes(self) -> float:
@@ -94,7 +97,7 @@ class PackedSize:
                 "payload_bytes": self.payload_bytes,
                 "theoretical_bytes": self.theoretical_bytes,
                 "payload_overhead": self.payload_overhead, "file_overhead": self.file_overhead,
-                "parts_bits": dict(self.parts_bits)}
+                "parts_bits": dict(self.parts_bits), "tensor_bits": dict(self.tensor_bits)}
 
 
 # ---------------------------------------------------------------------- write
@@ -109,14 +112,16 @@ def _changed_widths(ckpt: Checkpoint) -> dict[str, dict[str, int]]:
     return {n: w for n, w in layer_widths(ckpt.model).items() if default.get(n) != w}
 
 
-def _tensor_records(ckpt: Checkpoint) -> tuple[dict[str, Any], list[Stream], dict[str, int]]:
-    """Header records, streams in payload order, and exact bits per part."""
+def _tensor_records(ckpt: Checkpoint
+                    ) -> tuple[dict[str, Any], list[Stream], dict[str, int], dict[str, int]]:
+    """Header records, streams in payload order, exact bits per part and per tensor."""
     sd = ckpt.model.state_dict()
     encoded = {f"{n}.weight": lc for n, lc in ckpt.state.layers.items()
                if lc.mask is not None or lc.weights is not None}
     records: dict[str, Any] = {}
     streams: list[Stream] = []
     parts: dict[str, int] = {}
+    per_tensor: dict[str, int] = {}
     plain = LayerEncoding()
     # Sorted keys: parametrisations (codebook fine-tuning) re-register a weight after its
     # bias, so the state_dict order of equal models can differ.
@@ -129,11 +134,12 @@ def _tensor_records(ckpt: Checkpoint) -> tuple[dict[str, Any], list[Stream], dic
             part = s.role if lc is not plain else "dense"
             parts[part] = parts.get(part, 0) + s.bits
         streams += ts
-    return records, streams, parts
+        per_tensor[key] = sum(s.bits for s in ts)
+    return records, streams, parts, per_tensor
 
 
 def _pack(ckpt: Checkpoint) -> tuple[bytes, PackedSize]:
-    records, streams, parts = _tensor_records(ckpt)
+    records, streams, parts, per_tensor = _tensor_records(ckpt)
     header = {"model": ckpt.spec.to_meta(), "widths": _changed_widths(ckpt),
               "data": ckpt.data, "tensors": records,
               "activations": {n: aq.header() for n, aq in ckpt.state.activations().items()}}
@@ -142,7 +148,7 @@ def _pack(ckpt: Checkpoint) -> tuple[bytes, PackedSize]:
     body = PREFIX.pack(MAGIC, VERSION, len(hdr)) + hdr + payload
     raw = body + TRAILER.pack(zlib.crc32(body))
     size = PackedSize(len(raw), PREFIX.size + len(hdr), len(payload), sum(parts.values()),
-                      parts)
+                      parts, per_tensor)
     return raw, size
 
 

@@ -1,6 +1,7 @@
 """Standalone reader of xaicompress packed model files (`.xcpk`, format version 2).
 
-Needs numpy and the Python standard library only: copy this one file into any project.
+Needs numpy and the Python standard library only (plus `constriction` 0.5.0, imported only
+for entropy-coded "range" streams): copy this one file into any project.
 The format is specified byte by byte in xaicompress's `docs/format.md`.
 
     from xcpk_reader import read_xcpk
@@ -79,7 +80,22 @@ RECORD_KEYS = {"shape", "encoding", "streams", "masked", "k", "bits"}
 STREAM_KEYS = {"role", "coding", "bytes"}
 ARRAY_CODINGS = {"float32": "<f4", "float16": "<f2", "int64": "<i8", "int32": "<i4",
                  "int16": "<i2", "int8": "i1", "uint8": "u1", "bool": "u1"}
-POSITION_CODINGS = ("bitmap", "relidx")
+POSITION_CODINGS = ("bitmap", "relidx", "range")
+
+# Entropy coding ("range" streams, docs/format.md "Range coding"): constriction's range coder
+# (`constriction.stream.queue`, 32-bit words, 24-bit probabilities) with a block-adaptive
+# categorical model, so no probability table is stored: block j of the symbols is coded with
+# the counts of every symbol before it plus a prior count alpha (the stream's first byte j
+# names alpha = 2^-j). Blocks: [0, 16), [16, 32), [32, 64), ... doubling.
+RANGE = "range"
+#: prior count of every symbol, by the stream's first byte (the writer picks the smallest file)
+RANGE_ALPHAS = tuple(2.0 ** -j for j in range(8))
+RANGE_FIRST_BLOCK = 16
+#: largest alphabet of a range-coded stream (16-bit integers, 65,536 codebook entries)
+MAX_ALPHABET = 1 << 16
+#: the positions coding of a codebook tensor whose pruned weights are its zero cluster: no
+#: bytes; kept = the weights whose index is not the first codebook entry equal to 0
+ZERO_CLUSTER = "zerocluster"
 
 
 class XcpkError(ValueError):
@@ -312,8 +328,82 @@ def unpack_uint(data: bytes, bits: int, count: int, where: str) -> np.ndarray:
     return out
 
 
+def range_blocks(count: int) -> list[tuple[int, int]]:
+    """[start, end) of the blocks of a range-coded stream of `count` symbols: 16, 16, 32,
+    64, ... symbols (each block's model is learnt from every symbol before it)."""
+    out, start, end = [], 0, min(count, RANGE_FIRST_BLOCK)
+    while start < count:
+        out.append((start, end))
+        start, end = end, min(count, 2 * end)
+    return out
+
+
+def range_model(counts: np.ndarray, alpha: float) -> Any:
+    """The categorical model of one block: probabilities proportional to counts + alpha
+    (float64; constriction quantizes them to 24 bits, identically in writer and reader)."""
+    import constriction  # lazily: only range-coded streams need it
+
+    return constriction.stream.model.Categorical(counts.astype(np.float64) + alpha,
+                                                 perfect=False)
+
+
+def range_encode(symbols: np.ndarray, alphabet: int, prior: int) -> bytes:
+    """The "range" stream of `symbols` (ints in [0, alphabet)) with prior byte `prior`
+    (alpha = RANGE_ALPHAS[prior]): what xaicompress writes, and what `range_decode` checks a
+    stream against (so a stream decodes only if it is exactly the writer's)."""
+    import constriction  # lazily: only range-coded streams need it
+
+    sym = np.ascontiguousarray(np.asarray(symbols).reshape(-1), dtype=np.int32)
+    alpha = RANGE_ALPHAS[prior]
+    counts = np.zeros(alphabet, dtype=np.int64)
+    encoder = constriction.stream.queue.RangeEncoder()
+    for start, end in range_blocks(sym.size):
+        block = sym[start:end]
+        encoder.encode(block, range_model(counts, alpha))
+        counts += np.bincount(block, minlength=alphabet)
+    words = np.asarray(encoder.get_compressed(), dtype="<u4")
+    return bytes([prior]) + words.tobytes()
+
+
+def range_decode(data: bytes, alphabet: int, count: int, where: str) -> np.ndarray:
+    """`count` symbols (int64, each < `alphabet`) of a "range" stream."""
+    if not 1 <= alphabet <= MAX_ALPHABET:
+        raise XcpkError(f"{where}: range-coded alphabet of {alphabet} symbols, expected 1.."
+                        f"{MAX_ALPHABET}")
+    if len(data) < 1 or (len(data) - 1) % 4 or data[0] >= len(RANGE_ALPHAS):
+        raise XcpkError(f"{where}: range-coded stream of {len(data)} bytes: expected a prior "
+                        f"byte < {len(RANGE_ALPHAS)} and whole 32-bit words")
+    try:
+        import constriction
+    except ImportError:
+        raise XcpkError(f"{where}: range-coded streams need the constriction package "
+                        "(pip install constriction)") from None
+    alpha = RANGE_ALPHAS[data[0]]
+    words = np.frombuffer(data, dtype="<u4", offset=1).astype(np.uint32)
+    counts = np.zeros(alphabet, dtype=np.int64)
+    out = np.empty(count, dtype=np.int64)
+    try:
+        decoder = constriction.stream.queue.RangeDecoder(words)
+        for start, end in range_blocks(count):
+            sym = np.asarray(decoder.decode(range_model(counts, alpha), end - start))
+            out[start:end] = sym
+            counts += np.bincount(sym, minlength=alphabet)[:alphabet]
+        exhausted = decoder.maybe_exhausted()
+    except (ValueError, RuntimeError, OverflowError) as exc:
+        raise XcpkError(f"{where}: corrupt range-coded stream ({exc})") from None
+    # The coder cannot always tell where its data ends: a stream is valid only if it is
+    # exactly what encoding its symbols gives (a second pass, as fast as the first).
+    if not exhausted or (count and (int(out.min()) < 0 or int(out.max()) >= alphabet)) or \
+            range_encode(out, alphabet, data[0]) != bytes(data):
+        raise XcpkError(f"{where}: range-coded stream does not decode to exactly {count} "
+                        f"symbols below {alphabet}")
+    return out
+
+
 def decode_positions(coding: str, data: bytes, numel: int, where: str) -> np.ndarray:
-    """Flat bool (numel,) mask of a "bitmap" or "relidx" positions stream."""
+    """Flat bool (numel,) mask of a "bitmap", "relidx" or "range" positions stream."""
+    if coding == RANGE:
+        return range_decode(data, 2, numel, where).astype(bool)
     raw = np.frombuffer(data, np.uint8)
     if coding == "bitmap":
         if raw.size != (numel + 7) // 8:
@@ -354,24 +444,40 @@ def _take(streams: dict[str, tuple[str, str, bytes]], role: str, where: str
 
 
 def _uint_stream(streams: dict[str, Any], role: str, bits: int, count: int,
-                 where: str) -> np.ndarray:
+                 where: str, alphabet: int) -> np.ndarray:
+    """`count` symbols < `alphabet` of a "uint<bits>" or "range" stream."""
     _, coding, data = _take(streams, role, where)
+    if coding == RANGE:
+        return range_decode(data, alphabet, count, where)
     if coding != f"uint{bits}":
-        raise XcpkError(f"{where}: {role} stream has coding {coding!r}, expected uint{bits}")
+        raise XcpkError(f"{where}: {role} stream has coding {coding!r}, expected uint{bits} "
+                        "or range")
     return unpack_uint(data, bits, count, where)
 
 
 def _decode_codebook(rec: dict[str, Any], streams: dict[str, Any], shape: tuple[int, ...],
-                     keep: np.ndarray, where: str) -> tuple[np.ndarray, dict[str, Any]]:
+                     keep: np.ndarray | None, where: str) -> tuple[np.ndarray, dict[str, Any]]:
     k = _int_field(rec, "k", 1, MAX_K, where)
     book = _array(_take(streams, "codebook", where), ("float16", "float32"), k, where)
-    b, count = _index_bits(k), int(keep.sum())
-    idx = _uint_stream(streams, "indices", b, count, where) if b else np.zeros(count, np.int64)
+    implied = keep is None  # positions "zerocluster": every index stored, kept = not zero
+    b = _index_bits(k)
+    count = math.prod(shape) if keep is None else int(keep.sum())
+    idx = (_uint_stream(streams, "indices", b, count, where, k) if b
+           else np.zeros(count, np.int64))
     if count and int(idx.max()) >= k:
         raise XcpkError(f"{where}: codebook index out of range 0..{k - 1}")
-    full = np.zeros(keep.size, dtype=np.int64)
-    full[keep] = idx
-    return book[full].reshape(shape), {"codebook": book, "indices": full.reshape(shape)}
+    if implied:
+        zeros = np.flatnonzero(book == 0)
+        if not zeros.size:
+            raise XcpkError(f"{where}: positions coded as the zero cluster, but no codebook "
+                            "entry is 0")
+        keep = idx != zeros[0]
+        full = idx
+    else:
+        full = np.zeros(keep.size, dtype=np.int64)
+        full[keep] = idx
+    return book[full].reshape(shape), {"codebook": book, "indices": full.reshape(shape),
+                                       "keep": keep}
 
 
 def _decode_intgrid(rec: dict[str, Any], streams: dict[str, Any], shape: tuple[int, ...],
@@ -382,7 +488,7 @@ def _decode_intgrid(rec: dict[str, Any], streams: dict[str, Any], shape: tuple[i
     if not (scales > 0).all():
         raise XcpkError(f"{where}: scales must be > 0")
     qmax = 2 ** (bits - 1) - 1
-    u = _uint_stream(streams, "values", bits, int(keep.sum()), where)
+    u = _uint_stream(streams, "values", bits, int(keep.sum()), where, 2 * qmax + 1)
     if u.size and int(u.max()) > 2 * qmax:
         raise XcpkError(f"{where}: integer value out of range 0..{2 * qmax}")
     q = np.zeros(keep.size, dtype=np.float32)
@@ -425,13 +531,19 @@ def decode_tensor(rec: TensorRecord, source: str = "packed file"
     masked = rec.fields.get("masked", False)
     if not isinstance(masked, bool):
         raise XcpkError(f"{where}: masked is {masked!r}, expected true or false")
-    keep = np.ones(rec.numel, dtype=bool)
+    keep: np.ndarray | None = np.ones(rec.numel, dtype=bool)
     if masked and "positions" in streams:
         _, coding, data = streams.pop("positions")
-        if coding not in POSITION_CODINGS:
-            raise XcpkError(f"{where}: positions coding {coding!r}, expected bitmap or relidx")
-        keep = decode_positions(coding, data, rec.numel, where)
+        if coding == ZERO_CLUSTER and decoder is _decode_codebook and not data:
+            keep = None  # the indices say which weights are kept
+        elif coding not in POSITION_CODINGS:
+            raise XcpkError(f"{where}: positions coding {coding!r}, expected "
+                            f"{', '.join(POSITION_CODINGS)} (or an empty {ZERO_CLUSTER} "
+                            "stream of a codebook)")
+        else:
+            keep = decode_positions(coding, data, rec.numel, where)
     values, raw = decoder(rec.fields, streams, rec.shape, keep, where)
+    keep = raw.pop("keep", keep)
     if streams:
         raise XcpkError(f"{where}: unexpected streams {sorted(streams)}")
     if masked:

@@ -47,6 +47,7 @@ from xaicompress.prune.structured import NORMS as STRUCTURED_NORMS
 from xaicompress.prune.unstructured import LAYER_KINDS
 from xaicompress.prune.unstructured import NORMS as UNSTRUCTURED_NORMS
 from xaicompress.quant.codebook import ALLOC_BITS, CODEBOOK_DTYPES, INITS, WEIGHT_POWER
+from xaicompress.quant.entropy_share import ASSIGNMENTS
 from xaicompress.quant.integer import ALLOCATIONS, BITS_CHOICES, CLIP_MODES
 from xaicompress.validation import describe
 
@@ -188,9 +189,15 @@ class ShareStage(CriterionStage):
         "Criterion weighting the k-means (none = plain k-means)."))
     clusters: Clusters | dict[str, Clusters] | None = Field(None, description=(
         "k shared values in every layer (a config may give layer -> k)."))
-    avg_bits: Annotated[float, Field(ge=min(ALLOC_BITS), le=max(ALLOC_BITS))] | None = Field(
-        None, description="Average index bits; clusters per layer from the bit-allocation "
-        "solver.")
+    avg_bits: Annotated[float, Field(ge=0.01, le=max(ALLOC_BITS))] | None = Field(
+        None, description="Budget in bits per weight: nearest: average index bits "
+        f"({min(ALLOC_BITS)}..{max(ALLOC_BITS)}), clusters per layer from the bit-allocation "
+        "solver; entropy: entropy-coded bits per weight, pruned weights, positions and "
+        "codebooks included.")
+    assignment: Literal[ASSIGNMENTS] = Field(  # type: ignore[valid-type]
+        "nearest", description="nearest (k-means) or entropy (relevance-weighted "
+        "entropy-constrained assignment with a zero cluster, ECQx; needs avg_bits, clusters = "
+        "codebook size).")
     finetune_epochs: Epochs = Field(0, description="Epochs of centroid fine-tuning.")
     finetune_lr: LearningRate | None = Field(None, description=(
         "One learning rate for the centroid fine-tuning (default: scaled per layer)."))
@@ -204,8 +211,16 @@ class ShareStage(CriterionStage):
 
     @model_validator(mode="after")
     def _one_budget(self) -> ShareStage:
+        if self.assignment == "entropy":
+            if self.avg_bits is None or isinstance(self.clusters, dict):
+                raise ValueError("assignment entropy needs avg_bits (and at most one clusters "
+                                 "number, the codebook size)")
+            return self
         if (self.clusters is None) == (self.avg_bits is None):
             raise ValueError("give exactly one of clusters and avg_bits")
+        if self.avg_bits is not None and self.avg_bits < min(ALLOC_BITS):
+            raise ValueError(f"avg_bits {self.avg_bits}: nearest assignment needs at least "
+                             f"{min(ALLOC_BITS)} bit (below that, use assignment entropy)")
         return self
 
 

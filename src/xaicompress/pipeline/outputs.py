@@ -47,15 +47,16 @@ def write_outputs(config: Any, out: Path, baseline: Checkpoint, steps: list[Chec
     """Export the final model, then write report.json, report.md and the plots into `out`."""
     final = steps[-1] if steps else baseline
     files = export_final(final, out, config)
-    packed_size = (files["packed"].stat().st_size if "packed" in files
-                   else packed_report(final).file_bytes)
+    sizes = packed_report(final)
+    packed_size = files["packed"].stat().st_size if "packed" in files else sizes.file_bytes
+    bits = sizes.tensor_bits
     if plots:
         # matplotlib takes ~1 s to import: only runs that draw plots pay for it
         from xaicompress.report import plots as draw
 
         files["plot_stages"] = out / PLOT_NAMES["stages"]
         files["plot_layers"] = out / PLOT_NAMES["layers"]
-        report = build_report(config, baseline, steps, packed_size, files)
+        report = build_report(config, baseline, steps, packed_size, files, bits)
         draw.plot_stages(report, files["plot_stages"])
         draw.plot_layers(report["layers"], files["plot_layers"])
         if config.report.heatmaps > 0:
@@ -64,7 +65,7 @@ def write_outputs(config: Any, out: Path, baseline: Checkpoint, steps: list[Chec
                                 files["plot_heatmaps"], seed=config.seed)
     files["report_json"] = out / "report.json"
     files["report_md"] = out / "report.md"
-    report = build_report(config, baseline, steps, packed_size, files)
+    report = build_report(config, baseline, steps, packed_size, files, bits)
     atomic_write_text(files["report_json"], json.dumps(report, indent=2) + "\n")
     atomic_write_text(files["report_md"], report_markdown(report))
     return files

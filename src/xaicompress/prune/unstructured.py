@@ -167,9 +167,9 @@ def prune_unstructured(
 
 
 def sparse_bytes(ckpt: Checkpoint, value_bits: int = 32) -> int:
-    """Bytes of the model with masked weights stored sparsely (positions in the cheaper of
-    bitmap / relative indices, `value_bits` per kept weight) and every other parameter and
-    buffer dense at `value_bits`."""
+    """Bytes of the model with masked weights stored sparsely (positions in the cheapest of
+    bitmap / relative indices / range-coded bitmap, `value_bits` per kept weight) and every
+    other parameter and buffer dense at `value_bits`."""
     modules = dict(ckpt.model.named_modules())
     bits = 0
     sparse_params = set()

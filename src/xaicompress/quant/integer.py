@@ -132,6 +132,32 @@ def error_table(ckpt: Checkpoint, importance: dict[str, Tensor], layers: dict[st
     return table
 
 
+def coded_costs(ckpt: Checkpoint, importance: dict[str, Tensor], layers: dict[str, nn.Module],
+                bits_choices: tuple[int, ...] = BITS_CHOICES, clip: str = "mse"
+                ) -> dict[str, dict[int, float]]:
+    """layer -> {bits -> bits its integer values take in the packed file}: range-coded or
+    bit-packed, whichever `IntGrid` would write (so budgets count entropy-coded bits)."""
+    from xaicompress.encoding.entropy import symbol_stream
+
+    table: dict[str, dict[int, float]] = {}
+    for name, m in layers.items():
+        lc = ckpt.state.layers.get(name)
+        w = m.weight.detach().float()
+        keep = None
+        if lc is not None and lc.mask is not None:
+            w = w * lc.mask.keep
+            keep = lc.mask.keep.reshape(-1)
+        table[name] = {}
+        for b in bits_choices:
+            grid = IntGrid(b, channel_scales(w, b, clip=clip, importance=importance[name]))
+            u = grid.quantize(w).reshape(-1) + grid.qmax
+            if keep is not None:
+                u = u[keep]
+            table[name][b] = float(8 * len(symbol_stream("values", u.numpy(), b,
+                                                         2 * grid.qmax + 1).data))
+    return table
+
+
 def global_importance(weights: dict[str, Tensor], layers: dict[str, nn.Module]
                       ) -> dict[str, Tensor]:
     """|R_w| scaled so that its mean over all quantized weights is 1.
@@ -169,13 +195,15 @@ def choose_bits(ckpt: Checkpoint, importance: dict[str, Tensor], *,
     else:
         budget = budget_from_size_kb(float(size_kb), fixed_bytes(ckpt, layers))  # type: ignore[arg-type]
     errors = error_table(ckpt, importance, layers, bits_choices, clip)
-    costs = {n: {b: float(params[n] * b) for b in bits_choices} for n in layers}
+    # entropy-coded sizes: a budget of B bits per weight is B bits in the file
+    costs = coded_costs(ckpt, importance, layers, bits_choices, clip)
     smallest = sum(min(c.values()) for c in costs.values())
     if budget < smallest:
         if avg_bits is not None:
             raise XaiCompressError(f"--avg-bits {avg_bits}: budget infeasible, the smallest "
                                    f"feasible size is {smallest / sum(params.values()):.3g} "
-                                   f"bits per weight ({min(bits_choices)} bits everywhere)")
+                                   f"coded bits per weight ({min(bits_choices)} bits "
+                                   "everywhere)")
         least_kb = (smallest / 8 + fixed_bytes(ckpt, layers)) / 1024
         raise XaiCompressError(f"--size-kb {size_kb}: budget infeasible, the smallest feasible "
                                f"size is about {least_kb:.2f} KiB ({min(bits_choices)} bits "
@@ -189,7 +217,7 @@ def choose_bits(ckpt: Checkpoint, importance: dict[str, Tensor], *,
                                    f"feasible size is {smallest:.6g} bits")
         bits = {n: max(fits) for n in layers}
     used = sum(costs[n][b] for n, b in bits.items())
-    info = {"budget_bits": budget, "used_bits": used,
+    info = {"budget_bits": budget, "used_bits": used, "smallest_bits": smallest,
             "avg_bits": used / max(1, sum(params.values())),
             "error": sum(errors[n][b] for n, b in bits.items()),
             "params": params}
@@ -238,8 +266,8 @@ def _fit_packed_size(ckpt: Checkpoint, importance: dict[str, Tensor], bits: dict
         # From the bits actually used (<= budget); each tensor is byte-aligned in the file.
         budget = info["used_bits"] - 8 * (size - target) - 8 * len(bits)
         params = info["params"]
-        if budget < 2 * sum(params.values()):
-            smallest = (size - info["budget_bits"] / 8 + sum(params.values()) / 4) / 1024
+        if budget < info["smallest_bits"]:
+            smallest = (size - info["budget_bits"] / 8 + info["smallest_bits"] / 8) / 1024
             raise XaiCompressError(f"--size-kb {size_kb}: infeasible, the smallest packed "
                                    f"model is about {smallest:.2f} KiB")
         _restore(ckpt, floats)

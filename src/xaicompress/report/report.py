@@ -8,7 +8,9 @@ report.json (all sizes in bytes, accuracy in %, latency in ms for a batch of 64 
   compression_ratio      baseline fp32 bytes / packed file bytes on disk
   accuracy_drop          baseline accuracy - final accuracy, in points
   fidelity               final (cosine, top10_overlap, agreement) and per_stage
-  layers                 per Conv2d/Linear: units [original, kept], sparsity, bits, clusters
+  layers                 per Conv2d/Linear: units [original, kept], sparsity, bits, clusters,
+                         coded_bits_per_weight (the weight's bytes in the packed file, entropy
+                         coding, positions, codebook and scales included, x 8 / its weights)
   files, config, title, version
 """
 
@@ -36,9 +38,12 @@ def _metrics(ckpt: Checkpoint) -> dict[str, Any]:
     return {k: pipe["eval"].get(k) for k in METRIC_KEYS}
 
 
-def layer_summary(baseline: Checkpoint, final: Checkpoint) -> dict[str, dict[str, Any]]:
+def layer_summary(baseline: Checkpoint, final: Checkpoint,
+                  tensor_bits: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
     """Per prunable layer of the final model: output units kept, sparsity, bits per stored
-    weight (from its encoding: 32 for plain float32), clusters (codebook size or None)."""
+    weight (from its encoding: 32 for plain float32), clusters (codebook size or None), and
+    with `tensor_bits` (state_dict name -> bits in the packed file, `PackedSize`) the bits
+    per weight after coding."""
     before = layer_widths(baseline.model)
     out: dict[str, dict[str, Any]] = {}
     for name, m in final.model.named_modules():
@@ -55,12 +60,17 @@ def layer_summary(baseline: Checkpoint, final: Checkpoint) -> dict[str, dict[str
         out[name] = {"units": [before.get(name, {}).get("out", w.shape[0]), int(w.shape[0])],
                      "weights": int(w.numel()), "sparsity": round(sparsity, 6),
                      "bits": int(bits), "clusters": clusters}
+        if tensor_bits is not None and f"{name}.weight" in tensor_bits:
+            out[name]["coded_bits_per_weight"] = round(
+                tensor_bits[f"{name}.weight"] / max(1, w.numel()), 4)
     return out
 
 
 def build_report(config: Any, baseline: Checkpoint, steps: list[Checkpoint],
-                 packed_size: int, files: dict[str, Path]) -> dict[str, Any]:
-    """The report dict (see module docstring) from the measured checkpoints."""
+                 packed_size: int, files: dict[str, Path],
+                 tensor_bits: dict[str, int] | None = None) -> dict[str, Any]:
+    """The report dict (see module docstring) from the measured checkpoints; tensor_bits:
+    bits of every tensor in the final packed file (`PackedSize.tensor_bits`)."""
     base = _metrics(baseline)
     base["seconds"] = baseline.metrics["pipeline"]["seconds"]
     stages = []
@@ -90,7 +100,7 @@ def build_report(config: Any, baseline: Checkpoint, steps: list[Checkpoint],
             "final": fid_final,
             "per_stage": [{"name": s["name"], **s["fidelity"]} for s in stages],
         },
-        "layers": layer_summary(baseline, last),
+        "layers": layer_summary(baseline, last, tensor_bits),
         "files": {k: v.name for k, v in files.items()},
         "config": config.model_dump(mode="json"),
     }
@@ -181,12 +191,15 @@ def report_markdown(report: dict[str, Any]) -> str:
               "x smaller = baseline fp32 bytes / size. Latency: median of a batch of 64 on CPU.",
               "", "## Explanation fidelity", "", report["fidelity"]["method"] + ".", "",
               "## Layers of the final model", "",
-              "| layer | units kept | weights | sparsity % | bits | clusters |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "| layer | units kept | weights | sparsity % | bits | clusters | "
+              "bits/weight coded |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, lay in report["layers"].items():
         u0, u1 = lay["units"]
+        coded = lay.get("coded_bits_per_weight")
         lines.append(f"| {name} | {u1}/{u0} | {lay['weights']:,} | {lay['sparsity'] * 100:.1f} "
-                     f"| {lay['bits']} | {lay['clusters'] or '-'} |")
+                     f"| {lay['bits']} | {lay['clusters'] or '-'} | "
+                     f"{'-' if coded is None else f'{coded:.3f}'} |")
     plots = [(k, v) for k, v in report["files"].items() if k.startswith("plot_")]
     if plots:
         lines += ["", "## Plots", ""]

@@ -1,0 +1,268 @@
+"""Entropy coding and entropy-constrained sharing (issue 18): the shipped configs past 100x.
+
+    python benchmarks/entropy.py                       # 3 seeds, lenet5 + lenet300 (+ resnet20)
+    python benchmarks/entropy.py --models lenet5 --seeds 0 --data 'mnist5k?split=2'
+    python benchmarks/entropy.py --tune lenet5         # the validation sweep (split 2)
+
+For every model and seed, on the test split of `mnist5k` and of `mnist5k?split=1` (10,000
+other real digits' partition; the configs were chosen on `mnist5k?split=2`, `--tune`):
+  shipped   configs/<model>-mnist.yaml as shipped (relevance-weighted entropy-constrained
+            sharing, entropy-coded file)
+  plain     the same with criterion none in the share stage (plain entropy-constrained
+            assignment), at the same budget
+  dc        Deep Compression's recipe at no larger a packed file (first split only): the
+            shipped structured pruning, magnitude (l1) unstructured pruning of every layer
+            at the ratio (bisection) that makes the file fit, plain k-means at 2 index bits
+            on average (nearest assignment, criterion none), entropy-coded indices and
+            positions (our range coder stands in for Huffman: it is never larger)
+Also the encode (packed_bytes) and decode (packed_from_bytes) time of each final file, and
+its bits per weight after coding per layer. Results: benchmarks/results/entropy.json and
+docs/results/entropy.md. Every pipeline stage is cached (benchmarks/results/cache/entropy),
+so the variants share their baseline and pruning stages and a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS, ROOT, fmt, write_json, write_section  # noqa: E402
+
+CACHE = RESULTS / "cache" / "entropy"
+GOALS = {"lenet5": (100, 0.5), "lenet300": (100, 0.5), "resnet20": (40, 0.5)}
+SPLITS = ("mnist5k", "mnist5k?split=1")
+TUNE_SPLIT = "mnist5k?split=2"
+
+
+def _config(model: str, data: str, share: dict[str, Any] | None = None,
+            unstructured: dict[str, Any] | None = None) -> Any:
+    from xaicompress.pipeline import load_config
+    from xaicompress.pipeline.config import validate_config
+
+    cfg = load_config(ROOT / "configs" / f"{model}-mnist.yaml")
+    raw = cfg.model_dump(mode="json", exclude_none=True)
+    raw["data"] = data
+    raw["report"] = {**raw.get("report", {}), "fidelity": False, "heatmaps": 0,
+                     "latency_repeats": 1}
+    raw["export"] = {"packed": True, "onnx": False}
+    for st in raw["stages"]:
+        if st["type"] == "share" and share is not None:
+            st.update(share)
+            if "clusters" in share and share["clusters"] is None:
+                st.pop("clusters")
+        if st["type"] == "prune_unstructured" and unstructured is not None:
+            st.update(unstructured)
+    raw.pop("name", None)
+    return validate_config(raw, f"{model} variant")
+
+
+def run(model: str, data: str, seed: int, tag: str, **variant: Any) -> dict[str, Any]:
+    """One pipeline run; the numbers the tables need."""
+    from xaicompress.export.packed import packed_bytes, packed_from_bytes
+    from xaicompress.pipeline import run_pipeline
+
+    cfg = _config(model, data, **variant).with_seed(seed)
+    safe = data.replace("?", "_").replace("=", "")
+    folder = RESULTS / "entropy" / f"{model}-{safe}-seed{seed}-{tag}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    res = run_pipeline(cfg, folder, cache_dir=CACHE, plots=False)
+    wall = time.perf_counter() - t0
+    raw = packed_bytes(res.final)
+    enc = _median_time(lambda: packed_bytes(res.final))
+    dec = _median_time(lambda: packed_from_bytes(raw))
+    r = res.report
+    return {"model": model, "data": data, "seed": seed, "tag": tag, "variant": variant,
+            "ratio": r["compression_ratio"], "drop": r["accuracy_drop"],
+            "accuracy": r["final"]["accuracy"], "baseline_accuracy": r["baseline"]["accuracy"],
+            "file_bytes": r["final"]["size_bytes"], "fp32_bytes": r["baseline"]["fp32_bytes"],
+            "encode_ms": 1e3 * enc, "decode_ms": 1e3 * dec, "wall_s": wall,
+            "layers": {n: {k: v for k, v in lay.items() if k in (
+                "weights", "sparsity", "clusters", "coded_bits_per_weight")}
+                for n, lay in r["layers"].items()}}
+
+
+def _median_time(fn: Any, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def _share_stage(model: str) -> dict[str, Any]:
+    from xaicompress.pipeline import load_config
+
+    cfg = load_config(ROOT / "configs" / f"{model}-mnist.yaml")
+    st = next(s for s in cfg.stages if s.type == "share")
+    return {"avg_bits": st.avg_bits, "clusters": st.clusters}
+
+
+def dc_at_size(model: str, data: str, seed: int, target_bytes: int,
+               steps: int = 3) -> dict[str, Any]:
+    """Deep Compression's recipe at no larger a file than `target_bytes`: the shipped
+    structured stage, then magnitude (l1) unstructured pruning of every layer at the
+    smallest ratio (bisection on [0.8, 0.99]) whose file fits, plain k-means at 2 index bits
+    on average (nearest, criterion none, MILP allocation) and the entropy-coded file."""
+    share = {"criterion": "none", "assignment": "nearest", "avg_bits": 2.0, "clusters": None}
+    lo, hi = 0.8, 0.99
+    best = None
+    for _ in range(steps):
+        mid = round((lo + hi) / 2, 3)
+        r = run(model, data, seed, f"dc{mid}", share=share,
+                unstructured={"criterion": "l1", "ratio": mid, "layers": "all"})
+        if r["file_bytes"] <= target_bytes:
+            best, hi = r, mid
+        else:
+            lo = mid
+    if best is None:
+        best = run(model, data, seed, f"dc{hi}", share=share,
+                   unstructured={"criterion": "l1", "ratio": hi, "layers": "all"})
+    return best
+
+
+def evaluate(models: list[str], seeds: list[int], splits: tuple[str, ...], dc: bool,
+             plain: bool = True) -> list[dict[str, Any]]:
+    rows = []
+    for model in models:
+        for data in splits:
+            for seed in seeds:
+                shipped = run(model, data, seed, "shipped")
+                rows.append(shipped)
+                if plain:
+                    rows.append(run(model, data, seed, "plain", share={"criterion": "none"}))
+                if dc and data == splits[0]:
+                    rows.append({**dc_at_size(model, data, seed, shipped["file_bytes"]),
+                                 "tag": "dc"})
+                print(json.dumps({k: rows[-1][k] for k in ("model", "data", "seed", "ratio",
+                                                           "drop")}), flush=True)
+    return rows
+
+
+def tune(model: str, seeds: list[int], budgets: list[float]) -> list[dict[str, Any]]:
+    """The validation sweep: shipped config with other share budgets on TUNE_SPLIT."""
+    rows = []
+    for b in budgets:
+        for seed in seeds:
+            r = run(model, TUNE_SPLIT, seed, f"tune{b}", share={"avg_bits": b})
+            rows.append(r)
+            print(json.dumps({k: r[k] for k in ("model", "seed", "ratio", "drop",
+                                                "file_bytes")} | {"avg_bits": b}), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], seeds: list[int]) -> str:
+    lines = ["## Entropy coding and entropy-constrained sharing (issue 18)", "",
+             "`python benchmarks/entropy.py`: the shipped configs (relevance-weighted "
+             "entropy-constrained sharing, entropy-coded packed file), the same with plain "
+             "(unweighted) entropy-constrained assignment at the same budget, and Deep "
+             "Compression's recipe (magnitude pruning, plain k-means, entropy coding) at no "
+             f"larger a file; seeds {', '.join(map(str, seeds))}; configs chosen on "
+             f"`{TUNE_SPLIT}`, reported on the test splits of `mnist5k` and `mnist5k?split=1`. "
+             "x smaller = fp32 weights / packed file bytes; drop = baseline - final accuracy "
+             "(points).", "",
+             "| model | data | variant | x smaller | drop (pt) | file bytes | encode ms | "
+             "decode ms | goal |", "|---|---|---|---:|---:|---:|---:|---:|---|"]
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["data"], r["tag"]), []).append(r)
+    for (model, data, tag), rs in groups.items():
+        ratio = [r["ratio"] for r in rs]
+        drop = [r["drop"] for r in rs]
+        goal = ""
+        if tag == "shipped" and model in GOALS:
+            x, pt = GOALS[model]
+            met = min(ratio) >= x and sum(drop) / len(drop) <= pt
+            goal = f"{x}x at <= {pt} pt: {'met' if met else 'missed'}"
+        lines.append(f"| {model} | `{data}` | {tag} | {fmt(ratio, 1)} | {fmt(drop)} | "
+                     f"{fmt([r['file_bytes'] for r in rs], 0)} | "
+                     f"{fmt([r['encode_ms'] for r in rs], 1)} | "
+                     f"{fmt([r['decode_ms'] for r in rs], 1)} | {goal} |")
+    lines += ["", "Bits per weight after coding, per layer (shipped config, first seed, "
+              "`mnist5k`; indices, positions, codebook and scales included, / all weights of "
+              "the layer):", ""]
+    for r in rows:
+        if r["tag"] == "shipped" and r["data"] == SPLITS[0] and r["seed"] == seeds[0]:
+            lines.append(f"- {r['model']}: " + ", ".join(
+                f"{n} {lay['coded_bits_per_weight']:.3f} ({lay['weights']:,} w, "
+                f"{100 * lay['sparsity']:.0f}% zero)" for n, lay in r["layers"].items()
+                if lay.get("coded_bits_per_weight") is not None))
+    return "\n".join(lines)
+
+
+def merge() -> None:
+    rows, notes = [], []
+    for model in GOALS:
+        p = RESULTS / f"entropy_{model}.json"
+        if p.is_file():
+            data = json.loads(p.read_text())
+            rows += data["rows"]
+            notes.append(f"{model}: seeds {', '.join(map(str, data['seeds']))}")
+    seeds = sorted({r["seed"] for r in rows})
+    write_json("entropy", {"seeds": seeds, "rows": rows})
+    write_section("entropy", markdown(rows, seeds) + "\n\nRuns per model: " +
+                  "; ".join(notes) + ".\n\n" + _validation() + _speed())
+
+
+def _validation() -> str:
+    """The validation runs (TUNE_SPLIT) the configs were chosen from."""
+    lines = [f"Validation runs on `{TUNE_SPLIT}` (seed 0 unless noted; the share stage's "
+             "options as changed from the config of the time):", "",
+             "| model | share options | seed | x smaller | drop (pt) |", "|---|---|---:|---:|---:|"]
+    for p in sorted(RESULTS.glob("entropy_tune_*.json")):
+        for r in json.loads(p.read_text()):
+            lines.append(f"| {r['model']} | `{json.dumps(r['variant'].get('share', {}))}` | "
+                         f"{r['seed']} | {r['ratio']:.1f} | {r['drop']:.1f} |")
+    return "\n".join(lines) + "\n\n"
+
+
+def _speed() -> str:
+    p = RESULTS / "entropy_speed.json"
+    if not p.is_file():
+        return ""
+    t = json.loads(p.read_text())["cpu_seconds_median"]
+    return ("Share stage CPU time on a pruned LeNet-5 (`benchmarks/entropy_speed.py`, relevance "
+            "given, no fine-tuning, 1 thread, median of 3): " + ", ".join(
+                f"{k} {v:.2f} s" for k, v in t.items()) + ".")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="lenet5,lenet300")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--data", default=",".join(SPLITS))
+    ap.add_argument("--no-dc", action="store_true", help="skip Deep Compression's recipe")
+    ap.add_argument("--no-plain", action="store_true", help="skip the plain assignment")
+    ap.add_argument("--tune", default=None, help="model: the validation sweep instead")
+    ap.add_argument("--budgets", default="0.3,0.4,0.5,0.6")
+    ap.add_argument("--merge", action="store_true", help="combine the per-model results "
+                    "(entropy_<model>.json) into entropy.json / docs/results/entropy.md")
+    args = ap.parse_args()
+    if args.merge:
+        merge()
+        return
+    import torch
+
+    torch.set_num_threads(1)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if args.tune:
+        rows = tune(args.tune, seeds, [float(b) for b in args.budgets.split(",")])
+        write_json(f"entropy_tune_{args.tune}", rows)
+        return
+    rows = evaluate(args.models.split(","), seeds, tuple(args.data.split(",")),
+                    not args.no_dc, not args.no_plain)
+    for model in args.models.split(","):
+        write_json(f"entropy_{model}", {"seeds": seeds,
+                                        "rows": [r for r in rows if r["model"] == model]})
+    merge()
+
+
+if __name__ == "__main__":
+    main()
