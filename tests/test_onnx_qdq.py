@@ -166,3 +166,25 @@ def test_calibration_methods(lenet5, calibration):
         assert pc[n][0] >= lo - 1e-6 and pc[n][1] <= hi + 1e-6
     with pytest.raises(XaiCompressError, match="--calibration-method"):
         activation_ranges(proto, x.numpy(), method="kl")
+
+
+def test_cli_export_int8(lenet5, tmp_path, run_cli):
+    from xaicompress.checkpoint import save_checkpoint
+
+    src = tmp_path / "q.safetensors"
+    save_checkpoint(_int8_grid(lenet5), src)
+    out = tmp_path / "m.int8.onnx"
+    code, stdout, err = run_cli("export", src, "--format", "onnx-int8", "--out", out,
+                                "--calibration", "64", "--calibration-method", "percentile")
+    assert code == 0, err
+    assert integer_op_counts(out)["QLinearConv"] == 2
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert '"method": "percentile"' in props["xaicompress.calibration"]
+    assert '"samples": 64' in props["xaicompress.calibration"]
+    code, _, err = run_cli("export", src, "--format", "onnx-int8", "--out", tmp_path / "x.onnx",
+                           "--calibration-method", "kl")
+    assert code == 2 and "--calibration-method" in err
+    code, _, err = run_cli("export", src, "--format", "onnx", "--out", tmp_path / "x.onnx",
+                           "--calibration", "8")
+    assert code == 2 and "--calibration: applies to --format onnx-int8 only" in err
+    assert not (tmp_path / "x.onnx").exists()

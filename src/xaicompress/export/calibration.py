@@ -23,7 +23,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import numpy as np
+import torch
 
+from xaicompress.data import dataset_tensors, subset
 from xaicompress.errors import XaiCompressError
 from xaicompress.export.onnx import INPUT_NAME
 
@@ -137,3 +139,12 @@ def activation_ranges(proto: object, samples: np.ndarray, *, method: str = "minm
         else:
             out[n] = _mse_range(hists[n], lo[n], hi[n])
     return out
+
+
+def calibration_samples(data: object, calibration: int = 256, *, seed: int = 0) -> torch.Tensor:
+    """`calibration` seeded-random images (N, C, H, W) of a DatasetBundle's training split
+    (or of a Dataset), as the model sees them (normalised, no augmentation)."""
+    if calibration < 1:
+        raise XaiCompressError(f"--calibration {calibration}: expected >= 1")
+    train = getattr(data, "train", data)
+    return dataset_tensors(subset(train, calibration, seed=seed))[0]

@@ -31,7 +31,6 @@ change our scales). Layers without an integer grid stay float (`nodes_to_exclude
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import logging
@@ -49,16 +48,12 @@ from xaicompress.atomic import atomic_write_bytes, check_writable
 from xaicompress.checkpoint import Checkpoint, check_finite_model, probe_batch
 from xaicompress.errors import XaiCompressError
 from xaicompress.export.calibration import CALIBRATION_METHODS, activation_ranges
-from xaicompress.export.onnx import INPUT_NAME
 from xaicompress.export.onnx_graph import float_onnx
+from xaicompress.export.runtime import INTEGER_OPS, integer_op_counts, ort_predict
 
-#: what onnxruntime's optimizer turns a QDQ group into (CPU execution provider)
-INTEGER_OPS = frozenset({"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger",
-                         "ConvInteger", "QLinearAdd", "QLinearGlobalAveragePool",
-                         "QLinearAveragePool", "QLinearMul", "QLinearConcat"})
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 __all__ = ["CALIBRATION_METHODS", "INTEGER_OPS", "export_qdq", "integer_op_counts",
-           "qdq_bytes"]
+           "ort_predict", "qdq_bytes"]
 
 
 def _weight_axis(node: Any) -> int:
@@ -171,39 +166,6 @@ def qdq_model(ckpt: Checkpoint, samples: Tensor, *, method: str = "minmax",
 
 def qdq_bytes(ckpt: Checkpoint, samples: Tensor, **kwargs: Any) -> bytes:
     return qdq_model(ckpt, samples, **kwargs).SerializeToString()
-
-
-def _session(path: str | os.PathLike[str], *, optimized: str | None = None,
-             threads: int = 1) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3  # the NCHWc "hardware specific" notice when saving
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if optimized is not None:
-        opts.optimized_model_filepath = str(optimized)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def integer_op_counts(path: str | os.PathLike[str]) -> collections.Counter[str]:
-    """Operator counts of the graph onnxruntime actually runs for the file at `path` (its
-    optimized model, saved through `SessionOptions.optimized_model_filepath`)."""
-    import onnx
-
-    with tempfile.TemporaryDirectory(prefix="xaicompress-ort-") as tmp:
-        opt = Path(tmp) / "optimized.onnx"
-        _session(path, optimized=str(opt))
-        return collections.Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
-
-
-def ort_predict(path: str | os.PathLike[str], x: Tensor, batch_size: int = 256) -> Tensor:
-    """Logits of the file at `path` as onnxruntime deploys it (all optimizations on, so
-    QDQ groups run as integer kernels)."""
-    sess = _session(path)
-    outs = [torch.from_numpy(sess.run(None, {INPUT_NAME: x[i:i + batch_size].numpy()})[0])
-            for i in range(0, len(x), batch_size)]
-    return torch.cat(outs)
 
 
 def export_qdq(ckpt: Checkpoint, path: str | os.PathLike[str], samples: Tensor, *,
