@@ -188,3 +188,16 @@ def test_cli_export_int8(lenet5, tmp_path, run_cli):
                            "--calibration", "8")
     assert code == 2 and "--calibration: applies to --format onnx-int8 only" in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_pipeline_writes_the_integer_file(lenet5, bundle, tmp_path):
+    from xaicompress.pipeline.config import validate_config
+    from xaicompress.pipeline.outputs import export_final
+
+    cfg = validate_config({"model": "lenet5", "data": "mnist5k", "stages": [],
+                           "export": {"calibration": 32, "calibration_method": "mse"}})
+    files = export_final(_int8_grid(lenet5), tmp_path, cfg, bundle)
+    assert files["onnx_int8"].name == "model.int8.onnx"
+    assert integer_op_counts(files["onnx_int8"])["QGemm"] == 3
+    (tmp_path / "f").mkdir()
+    assert "onnx_int8" not in export_final(lenet5, tmp_path / "f", cfg, bundle)
