@@ -3,6 +3,8 @@ uint8 activations, and onnxruntime really running integer kernels (its optimized
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -181,6 +183,10 @@ def test_cli_export_int8(lenet5, tmp_path, run_cli):
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert '"method": "percentile"' in props["xaicompress.calibration"]
     assert '"samples": 64' in props["xaicompress.calibration"]
+    code, stdout, err = run_cli("evaluate", src, "--json")
+    assert code == 0, err
+    m = json.loads(stdout)
+    assert m["latency_ms"] > 0 and m["onnx_latency_ms"] > 0 and m["onnx_int8_latency_ms"] > 0
     code, _, err = run_cli("export", src, "--format", "onnx-int8", "--out", tmp_path / "x.onnx",
                            "--calibration-method", "kl")
     assert code == 2 and "--calibration-method" in err
