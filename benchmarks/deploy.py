@@ -27,6 +27,7 @@ Writes benchmarks/results/deploy.json and docs/results/deploy.md. The machine is
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -35,16 +36,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import DOCS_RESULTS, write_json, write_section
+from _common import DOCS_RESULTS, RESULTS, write_json, write_section
 from torch.utils.data import TensorDataset
 
 from xaicompress.checkpoint import Checkpoint, ModelSpec
+from xaicompress.data import dataset_tensors, load_dataset
+from xaicompress.export.calibration import CALIBRATION_METHODS, calibration_samples
 from xaicompress.export.onnx import INPUT_NAME
 from xaicompress.export.onnx_graph import float_onnx
 from xaicompress.export.onnx_qdq import qdq_bytes
-from xaicompress.export.runtime import integer_op_counts, session
+from xaicompress.export.runtime import integer_op_counts, ort_predict, session
 from xaicompress.prune import prune_structured
 from xaicompress.quant.integer import quantize
+from xaicompress.train import accuracy, seed_everything, train
 
 SHAPE = (3, 32, 32)
 LATENCY_MODELS = ("resnet20", "vgg11", "mobilenet_v2", "resnet18")
@@ -145,22 +149,123 @@ def ops_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", nargs="+", default=["latency"],
-                    choices=["latency"])
-    ap.add_argument("--models", nargs="+", default=list(LATENCY_MODELS))
-    ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--per-round", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    torch.manual_seed(args.seed)
-    results: dict[str, Any] = {"config": vars(args)}
-    with tempfile.TemporaryDirectory() as tmp:
-        if "latency" in args.parts:
-            results["latency"] = latency_part(args.models, args.rounds, args.per_round,
-                                              Path(tmp))
+ACCURACY_MODELS = ("resnet20", "vgg11")
+VALIDATION = 500
+
+
+def _split(spec: str, seed: int) -> tuple[Any, Any, Any]:
+    """(train without the validation images, validation, test) of a dataset spec."""
+    from torch.utils.data import Subset
+
+    b = load_dataset(spec, seed=seed)
+    perm = torch.randperm(len(b.train), generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(b.train, perm[VALIDATION:]), Subset(b.train, perm[:VALIDATION]), b.test
+
+
+def _ort_accuracy(path: Path, dataset: Any) -> float:
+    x, y = dataset_tensors(dataset)
+    return float((ort_predict(path, x).argmax(1) == y).float().mean() * 100)
+
+
+def accuracy_model(name: str, split: int, epochs: float, seed: int, tmp: Path,
+                   method: str | None) -> dict[str, Any]:
+    """Train, prune 0.5 (+ short fine-tune), quantize to 8 bits; accuracy of the PyTorch
+    quantized model and of the int8 ONNX per calibration method (all on validation, the
+    chosen one on test)."""
+    spec_s = "mnist5k" if split == 0 else f"mnist5k?split={split}"
+    tr, val, test = _split(spec_s, seed)
+    seed_everything(seed)
+    spec = ModelSpec(name, (1, 28, 28), 10)
+    t0 = time.time()
+    base = Checkpoint(train(spec.build(), tr, epochs=epochs, lr=3e-3, seed=seed), spec,
+                      spec_s)
+    pruned = prune_structured(base, "l1", tr, ratio=0.5, scope="layer", samples=128,
+                              finetune_epochs=epochs / 2, seed=seed)
+    q = quantize(pruned, "none", tr, avg_bits=8, allocation="uniform", samples=128, seed=seed)
+    cal = calibration_samples(tr, 256, seed=seed)
+    res: dict[str, Any] = {"split": split, "float_test": accuracy(pruned.model, test),
+                           "pytorch_int8": {"validation": accuracy(q.model, val),
+                                            "test": accuracy(q.model, test)},
+                           "onnx_int8": {}}
+    for m in CALIBRATION_METHODS if method is None else [method]:
+        path = tmp / f"{name}_{split}_{m}.onnx"
+        path.write_bytes(qdq_bytes(q, cal, method=m))
+        res["onnx_int8"][m] = {"validation": _ort_accuracy(path, val),
+                               "test": _ort_accuracy(path, test)}
+    res["seconds"] = time.time() - t0
+    print(name, split, res, flush=True)
+    return res
+
+
+def accuracy_part(models: list[str], epochs: float, seed: int, tmp: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in models:
+        first = accuracy_model(name, 0, epochs, seed, tmp, None)
+        # the calibration method: best int8 ONNX accuracy on the validation images
+        best = max(first["onnx_int8"], key=lambda m: first["onnx_int8"][m]["validation"])
+        second = accuracy_model(name, 1, epochs, seed, tmp, best)
+        out[name] = {"chosen_method": best, "splits": [first, second]}
+    return out
+
+
+def accuracy_table(res: dict[str, Any]) -> str:
+    lines = ["| model | split | calibration | float pruned % | PyTorch int8 % | int8 ONNX % "
+             "(onnxruntime, integer kernels) | ONNX - PyTorch pt |", "|---" * 7 + "|"]
+    for name, r in res.items():
+        m = r["chosen_method"]
+        for sp in r["splits"]:
+            pt, ox = sp["pytorch_int8"]["test"], sp["onnx_int8"][m]["test"]
+            lines.append(f"| {name} | {sp['split']} | {m} | {sp['float_test']:.2f} | "
+                         f"{pt:.2f} | {ox:.2f} | **{ox - pt:+.2f}** |")
+    lines += ["", "Validation accuracy of the int8 ONNX per calibration method (split 0, "
+              f"{VALIDATION} training images held out; the best is used):", "",
+              "| model | PyTorch int8 | " + " | ".join(CALIBRATION_METHODS) + " |",
+              "|---" * (2 + len(CALIBRATION_METHODS)) + "|"]
+    for name, r in res.items():
+        sp = r["splits"][0]
+        vals = " | ".join(f"{sp['onnx_int8'][m]['validation']:.2f}" for m in CALIBRATION_METHODS)
+        lines.append(f"| {name} | {sp['pytorch_int8']['validation']:.2f} | {vals} |")
+    return "\n".join(lines)
+
+
+def size_part(train_epochs: float, seed: int, tmp: Path) -> dict[str, Any]:
+    """The demo pipeline (shortened training) and the size of every file it writes."""
+    import yaml
+
+    from xaicompress.pipeline.config import validate_config
+    from xaicompress.pipeline.run import run_pipeline
+
+    data = yaml.safe_load((Path(__file__).parents[1] / "configs" / "lenet5-mnist.yaml")
+                          .read_text())
+    data["seed"] = seed
+    data["train"]["epochs"] = train_epochs
+    for st in data["stages"]:
+        st["finetune_epochs"] = min(st.get("finetune_epochs", 0), 1)
+    data["report"] = {"fidelity_samples": 32, "heatmaps": 0, "latency_repeats": 10}
+    t0 = time.time()
+    res = run_pipeline(validate_config(data), tmp / "demo", plots=False)
+    rep = res.report
+    fp32_onnx = len(float_onnx(res.baseline)[0].SerializeToString())
+    return {"config": data, "seconds": time.time() - t0, "fp32_onnx_bytes": fp32_onnx,
+            "baseline_accuracy": rep["baseline"]["accuracy"],
+            "packed_accuracy": rep["final"]["accuracy"], "files": rep["deployables"]}
+
+
+def size_table(res: dict[str, Any]) -> str:
+    lines = [f"Original fp32 ONNX: {res['fp32_onnx_bytes'] / 1024:.1f} KB, accuracy "
+             f"{res['baseline_accuracy']:.2f}%; the packed model's accuracy "
+             f"{res['packed_accuracy']:.2f}%.", "",
+             "| file | KB | x smaller than the fp32 ONNX | accuracy % | read by |",
+             "|---|---:|---:|---:|---|"]
+    for d in res["files"]:
+        acc = res["packed_accuracy"] if d["kind"] in ("packed", "checkpoint") else d["accuracy"]
+        lines.append(f"| `{d['file']}` | {d['bytes'] / 1024:.1f} | "
+                     f"**{d['ratio_fp32_onnx']:.1f}x** | {acc:.2f} | {d['reads_it']} |")
+    return "\n".join(lines)
+
+
+def _write(results: dict[str, Any], args: Any) -> None:
+    """results JSON and the markdown of the parts measured so far."""
     write_json("deploy", results)
     md = ["# Deployable files (benchmarks/deploy.py)", "",
           "onnxruntime CPU execution provider, all graph optimizations, medians of "
@@ -169,7 +274,52 @@ def main() -> None:
     if "latency" in results:
         md += ["## Latency: int8 QDQ vs fp32 ONNX of the same pruned model", "",
                latency_table(results["latency"]), "", ops_table(results["latency"]), ""]
+    if "accuracy" in results:
+        md += ["## Accuracy: int8 ONNX in onnxruntime vs the PyTorch quantized model", "",
+               f"mnist5k, trained {args.epochs} epochs, pruned 0.5 per layer (L1) with "
+               f"{args.epochs / 2} epochs of fine-tuning, 8-bit weights; activations "
+               "calibrated on 256 training images. Test split of split 0 and of split 1.",
+               "", accuracy_table(results["accuracy"]), ""]
+    if "size" in results:
+        md += ["## Size: the demo pipeline's files", "",
+               f"configs/lenet5-mnist.yaml with {args.demo_epochs} baseline epochs and at "
+               "most 1 epoch of fine-tuning per stage (the shipped config: 15 and 2-6).", "",
+               size_table(results["size"]), ""]
     write_section("deploy", "\n".join(md))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", nargs="+", default=["latency", "accuracy", "size"],
+                    choices=["latency", "accuracy", "size"])
+    ap.add_argument("--epochs", type=float, default=2,
+                    help="training epochs of the accuracy models (fine-tune: half)")
+    ap.add_argument("--demo-epochs", type=float, default=5,
+                    help="baseline training epochs of the demo pipeline (config: 15)")
+    ap.add_argument("--models", nargs="+", default=list(LATENCY_MODELS))
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--per-round", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(args.seed)
+    # parts measured by an earlier run stay (each run replaces the parts it measures)
+    old = RESULTS / "deploy.json"
+    results: dict[str, Any] = json.loads(old.read_text()) if old.is_file() else {}
+    results["config"] = {**results.get("config", {}), **{k: v for k, v in vars(args).items()
+                                                         if k != "parts"}}
+    with tempfile.TemporaryDirectory() as tmp:
+        if "latency" in args.parts:
+            results["latency"] = latency_part(args.models, args.rounds, args.per_round,
+                                              Path(tmp))
+            _write(results, args)
+        if "accuracy" in args.parts:
+            results["accuracy"] = accuracy_part(list(ACCURACY_MODELS), args.epochs, args.seed,
+                                                Path(tmp))
+            _write(results, args)
+        if "size" in args.parts:
+            results["size"] = size_part(args.demo_epochs, args.seed, Path(tmp))
+    _write(results, args)
     print((DOCS_RESULTS / "deploy.md").read_text())
 
 

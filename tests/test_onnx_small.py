@@ -89,3 +89,18 @@ def test_non_finite_model_is_not_written(tmp_path):
     with pytest.raises(XaiCompressError, match="s.onnx"):
         export_small(ck, tmp_path / "s.onnx")
     assert not (tmp_path / "s.onnx").exists()
+
+
+def test_cli_export_small(tmp_path, run_cli):
+    from xaicompress.checkpoint import save_checkpoint
+
+    ck = _base()
+    _codebook(ck, 8, True)
+    ck.state.apply(ck.model)
+    src = tmp_path / "s.safetensors"
+    save_checkpoint(ck, src)
+    out = tmp_path / "s.onnx"
+    code, stdout, err = run_cli("export", src, "--format", "onnx-small", "--out", out)
+    assert code == 0, err
+    names = {i.name for i in onnx.load(str(out)).graph.initializer}
+    assert "fc1.weight.indices" in names and "fc1.weight" not in names

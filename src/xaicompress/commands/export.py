@@ -19,7 +19,7 @@ from xaicompress.cli_app import (
 from xaicompress.errors import XaiCompressError
 from xaicompress.pipeline.config import CalibrationOptions
 
-FORMATS = ("onnx", "onnx-int8", "packed")
+FORMATS = ("onnx", "onnx-small", "onnx-int8", "packed")
 
 
 @app.command("export")
@@ -29,9 +29,11 @@ def export_cmd(
     options: dict[str, Any],
     model: TrustOpt = None,
     fmt: Annotated[str, typer.Option("--format", help=(
-        "onnx (float kernels; Q/DQ weights for quantized layers), onnx-int8 (BatchNorm "
-        "folded, int8 weights and calibrated uint8 activations: onnxruntime runs integer "
-        "kernels) or packed (the small packed model file)."))] = "onnx",
+        "onnx (float kernels; Q/DQ weights for quantized layers), onnx-small (each weight "
+        "stored as its encoding: int4/int8, codebook + packed indices, sparse; what "
+        "`compress` writes as model.onnx), onnx-int8 (BatchNorm folded, int8 weights and "
+        "calibrated uint8 activations: onnxruntime runs integer kernels) or packed (the "
+        "packed model file)."))] = "onnx",
     data: CkptDataOpt = None,
     seed: SeedOpt = 0,
     out: Annotated[str, typer.Option("--out", help="File to write.")] = "model.onnx",
@@ -51,6 +53,10 @@ def export_cmd(
         from xaicompress.export.onnx import export_onnx
 
         export_onnx(ckpt, out)
+    elif fmt == "onnx-small":
+        from xaicompress.export.onnx_small import export_small
+
+        export_small(ckpt, out)
     elif fmt == "onnx-int8":
         _export_int8(ckpt, out, calib, data, seed)
     else:
