@@ -228,7 +228,7 @@ def accuracy_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def size_part(train_epochs: float, seed: int, tmp: Path) -> dict[str, Any]:
+def size_part(train_epochs: float | None, seed: int, tmp: Path) -> dict[str, Any]:
     """The demo pipeline (shortened training) and the size of every file it writes."""
     import yaml
 
@@ -238,15 +238,23 @@ def size_part(train_epochs: float, seed: int, tmp: Path) -> dict[str, Any]:
     data = yaml.safe_load((Path(__file__).parents[1] / "configs" / "lenet5-mnist.yaml")
                           .read_text())
     data["seed"] = seed
-    data["train"]["epochs"] = train_epochs
-    for st in data["stages"]:
-        st["finetune_epochs"] = min(st.get("finetune_epochs", 0), 1)
+    if train_epochs is not None:
+        data["train"]["epochs"] = train_epochs
+        for st in data["stages"]:
+            st["finetune_epochs"] = min(st.get("finetune_epochs", 0), 1)
     data["report"] = {"fidelity_samples": 32, "heatmaps": 0, "latency_repeats": 10}
     t0 = time.time()
     res = run_pipeline(validate_config(data), tmp / "demo", plots=False)
     rep = res.report
     fp32_onnx = len(float_onnx(res.baseline)[0].SerializeToString())
+    from xaicompress.export.xcpk_reader import read_xcpk
+
+    decoded = read_xcpk(str(res.files["packed"])).tensors
+    want = res.final.model.state_dict()
+    exact = set(decoded) == set(want) and all(
+        np.array_equal(decoded[k], want[k].numpy()) for k in want)
     return {"config": data, "seconds": time.time() - t0, "fp32_onnx_bytes": fp32_onnx,
+            "reader_exact": bool(exact),
             "baseline_accuracy": rep["baseline"]["accuracy"],
             "packed_accuracy": rep["final"]["accuracy"], "files": rep["deployables"]}
 
@@ -264,26 +272,73 @@ def size_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def goals(results: dict[str, Any]) -> list[str]:
+    """The issue's figures, each met or missed with the number measured."""
+    out = []
+
+    def line(ok: bool, text: str) -> None:
+        out.append(f"- {'met' if ok else '**MISSED**'}: {text}")
+
+    for name, r in results.get("latency", {}).items():
+        ratios = [t["int8"] / t["fp32"] for per in r["latency_ms"].values()
+                  for t in per.values()]
+        one = [t["int8"] / t["fp32"] for t in r["latency_ms"]["1"].values()]
+        line(max(one) <= 0.6, f"{name}: int8 QDQ / fp32 ONNX of the same pruned model "
+             f"{' / '.join(f'{x:.2f}' for x in one)}x at 1 thread (batch 1 / 64; goal <= 0.6), "
+             f"{' / '.join(f'{x:.2f}' for x in ratios[len(one):])}x at 2 threads")
+        if "fp32_unpruned" in r["latency_ms"]["1"]["1"]:
+            un = [t["int8"] / t["fp32_unpruned"] for per in r["latency_ms"].values()
+                  for t in per.values()]
+            line(max(un[:2]) <= 0.3, f"{name}: pruned 0.5 + int8 / unpruned fp32 ONNX "
+                 f"{' / '.join(f'{x:.2f}' for x in un)}x (1 thread b1 / b64, 2 threads "
+                 "b1 / b64; goal <= 0.3)")
+    for name, r in results.get("accuracy", {}).items():
+        m = r["chosen_method"]
+        diffs = [sp["onnx_int8"][m]["test"] - sp["pytorch_int8"]["test"] for sp in r["splits"]]
+        line(max(abs(d) for d in diffs) <= 0.3, f"{name}: int8 ONNX accuracy - PyTorch "
+             f"quantized model's {' / '.join(f'{d:+.2f}' for d in diffs)} pt (split 0 / 1, "
+             f"calibration {m}; goal within 0.3)")
+    if "size" in results:
+        sz = results["size"]
+        onnx = next(d for d in sz["files"] if d["kind"] == "onnx")
+        line(onnx["ratio_fp32_onnx"] >= 8 and abs(onnx["accuracy"] - sz["packed_accuracy"])
+             < 0.05, f"demo pipeline: `{onnx['file']}` {onnx['ratio_fp32_onnx']:.1f}x smaller "
+             f"than the fp32 ONNX (goal >= 8), accuracy {onnx['accuracy']:.2f}% vs the packed "
+             f"model's {sz['packed_accuracy']:.2f}%")
+        if "reader_exact" in sz:
+            line(sz["reader_exact"], "the standalone reader decodes the demo's model.xcpk "
+                 "to the library's exact weights")
+    return out
+
+
 def _write(results: dict[str, Any], args: Any) -> None:
     """results JSON and the markdown of the parts measured so far."""
+    if args.quick:  # a smoke run never overwrites the real figures
+        write_json("deploy_quick", results)
+        return
     write_json("deploy", results)
-    md = ["# Deployable files (benchmarks/deploy.py)", "",
+    md = ["## Deployable files (benchmarks/deploy.py)", "",
           "onnxruntime CPU execution provider, all graph optimizations, medians of "
           f"{args.rounds} interleaved rounds x {args.per_round} runs. The machine is shared "
-          "(2 cores, other jobs running), so 2-thread figures are noisy.", ""]
+          "(2 cores, other jobs running), so 2-thread figures are noisy.", "",
+          "Goals (issue 17):", "", *goals(results), ""]
     if "latency" in results:
-        md += ["## Latency: int8 QDQ vs fp32 ONNX of the same pruned model", "",
+        md += ["### Latency: int8 QDQ vs fp32 ONNX of the same pruned model", "",
                latency_table(results["latency"]), "", ops_table(results["latency"]), ""]
     if "accuracy" in results:
-        md += ["## Accuracy: int8 ONNX in onnxruntime vs the PyTorch quantized model", "",
+        md += ["### Accuracy: int8 ONNX in onnxruntime vs the PyTorch quantized model", "",
                f"mnist5k, trained {args.epochs} epochs, pruned 0.5 per layer (L1) with "
                f"{args.epochs / 2} epochs of fine-tuning, 8-bit weights; activations "
                "calibrated on 256 training images. Test split of split 0 and of split 1.",
                "", accuracy_table(results["accuracy"]), ""]
     if "size" in results:
-        md += ["## Size: the demo pipeline's files", "",
-               f"configs/lenet5-mnist.yaml with {args.demo_epochs} baseline epochs and at "
-               "most 1 epoch of fine-tuning per stage (the shipped config: 15 and 2-6).", "",
+        ep = results["size"]["config"]["train"]["epochs"]
+        md += ["### Size: the demo pipeline's files", "",
+               f"configs/lenet5-mnist.yaml (seed {results['size']['config']['seed']}, "
+               f"{ep} baseline epochs"
+               + (", the shipped config as it is)." if ep == 15 else
+                  ", fine-tuning capped at 1 epoch per stage).") + " x smaller = bytes of "
+               "the original model's fp32 ONNX (BatchNorm folded) / bytes of the file.", "",
                size_table(results["size"]), ""]
     write_section("deploy", "\n".join(md))
 
@@ -294,13 +349,19 @@ def main() -> None:
                     choices=["latency", "accuracy", "size"])
     ap.add_argument("--epochs", type=float, default=2,
                     help="training epochs of the accuracy models (fine-tune: half)")
-    ap.add_argument("--demo-epochs", type=float, default=5,
-                    help="baseline training epochs of the demo pipeline (config: 15)")
+    ap.add_argument("--demo-epochs", type=float, default=None,
+                    help="baseline training epochs of the demo pipeline, fine-tuning capped "
+                    "at 1 epoch per stage (default: the shipped config as it is)")
     ap.add_argument("--models", nargs="+", default=list(LATENCY_MODELS))
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--per-round", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="smoke run: resnet20 only, short "
+                    "training, 2 rounds (writes deploy_quick.json only)")
     args = ap.parse_args()
+    if args.quick:
+        args.models, args.rounds, args.per_round = ["resnet20"], 2, 2
+        args.epochs, args.demo_epochs = 0.3, 0.5
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     # parts measured by an earlier run stay (each run replaces the parts it measures)
@@ -314,8 +375,9 @@ def main() -> None:
                                               Path(tmp))
             _write(results, args)
         if "accuracy" in args.parts:
-            results["accuracy"] = accuracy_part(list(ACCURACY_MODELS), args.epochs, args.seed,
-                                                Path(tmp))
+            results["accuracy"] = accuracy_part(
+                ["resnet20"] if args.quick else list(ACCURACY_MODELS), args.epochs, args.seed,
+                Path(tmp))
             _write(results, args)
         if "size" in args.parts:
             results["size"] = size_part(args.demo_epochs, args.seed, Path(tmp))

@@ -61,6 +61,7 @@ BENCHMARKS = {
     "weight_sharing": _seeds_list,
     "mixed_precision": _seeds_comma,
     "robustness": lambda seeds: [],
+    "deploy": lambda seeds: ["--seed", str(seeds[0])],
 }
 CLAIMS = {
     1: ("pruning", "DeepLIFT improves pruning"),
@@ -350,7 +351,7 @@ def write_results(quick: bool, status: dict[str, str]) -> Path:
 
     verdict_md, verdicts = verdicts_markdown(quick, status)
     order = ["training", "relevance", "relevance_speed", "pruning", "weight_sharing",
-             "mixed_precision", "pipeline", "robustness"]
+             "mixed_precision", "pipeline", "deploy", "robustness"]
     sections = sorted(SECTIONS.glob("*.md"), key=lambda p: (order.index(p.stem) if p.stem in
                                                             order else len(order), p.stem))
     head = ["# xaicompress: results", "",
