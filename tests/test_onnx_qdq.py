@@ -207,3 +207,17 @@ def test_pipeline_writes_the_integer_file(lenet5, bundle, tmp_path):
     assert integer_op_counts(files["onnx_int8"])["QGemm"] == 3
     (tmp_path / "f").mkdir()
     assert "onnx_int8" not in export_final(lenet5, tmp_path / "f", cfg, bundle)
+
+
+def test_negative_and_zero_batchnorm_factors(resnet, calibration):
+    ck = resnet.copy()
+    with torch.no_grad():
+        bn = ck.model.bn1
+        bn.weight[0], bn.weight[1] = -bn.weight[0], 0.0
+    q = _int8_grid(ck)
+    proto = qdq_model(q, calibration[:16])  # raises if an int8 weight is not the library's
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    want = q.state.get("conv1").grid.quantize(q.model.conv1.weight.detach()).numpy()
+    got = inits["conv1.weight_quantized"]
+    assert np.array_equal(got[0], -want[0]) and not got[1].any()
+    assert np.array_equal(got[2:], want[2:])

@@ -70,6 +70,7 @@ def test_batchnorm_folded_into_codebook_and_grid_layers(tmp_path):
         model(torch.randn(16, 1, 28, 28))
         for bn in [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)][:3]:
             bn.weight[0] = -1.5  # a negative factor flips the integers' sign
+            bn.weight[1] = 0.0  # a zero factor makes the folded weights 0
     x = _inputs((1, 28, 28))
     for build in (lambda ck: _codebook(ck, 8, False), lambda ck: _intgrid(ck, 4)):
         ck = Checkpoint(model.eval(), spec, "mnist5k")

@@ -88,7 +88,8 @@ def _integer_layers(ckpt: Checkpoint, proto: Any,
                                    f"{lc.grid.bits}-bit weights (int8 holds at most 8)")
         q = lc.grid.quantize(params[w_name].detach().float()).numpy()
         a = folds.get(w_name, np.ones(q.shape[0], np.float32)).astype(np.float64)
-        sign = np.where(a < 0, -1, 1).reshape(-1, *([1] * (q.ndim - 1)))
+        # a < 0 flips the integers' sign; a == 0 (gamma 0) makes the folded weight 0
+        sign = np.sign(a).reshape(-1, *([1] * (q.ndim - 1)))
         scale = lc.grid.scale.numpy().astype(np.float64) * np.abs(a)
         scale = np.where(scale > 0, scale, lc.grid.scale.numpy())  # a == 0: w' == 0
         axis = _weight_axis(node)

@@ -72,7 +72,7 @@ def _grid_nodes(w_name: str, lc: LayerEncoding, w: torch.Tensor,
     q = grid.quantize(w).numpy()
     scale = grid.scale.numpy().astype(np.float64)
     if a is not None:
-        q = q * np.where(a < 0, -1, 1).reshape(-1, *([1] * (q.ndim - 1)))
+        q = q * np.sign(a).reshape(-1, *([1] * (q.ndim - 1)))  # a == 0: the weight is 0
         scale = np.where(scale * np.abs(a) > 0, scale * np.abs(a), scale)
     bits = 4 if grid.bits <= 4 else 8 if grid.bits <= 8 else 16
     kind = {4: onnx.TensorProto.INT4, 8: onnx.TensorProto.INT8, 16: onnx.TensorProto.INT16}
