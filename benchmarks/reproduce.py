@@ -54,6 +54,7 @@ BENCHMARKS = {
     "mixed_precision": _seeds_comma,
     "robustness": lambda seeds: [],
     "gpu": lambda seeds: [],  # records "not measured" on a machine without a GPU
+    "deploy": lambda seeds: ["--seed", str(seeds[0])],
 }
 CLAIMS = {
     1: ("pruning", "DeepLIFT improves pruning"),
@@ -343,7 +344,7 @@ def write_results(quick: bool, status: dict[str, str]) -> Path:
 
     verdict_md, verdicts = verdicts_markdown(quick, status)
     order = ["training", "relevance", "relevance_speed", "pruning", "weight_sharing",
-             "mixed_precision", "pipeline", "entropy", "robustness", "gpu"]
+             "mixed_precision", "pipeline", "entropy", "deploy", "robustness", "gpu"]
     sections = sorted(SECTIONS.glob("*.md"), key=lambda p: (order.index(p.stem) if p.stem in
                                                             order else len(order), p.stem))
     head = ["# xaicompress: results", "",

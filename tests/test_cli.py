@@ -19,6 +19,8 @@ def test_train_evaluate_roundtrip(tmp_path, run_cli):
     assert m["params"] == m["nonzero_params"] > 0
     assert abs(m["accuracy"] - ck.metrics["accuracy"]) < 1e-6
     assert m["macs"] > 0 and m["latency_ms"] > 0 and m["size_bytes"] > 0
+    # onnxruntime latency of the deployed file next to PyTorch's (no integer layers here)
+    assert m["onnx_latency_ms"] > 0 and m["onnx_int8_latency_ms"] is None
 
 
 def test_same_seed_same_model(tmp_path, run_cli):

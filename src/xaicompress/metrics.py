@@ -66,3 +66,29 @@ def evaluate(ckpt: Checkpoint, test_set: Dataset | None, *, latency: bool = True
     out["latency_ms"] = (measure_latency(model, ckpt.spec.input_shape, repeats=latency_repeats)
                          if latency else None)
     return out
+
+
+def onnx_latency(ckpt: Checkpoint, calibration: torch.Tensor | None = None, *,
+                 batch: int = 64, repeats: int = 30) -> dict[str, float | None]:
+    """onnxruntime latency (ms, median, batch `batch`, 1 thread, all optimizations) of the
+    files a user deploys: `onnx_latency_ms` of the small ONNX (float kernels) and, when the
+    model has integer layers and `calibration` images are given, `onnx_int8_latency_ms` of
+    the integer ONNX. Written to a temporary folder, removed after."""
+    import tempfile
+    from pathlib import Path
+
+    from xaicompress.export.onnx_small import export_small
+    from xaicompress.export.runtime import ort_latency_ms
+
+    shape = ckpt.spec.input_shape
+    out: dict[str, float | None] = {"onnx_latency_ms": None, "onnx_int8_latency_ms": None}
+    with tempfile.TemporaryDirectory(prefix="xaicompress-eval-") as tmp:
+        small = export_small(ckpt, Path(tmp) / "model.onnx")
+        out["onnx_latency_ms"] = ort_latency_ms(small, shape, batch=batch, repeats=repeats)
+        if calibration is not None and any(lc.grid is not None for _, lc in ckpt.state.items()):
+            from xaicompress.export.onnx_qdq import export_qdq
+
+            int8 = export_qdq(ckpt, Path(tmp) / "model.int8.onnx", calibration)
+            out["onnx_int8_latency_ms"] = ort_latency_ms(int8, shape, batch=batch,
+                                                         repeats=repeats)
+    return out

@@ -43,6 +43,7 @@ from pydantic import (
 
 from xaicompress.device import AMP_CHOICES, DEVICE_CHOICES, Runtime, make_runtime
 from xaicompress.errors import XaiCompressError
+from xaicompress.export.calibration import CALIBRATION_METHODS
 from xaicompress.prune.structured import NORMS as STRUCTURED_NORMS
 from xaicompress.prune.unstructured import LAYER_KINDS
 from xaicompress.prune.unstructured import NORMS as UNSTRUCTURED_NORMS
@@ -312,9 +313,23 @@ class TrainConfig(_Strict):
         "// 12, i.e. 2 on 28 x 28)."))
 
 
-class ExportConfig(_Strict):
+class CalibrationOptions(_Strict):
+    """How the integer ONNX's activations are calibrated (export/calibration.py)."""
+
+    calibration: Annotated[int, Field(ge=1, le=100_000)] = Field(256, description=(
+        "Training images that calibrate the integer ONNX's activation ranges."))
+    calibration_method: Literal[CALIBRATION_METHODS] = Field(  # type: ignore[valid-type]
+        "minmax", description="Activation range rule: minmax, percentile or mse.")
+    percentile: Annotated[float, Field(gt=0, le=100)] = Field(99.99, description=(
+        "Percentile of the percentile rule (clips 100 - p % of each tail)."))
+
+
+class ExportConfig(CalibrationOptions):
     packed: bool = True
     onnx: bool = True
+    onnx_int8: bool = Field(True, description=(
+        "Also write model.int8.onnx (integer kernels in onnxruntime) when the final model "
+        "has integer-quantized layers."))
 
 
 class ReportConfig(_Strict):

@@ -11,6 +11,9 @@ report.json (all sizes in bytes, accuracy in %, latency in ms for a batch of 64 
   layers                 per Conv2d/Linear: units [original, kept], sparsity, bits, clusters,
                          coded_bits_per_weight (the weight's bytes in the packed file, entropy
                          coding, positions, codebook and scales included, x 8 / its weights)
+  deployables            per model file written: file, kind, bytes, ratio (baseline fp32
+                         bytes / bytes), ratio_fp32_onnx, reads_it; ONNX files also their
+                         accuracy and ort_latency_ms next to pytorch_latency_ms
   files, config, title, version
 """
 
@@ -68,9 +71,11 @@ def layer_summary(baseline: Checkpoint, final: Checkpoint,
 
 def build_report(config: Any, baseline: Checkpoint, steps: list[Checkpoint],
                  packed_size: int, files: dict[str, Path],
-                 tensor_bits: dict[str, int] | None = None) -> dict[str, Any]:
+                 tensor_bits: dict[str, int] | None = None,
+                 deployables: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The report dict (see module docstring) from the measured checkpoints; tensor_bits:
-    bits of every tensor in the final packed file (`PackedSize.tensor_bits`)."""
+    bits of every tensor in the final packed file (`PackedSize.tensor_bits`); deployables:
+    the model files written (`pipeline.outputs.describe_files`)."""
     base = _metrics(baseline)
     base["seconds"] = baseline.metrics["pipeline"]["seconds"]
     stages = []
@@ -102,6 +107,7 @@ def build_report(config: Any, baseline: Checkpoint, steps: list[Checkpoint],
         },
         "layers": layer_summary(baseline, last, tensor_bits),
         "files": {k: v.name for k, v in files.items()},
+        "deployables": list(deployables or []),
         "config": config.model_dump(mode="json"),
     }
 
@@ -166,13 +172,15 @@ def report_markdown(report: dict[str, Any]) -> str:
     fid = report["fidelity"]["final"]
     lines = [f"# {report['title']}", "",
              f"**{report['compression_ratio']:.1f}x smaller**: {kb(b['fp32_bytes'])} KB of fp32 "
-             f"weights -> {kb(f['size_bytes'])} KB packed file "
-             f"(`{report['files'].get('packed', '-')}`). "
+             f"weights -> {kb(f['size_bytes'])} KB in "
+             f"`{report['files'].get('packed', 'model.xcpk')}` (the packed file: xaicompress or "
+             "its standalone reader). "
              f"Accuracy {b['accuracy']:.2f}% -> {f['accuracy']:.2f}% "
              f"({-report['accuracy_drop']:+.2f} pt). MACs {_fmt_int(b['macs'])} -> "
              f"{_fmt_int(f['macs'])}. Explanations: cosine {fid['cosine']:.3f}, top-10% "
              f"overlap {fid['top10_overlap']:.3f}, same prediction on {fid['agreement']:.1f}% "
              "of the test images.", "",
+             *_onnx_headline(report),
              f"Data `{report['data']}`, seed {report['seed']}, xaicompress {report['version']}.",
              "", "## Steps", "",
              "| step | criterion | accuracy % | size KB | x smaller | params | non-zero | MACs "
@@ -204,7 +212,38 @@ def report_markdown(report: dict[str, Any]) -> str:
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{k.removeprefix('plot_')}]({v})" for k, v in plots]
-    lines += ["", "## Files", ""]
-    lines += [f"- `{v}` ({k})" for k, v in report["files"].items() if not k.startswith("plot_")]
+    lines += ["", "## Files", ""] + _files_table(report)
     return "\n".join(lines) + "\n"
+
+
+def _onnx_headline(report: dict[str, Any]) -> list[str]:
+    """One line on the ONNX files (what any ONNX runtime deploys), when there are any."""
+    onnx = [d for d in report.get("deployables") or [] if d["kind"].startswith("onnx")]
+    if not onnx:
+        return []
+    parts = [f"`{d['file']}` {kb(d['bytes'])} KB ({d['ratio_fp32_onnx']:.1f}x smaller than "
+             f"the original's fp32 ONNX, {d['accuracy']:.2f}%, onnxruntime "
+             f"{d['ort_latency_ms']:.2f} ms)" for d in onnx]
+    return ["For any ONNX runtime: " + "; ".join(parts) + ".", ""]
+
+
+def _files_table(report: dict[str, Any]) -> list[str]:
+    deploy = report.get("deployables") or []
+    if not deploy:
+        return [f"- `{v}` ({k})" for k, v in report["files"].items() if not k.startswith("plot_")]
+    lines = ["| file | KB | x smaller | x vs fp32 ONNX | accuracy % | onnxruntime ms | "
+             "PyTorch ms | read by |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for d in deploy:
+        acc = "-" if d.get("accuracy") is None else f"{d['accuracy']:.2f}"
+        ort = "-" if d.get("ort_latency_ms") is None else f"{d['ort_latency_ms']:.2f}"
+        pt = ("-" if d.get("ort_latency_ms") is None or d.get("pytorch_latency_ms") is None
+              else f"{d['pytorch_latency_ms']:.2f}")
+        ratio = "-" if d.get("ratio") is None else f"{d['ratio']:.1f}"
+        lines.append(f"| `{d['file']}` | {kb(d['bytes'])} | {ratio} | "
+                     f"{d['ratio_fp32_onnx']:.1f} | {acc} | {ort} | {pt} | {d['reads_it']} |")
+    lines += ["", "Latency: median of a batch of 64 on CPU (onnxruntime: 1 thread, all graph "
+              "optimizations; PyTorch: the final model in memory)."]
+    others = [f"- `{v}` ({k})" for k, v in report["files"].items()
+              if not k.startswith("plot_") and k not in {d["kind"] for d in deploy}]
+    return lines + ([""] + others if others else [])
 
