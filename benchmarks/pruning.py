@@ -397,7 +397,25 @@ def edge_lines(part: dict[str, Any], ratios: list[float], model: str) -> list[st
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_unstructured_part(classic: list[str], dl: dict, seeds: list[int], uratios: list[float],
+                          cells: Cells, quick: bool, samples: int) -> dict[str, Any]:
+    """The unstructured goal cells (3 fine-tuning epochs) and the criterion grid (1 epoch)."""
+    ucrit = [c for c in classic if not c.startswith("tp:")]
+    ucrit += [v[0] for v in dl.values() if v[1] == 1 and len(v) == 2]
+    goal_crit = ["l1"] + (["deeplift", "deeplift*l1"] if dl else [])
+    return {
+        "unstructured_goal_lenet5": run_unstructured(
+            "lenet5", "fc", seeds, [0.9], goal_crit, 3, cells, quick, samples),
+        "unstructured_goal_lenet300": run_unstructured(
+            "lenet300", "all", seeds, [0.95], goal_crit, 3, cells, quick, samples),
+        "unstructured_lenet5": run_unstructured(
+            "lenet5", "fc", seeds, uratios, ucrit, 1, cells, quick, samples),
+        "unstructured_lenet300": run_unstructured(
+            "lenet300", "all", seeds, uratios, ucrit, 1, cells, quick, samples),
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5, help="seeds for lenet5/lenet300")
     ap.add_argument("--resnet-seeds", type=int, default=3)
@@ -413,7 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cached-only", action="store_true",
                     help="report only cells already computed (no training, no pruning)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     parts = set(args.parts.split(","))
     seeds = [0] if args.quick else list(range(args.seeds))
@@ -448,18 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         result["iterative_lenet5"] = run_iterative(seeds, [0.7, 0.8], it_crit,
                                                    cells_of["iterative"], args.quick, samples)
     if "unstructured" in parts:
-        cells = cells_of["unstructured"]
-        ucrit = [c for c in classic if not c.startswith("tp:")]
-        ucrit += [v[0] for v in dl.values() if v[1] == 1 and len(v) == 2]
-        goal_crit = ["l1"] + (["deeplift", "deeplift*l1"] if dl else [])
-        result["unstructured_goal_lenet5"] = run_unstructured(
-            "lenet5", "fc", seeds, [0.9], goal_crit, 3, cells, args.quick, samples)
-        result["unstructured_goal_lenet300"] = run_unstructured(
-            "lenet300", "all", seeds, [0.95], goal_crit, 3, cells, args.quick, samples)
-        result["unstructured_lenet5"] = run_unstructured(
-            "lenet5", "fc", seeds, uratios, ucrit, 1, cells, args.quick, samples)
-        result["unstructured_lenet300"] = run_unstructured(
-            "lenet300", "all", seeds, uratios, ucrit, 1, cells, args.quick, samples)
+        result |= run_unstructured_part(classic, dl, seeds, uratios, cells_of["unstructured"],
+                                        args.quick, samples)
     if "resnet" in parts and args.resnet != "off":
         if args.resnet == "full":
             rgrid, rratios = crit_grid, sratios

@@ -355,6 +355,40 @@ def goals(res: dict) -> list[str]:
     return out
 
 
+def _init_note(res: dict, vr: list) -> str | None:
+    """The initialisation comparison, paired by seed (None when not measured)."""
+    inits = [v for v in res["variants"] if "init" in v]
+    if not inits:
+        return None
+    parts, clearly = [], []
+    for v in inits:
+        ref = "plain" if v.startswith("plain") else DEFAULT_VARIANTS["deeplift"]
+        cells, wins = [], True
+        for m in res["models"]:
+            for k in (2, 4):
+                a = {r["seed"]: r["acc"] for r in _sel(vr, model=m, k=k, variant=v)}
+                b = {r["seed"]: r["acc"] for r in _sel(vr, model=m, k=k, variant=ref)}
+                diff = [a[s] - b[s] for s in sorted(a) if s in b]
+                if not diff:
+                    continue
+                mu = statistics.mean(diff)
+                se = (statistics.stdev(diff) / len(diff) ** 0.5) if len(diff) > 1 \
+                    else float("inf")
+                wins = wins and mu - 2 * se > 0
+                cells.append(f"{m} k={k} {mu:+.2f} ± {se:.2f}")
+        parts.append(f"{v} − {ref} linear: " + ", ".join(cells))
+        if wins and cells:
+            clearly.append(v)
+    return ("- Initialisation, no FT, paired by seed (mean ± standard error, pt): "
+               + "; ".join(parts) + ". "
+               + ("No initialisation is clearly better than linear (mean − 2 SE > 0 "
+                  "in every cell), so linear (Deep Compression's, the issue's) stays "
+                  "the default." if not clearly else
+                  f"{', '.join(clearly)} is clearly better than linear (mean − 2 SE "
+                  "> 0 in every cell) without fine-tuning; linear stays the default "
+                  "as the issue mandates (not measured with fine-tuning)."))
+
+
 def notes(res: dict) -> list[str]:
     rows, fr, vr = res["rows"], res["ft_rows"], res["variant_rows"]
     out = []
@@ -411,35 +445,9 @@ def notes(res: dict) -> list[str]:
                 "larger ones keep the layer's output scale; with four, raw scores move the "
                 "inner centroids off the many small weights, and the square root of the "
                 "scores gives part of that back.")
-        inits = [v for v in res["variants"] if "init" in v]
-        if inits:
-            parts, clearly = [], []
-            for v in inits:
-                ref = "plain" if v.startswith("plain") else DEFAULT_VARIANTS["deeplift"]
-                cells, wins = [], True
-                for m in res["models"]:
-                    for k in (2, 4):
-                        a = {r["seed"]: r["acc"] for r in _sel(vr, model=m, k=k, variant=v)}
-                        b = {r["seed"]: r["acc"] for r in _sel(vr, model=m, k=k, variant=ref)}
-                        diff = [a[s] - b[s] for s in sorted(a) if s in b]
-                        if not diff:
-                            continue
-                        mu = statistics.mean(diff)
-                        se = (statistics.stdev(diff) / len(diff) ** 0.5) if len(diff) > 1 \
-                            else float("inf")
-                        wins = wins and mu - 2 * se > 0
-                        cells.append(f"{m} k={k} {mu:+.2f} ± {se:.2f}")
-                parts.append(f"{v} − {ref} linear: " + ", ".join(cells))
-                if wins and cells:
-                    clearly.append(v)
-            out.append("- Initialisation, no FT, paired by seed (mean ± standard error, pt): "
-                       + "; ".join(parts) + ". "
-                       + ("No initialisation is clearly better than linear (mean − 2 SE > 0 "
-                          "in every cell), so linear (Deep Compression's, the issue's) stays "
-                          "the default." if not clearly else
-                          f"{', '.join(clearly)} is clearly better than linear (mean − 2 SE "
-                          "> 0 in every cell) without fine-tuning; linear stays the default "
-                          "as the issue mandates (not measured with fine-tuning)."))
+        init_note = _init_note(res, vr)
+        if init_note:
+            out.append(init_note)
     a8 = [r for r in rows if r["k"] is None]
     if a8:
         uniform = all(len(set(r["ks"].values())) == 1 for r in a8)

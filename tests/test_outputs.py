@@ -186,12 +186,19 @@ def test_user_temp_files_survive_compress(tmp_path):
 
 
 USER_MODEL = '''
+import torch
 import torch.nn as nn
 
 
+class Gate(nn.Module):
+    # a softmax over channels has no DeepLIFT rule: fidelity and heatmaps are skipped,
+    # the rest works
+    def forward(self, x):
+        return x * torch.softmax(x, dim=1)
+
+
 def build(in_channels, image_size, num_classes):
-    # GroupNorm has no DeepLIFT rule: fidelity and heatmaps are skipped, the rest works
-    return nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), nn.GroupNorm(2, 4),
+    return nn.Sequential(nn.Conv2d(in_channels, 4, 3, padding=1), Gate(),
                          nn.ReLU(), nn.Flatten(), nn.Linear(4 * image_size ** 2, num_classes))
 '''
 
@@ -213,7 +220,7 @@ def test_users_own_model_from_its_checkpoint_and_no_deeplift_rule(tmp_path, monk
                            "stages": stages, "report": {"heatmaps": 2, "latency_repeats": 1}})
     res = run_pipeline(cfg, tmp_path / "yes")
     fid = res.report["stages"][0]["fidelity"]
-    assert "DeepLIFT cannot explain this model" in fid["skipped"] and "GroupNorm" in fid["skipped"]
+    assert "DeepLIFT cannot explain this model" in fid["skipped"] and "softmax" in fid["skipped"]
     assert math.isnan(fid["cosine"]) and fid["agreement"] > 0
     assert res.report["final"]["nonzero_params"] < res.report["baseline"]["nonzero_params"]
     assert (tmp_path / "yes" / "report.md").is_file()

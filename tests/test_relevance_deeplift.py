@@ -145,9 +145,20 @@ def test_convergence_warning_and_bad_options():
                        ("deeplift:target=best", "target"),
                        ("deeplift:aggregate=max", "aggregate"),
                        ("deeplift:reference=samples0", "samples"),
-                       ("deeplift:colour=red", "colour")]:
-        with pytest.raises(XaiCompressError, match=word):
+                       ("deeplift:reference=samples:100000", "samples"),
+                       ("deeplift:reference=blur,sigma=1e9", "sigma"),
+                       ("deeplift:sigma=-1", "sigma"),
+                       ("deeplift:tolerance=0", "tolerance"),
+                       ("deeplift:eps=nan", "eps"),
+                       ("deeplift:normalise=maybe", "normalise"),
+                       ("deeplift:rule=backprop", "rescale, revealcancel"),
+                       ("deeplift:layernorm=none", "decompose, constant"),
+                       ("deeplift:seed=-3", "seed"),
+                       ("deeplift:colour=red", "unknown option 'colour'; valid options: "
+                        "reference, target")]:
+        with pytest.raises(XaiCompressError, match=word) as err:
             get_criterion(spec)
+        assert str(err.value).startswith(f"criterion {spec!r}: ")
     with pytest.raises(XaiCompressError, match="pixel_std"):
         get_criterion("deeplift", pixel_mean=(0.1,))
     with pytest.raises(XaiCompressError, match="pixel_mean"):
@@ -171,3 +182,142 @@ def test_relevance_is_deterministic_and_leaves_model_untouched():
         assert torch.equal(v, before[k])
     assert all(p.requires_grad for p in m.parameters())
     assert not hasattr(m, "graph")
+
+
+def test_huge_blur_is_bounded_by_the_image():
+    """sigma at its upper bound costs no more than the image (the kernel is cut there)."""
+    import time
+
+    from xaicompress.relevance.references import gaussian_blur
+
+    x = torch.randn(4, 3, 16, 16)
+    t = time.perf_counter()
+    out = gaussian_blur(x, 1000.0)
+    assert time.perf_counter() - t < 2.0 and out.shape == x.shape
+    assert torch.isfinite(out).all()
+
+
+def test_units_only_path_gives_the_same_units_without_weights():
+    m = _model("resnet20", (3, 32, 32), {}).float()
+    loader = _loader((3, 32, 32), n=12, batch=6)
+    crit = get_criterion("deeplift:tolerance=1e-2", pixel_mean=(0.5,) * 3,
+                         pixel_std=(0.25,) * 3)
+    full = crit.score(m, loader)
+    units = crit.score(m, loader, need="units")
+    weights = crit.score(m, loader, need={"weights"})
+    assert units.weights == {} and set(units.units) == set(full.units)
+    assert units.meta["computed"] == ["units"] and full.meta["computed"] == ["units", "weights"]
+    for k in full.units:
+        torch.testing.assert_close(units.units[k], full.units[k], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(weights.weights[k], full.weights[k], rtol=1e-5, atol=1e-12)
+    assert weights.units == {}
+    with pytest.raises(XaiCompressError, match="need"):
+        crit.score(m, loader, need={"biases"})
+
+
+def _tv(name, size=32):
+    from xaicompress.models.vision_import import import_torchvision
+
+    torch.manual_seed(0)
+    return import_torchvision().models.get_model(name, weights=None, num_classes=10
+                                                 ).double().eval(), size
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf",
+                                  "shufflenet_v2_x0_5"])
+def test_torchvision_cnns_sum_to_delta(name):
+    """Squeeze-excitation (products), Hardswish/SiLU, channel shuffle, grouped convs."""
+    m, size = _tv(name, 48)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, size, size, generator=g, dtype=torch.float64)
+    ref = torch.randn(1, 3, size, size, generator=g, dtype=torch.float64) * 0.1
+    layers, res = layer_attributions(m, x, ref, torch.tensor([1, 7]))
+    assert float(res.delta.abs().max()) <= 1e-4 * float(res.delta_f.abs().mean())
+    assert set(layers) == set(prunable_layers(m))  # every Conv2d/Linear was reached
+
+
+def test_revealcancel_sums_to_delta_and_differs_from_rescale():
+    for name, shape, kw in MODELS:
+        m = _model(name, shape, kw)
+        x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(5),
+                        dtype=torch.float64)
+        ref = torch.full((1, *shape), -0.4, dtype=torch.float64)
+        t = torch.tensor([0, 3, 9, 1])
+        rc_layers, rc = layer_attributions(m, x, ref, t, rule="revealcancel")
+        rs_layers, rs = layer_attributions(m, x, ref, t)
+        torch.testing.assert_close(rc.delta_f, rs.delta_f)
+        assert float(rc.delta.abs().max()) <= 1e-9 * float(rc.delta_f.abs().mean()), name
+        # a layer that every path crosses carries the whole output difference
+        first = next(iter(rc_layers))
+        torch.testing.assert_close(rc_layers[first].flatten(1).sum(1), rc.delta_f,
+                                   rtol=1e-8, atol=1e-10)
+        diff = max(float((rc_layers[k] - rs_layers[k]).abs().max()) for k in rs_layers)
+        assert diff > 1e-3 * float(rs.delta_f.abs().mean()), name
+
+
+def test_revealcancel_criterion_scores_units_and_weights():
+    m = _model("lenet5", (1, 28, 28), {}).float()
+    loader = _loader(n=10, batch=5)
+    norm = {"pixel_mean": (0.13,), "pixel_std": (0.31,)}
+    rc = get_criterion("deeplift:rule=revealcancel", **norm).score(m, loader)
+    rs = get_criterion("deeplift", **norm).score(m, loader)
+    assert rc.meta["rule"] == "revealcancel" and rc.meta["revealcancel_nonlinearities"] == 4
+    assert rc.meta["convergence_delta_rel"] < 1e-4
+    for k in rs.units:
+        assert rc.weights[k].shape == rs.weights[k].shape and (rc.weights[k] >= 0).all()
+    assert not torch.allclose(rc.units["conv2"], rs.units["conv2"])
+    # by construction units equal the per-sample |sum| of the weight-free definition
+    layers, _ = layer_attributions(m.double(), next(iter(loader))[0].double(),
+                                   torch.full((1, 1, 28, 28), -0.13 / 0.31,
+                                              dtype=torch.float64),
+                                   next(iter(loader))[1], rule="revealcancel")
+    assert layers["fc1"].shape[1] == m.fc1.out_features
+
+
+def test_engine_is_reused_and_invalidated_by_weight_and_structure_changes():
+    from xaicompress.relevance.engine import DeepLiftEngine, instrumented
+
+    m = _model("lenet5", (1, 28, 28), {}).float()
+    loader = _loader(n=8, batch=4)
+    crit = get_criterion("deeplift", pixel_mean=(0.13,), pixel_std=(0.31,))
+    a = crit.score(m, loader)
+    inst = instrumented(m)
+    passes = inst.reference_passes
+    b = crit.score(m, loader)
+    assert instrumented(m) is inst and inst.reference_passes == passes  # no re-trace, no ref
+    torch.testing.assert_close(a.units["conv1"], b.units["conv1"])
+    last = list(prunable_layers(m))[-1]  # the classifier: its contributions scale with it
+    m.get_submodule(last).weight.data.mul_(2.0)  # a write through .data: no version bump
+    m.get_submodule(last).bias.data.mul_(2.0)
+    c = crit.score(m, loader)
+    assert instrumented(m) is inst and inst.reference_passes == passes + 1
+    torch.testing.assert_close(c.units[last], 2 * a.units[last], rtol=1e-5, atol=1e-8)
+    old = m.get_submodule(last)
+    setattr(m, last, nn.Linear(old.in_features, 10))  # a structure change: traced again
+    d = crit.score(m, loader)
+    assert instrumented(m) is not inst and d.units[last].shape == (10,)
+    assert DeepLiftEngine(m).inst is instrumented(m)
+
+
+def test_agrees_with_captum_deeplift_where_captum_is_exact():
+    """timm's regnetx_002 (grouped convs, no reused modules, no functional ops): Captum's
+    DeepLift sums to delta there, and our input maps equal its to float64 rounding."""
+    from captum.attr import DeepLift
+
+    from xaicompress.models.vision_import import import_timm
+
+    torch.manual_seed(0)
+    m = import_timm().create_model("regnetx_002", pretrained=False, num_classes=10)
+    m = m.double().eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 32, 32, generator=g, dtype=torch.float64)
+    ref = torch.randn(1, 3, 32, 32, generator=g, dtype=torch.float64) * 0.1
+    t = torch.tensor([2, 5])
+    _, ours = layer_attributions(m, x, ref, t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs, delta = DeepLift(m).attribute(x, ref.expand_as(x), target=t,
+                                              return_convergence_delta=True)
+    assert float(delta.abs().max()) < 1e-8 * float(ours.delta_f.abs().mean())
+    err = float((ours.inputs - theirs.detach()).abs().max() / theirs.abs().max())
+    assert err < 1e-8

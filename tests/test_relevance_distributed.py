@@ -6,7 +6,35 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-CRITERIA = ["deeplift:reference=mean", "gradxact", "taylor", "activation"]
+from xaicompress.relevance import AccumulatingCriterion, register_criterion
+
+
+@register_criterion("test-dist-output-mean")
+class OutputMean(AccumulatingCriterion):
+    """A user criterion that never mentions torch.distributed: the base class reduces."""
+
+    provides = frozenset({"units"})
+
+    def setup(self, model, loader, sums, need):
+        layers = super().setup(model, loader, sums, need)
+
+        def hook(name):
+            return lambda mod, inp, out: sums.add(f"units/{name}", out.detach().abs().flatten(
+                2).mean(2).sum(0) if out.dim() > 2 else out.detach().abs().sum(0))
+
+        return model, [layer.register_forward_hook(hook(n)) for n, layer in layers.items()]
+
+    def accumulate(self, state, x, y, sums):
+        with torch.no_grad():
+            state[0](x)
+
+    def teardown(self, state):
+        for h in state[1]:
+            h.remove()
+
+
+CRITERIA = ["deeplift:reference=mean", "gradxact", "taylor", "activation",
+            "test-dist-output-mean"]
 
 
 def _score():
@@ -44,4 +72,5 @@ def test_two_ranks_equal_one_process(tmp_path):
         assert n == rel.meta["samples"] == 32  # each rank scored 16: sums were reduced
         for k in rel.units:
             torch.testing.assert_close(units[k], rel.units[k], rtol=1e-5, atol=1e-9)
+        for k in rel.weights:
             torch.testing.assert_close(weights[k], rel.weights[k], rtol=1e-5, atol=1e-9)

@@ -1,11 +1,12 @@
 """taylor, gradxact and activation criteria against hand computations."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from xaicompress.relevance import get_criterion, list_criteria
+from xaicompress.relevance import get_criterion, list_criteria, prunable_layers
 
 
 def _data(n=12, seed=0):
@@ -90,3 +91,42 @@ def test_activation_reads_post_relu_and_weights_rms():
         h = m[:4](x)
         torch.testing.assert_close(rel.weights["4"], m[4].weight.abs() * h.pow(2).mean(0).sqrt(),
                                    rtol=1e-5, atol=1e-7)
+
+
+def _vision(source, name):
+    from xaicompress.models.vision_import import import_timm, import_torchvision
+
+    torch.manual_seed(0)
+    if source == "torchvision":
+        return import_torchvision().models.get_model(name, weights=None, num_classes=5).eval()
+    return import_timm().create_model(name, pretrained=False, num_classes=5).eval()
+
+
+@pytest.mark.parametrize("source,name", [
+    ("torchvision", "mobilenet_v3_small"),  # depthwise convs, squeeze-excitation, Hardswish
+    ("torchvision", "shufflenet_v2_x0_5"),  # grouped convs and a channel shuffle
+    ("torchvision", "squeezenet1_1"),       # ReLU(inplace=True) straight after each conv
+    ("timm", "tf_efficientnet_lite0"),      # Conv2dSame: TensorFlow "same" padding in forward
+    ("timm", "efficientvit_b0"),            # LiteMLA: torch.fx cannot trace it
+])
+def test_gradient_criteria_work_on_vision_models(source, name):
+    m = _vision(source, name)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, 5, (6,), generator=g)
+    taylor = get_criterion("taylor").score(m, _loader(x, y, batch=3))
+    m.zero_grad()
+    F.cross_entropy(m(x), y).backward()  # Taylor's weight score: |w * d(mean loss)/dw|
+    layers = prunable_layers(m)
+    for n, layer in layers.items():
+        expect = (layer.weight * layer.weight.grad).abs().detach()
+        torch.testing.assert_close(taylor.weights[n], expect, rtol=1e-3, atol=1e-6 * float(
+            expect.abs().max()))
+    m.zero_grad()
+    for spec in ("gradxact", "activation"):
+        rel = get_criterion(spec).score(m, _loader(x, y, batch=3))
+        assert set(rel.units) == set(layers) == set(rel.weights)
+        for n, layer in layers.items():
+            assert rel.units[n].shape == (layer.weight.shape[0],)
+            assert rel.weights[n].shape == layer.weight.shape
+            assert torch.isfinite(rel.weights[n]).all() and (rel.units[n] >= 0).all()
+        assert rel.meta["samples"] == 6

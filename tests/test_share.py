@@ -214,7 +214,7 @@ def test_user_errors():
         share_weights(ck, "none", None, avg_bits=12)
     with pytest.raises(XaiCompressError, match="--codebook"):
         share_weights(ck, "none", None, clusters=4, codebook_dtype="int8")
-    with pytest.raises(XaiCompressError, match="--criterion"):
+    with pytest.raises(XaiCompressError, match="criterion 'nonsense'"):
         share_weights(ck, "nonsense", None, clusters=4)
     q = ck.copy()
     q.state.get("fc1").weights = IntGrid(4, torch.ones(120))

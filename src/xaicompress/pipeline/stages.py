@@ -11,7 +11,6 @@ registering a type twice is an error, never a silent overwrite.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -68,20 +67,15 @@ def run_stage(ckpt: Checkpoint, bundle: DatasetBundle, stage: Any, seed: int) ->
 
 
 def stage_criterion(spec: str, seed: int) -> Any:
-    """Build the criterion of a stage. A criterion that takes a `seed` (random, sampled
-    references) and was not given one explicitly gets the stage's seed, so `compare`
+    """Build the criterion of a stage. A criterion that declares `seeded` (random, sampled
+    references) and was not given a seed in its spec gets the stage's seed, so `compare`
     over seeds really varies it. (The data's normalisation reaches DeepLIFT through
     `compute_relevance`, which every step calls with the whole bundle.)"""
     if spec.startswith("tp:"):
         return spec  # Torch-Pruning importances are resolved by the structured pruner
     from xaicompress.relevance import get_criterion
 
-    crit = get_criterion(spec)
-    params = inspect.signature(type(crit).__init__).parameters
-    given = {item.partition("=")[0].strip() for item in spec.partition(":")[2].split(",")}
-    if "seed" in params and "seed" not in given:
-        return get_criterion(spec, seed=seed)
-    return crit
+    return get_criterion(spec, default_seed=seed)
 
 
 @register_stage(PruneStructuredStage)

@@ -46,7 +46,8 @@ from xaicompress.prune.schedule import (
     cumulative_targets,
 )
 from xaicompress.prune.support import PruningGraph
-from xaicompress.relevance.base import Criterion, compute_relevance, get_criterion
+from xaicompress.relevance.base import UNITS, Criterion, compute_relevance
+from xaicompress.relevance.registry import get_criterion
 from xaicompress.train import finetune_checkpoint
 
 CriterionLike = Criterion | str | tp.importance.Importance
@@ -190,8 +191,10 @@ def _support(model: nn.Module, example: Tensor, ignored: list[nn.Module]
 def _importance(criterion: Criterion | tp.importance.Importance, model: nn.Module,
                 data: Any, samples: int, seed: int) -> tp.importance.Importance:
     if isinstance(criterion, Criterion):
-        # a DatasetBundle also hands its normalisation to criteria (DeepLIFT's black image)
-        rel = compute_relevance(model, criterion, data, samples=samples, seed=seed)
+        # a DatasetBundle also hands its normalisation to criteria (DeepLIFT's black image);
+        # a group is scored from its layers' output units: per-weight scores are not needed
+        rel = compute_relevance(model, criterion, data, samples=samples, seed=seed,
+                                need=UNITS)
         return RelevanceImportance.from_relevance(model, rel)
     if needs_gradients(criterion):
         accumulate_gradients(model, gradient_batches(_as_train_set(data), samples, seed))
@@ -213,7 +216,7 @@ def resolve_criterion(criterion: CriterionLike) -> Criterion | tp.importance.Imp
         return get_criterion(criterion)
     if isinstance(criterion, (Criterion, tp.importance.Importance)):
         return criterion
-    raise XaiCompressError(f"--criterion {criterion!r}: expected a criterion name, a Criterion "
+    raise XaiCompressError(f"criterion {criterion!r}: expected a criterion name, a Criterion "
                            "or a torch_pruning Importance")
 
 
@@ -246,11 +249,10 @@ def _fraction_for_macs(model: nn.Module, scores: dict[str, Tensor], original: di
     return hi
 
 
-def _check_arguments(ckpt: Checkpoint, *, ratio: float, scope: str, steps: int, samples: int,
-                     finetune_epochs: float, finetune_lr: float | None,
-                     macs_ratio: float | None, min_channels: int, norm: str,
-                     max_layer_ratio: float | None) -> None:
-    """`prune_structured`'s option checks (one line naming the option)."""
+def _check_structured_options(ckpt: Checkpoint, ratio: float, scope: str, steps: int,
+                              finetune_epochs: float, finetune_lr: float | None, samples: int,
+                              macs_ratio: float | None, min_channels: int, norm: str,
+                              max_layer_ratio: float | None) -> None:
     if norm not in NORMS:
         raise XaiCompressError(f"--norm {norm!r}: expected one of {', '.join(NORMS)}")
     if max_layer_ratio is not None and not 0.0 < max_layer_ratio <= 1.0:
@@ -270,6 +272,21 @@ def _check_arguments(ckpt: Checkpoint, *, ratio: float, scope: str, steps: int, 
         raise XaiCompressError(f"checkpoint: layers {busy[:3]} already carry masks/codebooks/"
                                "bits; structured pruning must come before unstructured pruning "
                                "and quantization")
+
+
+def _check_reachable(model: nn.Module, original: dict[str, int], macs_ratio: float, scope: str,
+                     min_channels: int, norm: str, shape: tuple[int, ...], example: Tensor,
+                     macs0: int) -> None:
+    """Refuse a MACs target that pruning every group to `min_channels` cannot reach."""
+    smallest = copy.deepcopy(model)
+    floor_scores = {n: torch.ones(c) for n, c in original.items()}
+    apply_plan(smallest, plan_removal(floor_scores, original, 1.0, scope, min_channels, norm),
+               example)  # cap 1.0: the floor of what any cap allows
+    reachable = 1 - count_macs(smallest, shape) / macs0
+    if reachable < macs_ratio:
+        raise XaiCompressError(f"--macs-ratio {macs_ratio}: unreachable, pruning every layer "
+                               f"to --min-channels {min_channels} cuts MACs by only "
+                               f"{reachable:.3f}")
 
 
 def prune_structured(
@@ -302,10 +319,8 @@ def prune_structured(
     `layer_cap`; 1.0: no cap); see `plan_removal`.
     """
     crit = resolve_criterion(criterion)
-    _check_arguments(ckpt, ratio=ratio, scope=scope, steps=steps, samples=samples,
-                     finetune_epochs=finetune_epochs, finetune_lr=finetune_lr,
-                     macs_ratio=macs_ratio, min_channels=min_channels, norm=norm,
-                     max_layer_ratio=max_layer_ratio)
+    _check_structured_options(ckpt, ratio, scope, steps, finetune_epochs, finetune_lr, samples,
+                              macs_ratio, min_channels, norm, max_layer_ratio)
     lr = finetune_lr or PRUNE_FINETUNE_LR
     train_set = _as_train_set(bundle)
     out = ckpt.copy()
@@ -322,15 +337,8 @@ def prune_structured(
     names = {id(m): n for n, m in out.model.named_modules()}
     ignored_names = [names[id(m)] for m in ignored]
     if macs_ratio is not None:
-        smallest = copy.deepcopy(out.model)
-        floor_scores = {n: torch.ones(c) for n, c in original.items()}
-        apply_plan(smallest, plan_removal(floor_scores, original, 1.0, scope, min_channels, norm),
-                   example)  # cap 1.0: the floor of what any cap allows
-        reachable = 1 - count_macs(smallest, shape) / macs0
-        if reachable < macs_ratio:
-            raise XaiCompressError(f"--macs-ratio {macs_ratio}: unreachable, pruning every layer "
-                                   f"to --min-channels {min_channels} cuts MACs by only "
-                                   f"{reachable:.3f}")
+        _check_reachable(out.model, original, macs_ratio, scope, min_channels, norm, shape,
+                         example, macs0)
     fraction = 0.0
     step_log = []
     for k in track(range(steps), "prune (structured)", steps):

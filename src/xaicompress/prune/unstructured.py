@@ -34,7 +34,8 @@ from xaicompress.prune.schedule import (
     check_ratio,
     check_scope,
 )
-from xaicompress.relevance.base import Criterion, Relevance, compute_relevance, get_criterion
+from xaicompress.relevance.base import WEIGHTS, Criterion, Relevance, compute_relevance
+from xaicompress.relevance.registry import get_criterion
 from xaicompress.train import finetune_checkpoint
 
 NORMS = ("none", "l1", "mean")
@@ -121,8 +122,8 @@ def prune_unstructured(
     if norm not in NORMS:
         raise XaiCompressError(f"--norm {norm!r}: expected one of {', '.join(NORMS)}")
     crit = get_criterion(criterion) if isinstance(criterion, str) else criterion
-    if not isinstance(crit, Criterion):
-        raise XaiCompressError(f"--criterion {criterion!r}: unstructured pruning needs an "
+    if not isinstance(crit, Criterion) or WEIGHTS not in crit.provides:
+        raise XaiCompressError(f"criterion {criterion!r}: unstructured pruning needs an "
                                "xaicompress criterion (per-weight scores)")
     check_ratio(ratio, "--ratio")
     check_scope(scope)
@@ -132,10 +133,11 @@ def prune_unstructured(
     out = ckpt.copy()
     model = out.model
     names = select_layers(model, layers)
-    rel: Relevance = compute_relevance(model, crit, bundle, samples=samples, seed=seed)
+    rel: Relevance = compute_relevance(model, crit, bundle, samples=samples, seed=seed,
+                                       need=WEIGHTS)
     missing = [n for n in names if n not in rel.weights]
     if missing:
-        raise XaiCompressError(f"--criterion {crit!r}: gave no weight scores for layers "
+        raise XaiCompressError(f"criterion {crit!r}: gave no weight scores for layers "
                                f"{missing[:3]}")
     scores = {n: rel.weights[n].float() for n in names}
     if scope == "global" and norm != "none":

@@ -1,4 +1,8 @@
-"""Data-free criteria: weight magnitude (Li et al. 2017), random, and none (uniform)."""
+"""Data-free criteria: weight magnitude (Li et al. 2017), random, and none (uniform).
+
+They compute units and weights together whatever `need` asks for: both cost one pass over
+the weights.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from xaicompress.relevance.base import Criterion, Relevance, prunable_layers, register_criterion
+from xaicompress.relevance import options as opt
+from xaicompress.relevance.base import Criterion, Need, Relevance, prunable_layers
+from xaicompress.relevance.registry import register_criterion
 
 
 @register_criterion("l1")
@@ -15,7 +21,8 @@ class L1(Criterion):
 
     needs_data = False
 
-    def score(self, model: nn.Module, loader: DataLoader | None = None) -> Relevance:
+    def score(self, model: nn.Module, loader: DataLoader | None = None,
+              need: Need = None) -> Relevance:
         units, weights = {}, {}
         for name, m in prunable_layers(model).items():
             w = m.weight.detach().abs().float()
@@ -29,12 +36,14 @@ class Random(Criterion):
     """Uniform random scores from a seeded generator (option `seed`, default 0)."""
 
     needs_data = False
+    seeded = True
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__(seed=seed)
-        self.seed = int(seed)
+        self.seed = opt.seed(seed)
 
-    def score(self, model: nn.Module, loader: DataLoader | None = None) -> Relevance:
+    def score(self, model: nn.Module, loader: DataLoader | None = None,
+              need: Need = None) -> Relevance:
         g = torch.Generator().manual_seed(self.seed)
         units, weights = {}, {}
         for name, m in prunable_layers(model).items():
@@ -49,7 +58,8 @@ class Uniform(Criterion):
 
     needs_data = False
 
-    def score(self, model: nn.Module, loader: DataLoader | None = None) -> Relevance:
+    def score(self, model: nn.Module, loader: DataLoader | None = None,
+              need: Need = None) -> Relevance:
         units, weights = {}, {}
         for name, m in prunable_layers(model).items():
             weights[name] = torch.ones(m.weight.shape)

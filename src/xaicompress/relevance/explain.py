@@ -21,7 +21,8 @@ from safetensors.torch import save as st_save
 
 from xaicompress.atomic import atomic_save_figure, atomic_write_bytes, check_writable
 from xaicompress.errors import XaiCompressError
-from xaicompress.relevance.base import Criterion, Relevance, compute_relevance, get_criterion
+from xaicompress.relevance.base import Criterion, Relevance, compute_relevance
+from xaicompress.relevance.registry import get_criterion
 
 _META_KEY = "xaicompress-relevance"
 
@@ -62,7 +63,8 @@ def load_relevance(path: str | os.PathLike[str]) -> Relevance:
             units[layer] = t
         elif kind == "weights":
             weights[layer] = t
-    if set(units) != set(weights) or not all(torch.isfinite(t).all() for t in tensors.values()):
+    if (weights and set(units) != set(weights)) or not (units or weights) or not all(
+            torch.isfinite(t).all() for t in tensors.values()):
         raise XaiCompressError(f"{p}: relevance file is inconsistent (layers or values)")
     return Relevance(str(info.get("criterion", "")), units, weights, dict(info.get("meta", {})))
 

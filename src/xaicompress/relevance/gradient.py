@@ -1,145 +1,166 @@
 """Gradient-based classic criteria: taylor (Molchanov et al. 2017), gradxact, activation.
 
-They hook the caller's model directly (no canonicalisation: plain gradients are right for
-any model). A module called twice simply adds both calls' contributions. The "unit" is the
-Conv2d/Linear output, as for DeepLIFT, so the criteria are comparable unit for unit
-(`activation` reads the unit after its BatchNorm/activation, see `ActivationCriterion`).
+They hook the caller's model directly, with no tracing, so they work on every model
+PyTorch can run, including those torch.fx cannot trace and those without a DeepLIFT rule.
+A module called twice adds both calls' contributions. The "unit" is the Conv2d/Linear
+output, as for DeepLIFT, so the criteria are comparable unit for unit (`activation` reads
+the unit after its BatchNorm/activation, see `ActivationCriterion`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from xaicompress.errors import XaiCompressError
-from xaicompress.progress import track
-from xaicompress.relevance.base import Criterion, Relevance, prunable_layers, register_criterion
-from xaicompress.relevance.canonical import ELEMENTWISE, trace
-from xaicompress.relevance.deeplift import (
-    parse_aggregate,
-    parse_target,
-    rows_target,
-    unit_contributions,
-    weight_contributions,
+from xaicompress.relevance import options as opt
+from xaicompress.relevance.base import (
+    UNITS,
+    WEIGHTS,
+    AccumulatingCriterion,
+    Relevance,
+    Sums,
+    prunable_layers,
 )
-from xaicompress.relevance.distributed import all_reduce_sums
+from xaicompress.relevance.canonical import trace
+from xaicompress.relevance.kernels import unit_contributions, weight_contributions
+from xaicompress.relevance.registry import register_criterion
+from xaicompress.relevance.rules import ELEMENTWISE
 
 #: callback(name, layer, x, z, g): layer input, output and the gradient at the output
 GradCallback = Callable[[str, nn.Module, Tensor, Tensor, Tensor], None]
 
 
-class _Probe:
-    """Forward hooks on every Conv2d/Linear that hand (x, z, dT/dz) to a callback during
-    backward; removed on exit."""
+def _gradient_hook(name: str, cb: GradCallback) -> Callable[..., None]:
+    """Forward hook handing (x, z, dT/dz) to `cb` during backward. The input batch does not
+    require a gradient, so a layer fed straight by it returns its output as a new leaf:
+    the backward pass ends there (no input gradient of the first layer is computed)."""
+    def hook(layer: nn.Module, inputs: tuple[Any, ...], z: Any) -> Tensor | None:
+        if not (isinstance(z, Tensor) and z.is_floating_point() and torch.is_grad_enabled()):
+            return None  # (also the no-grad recomputation below)
+        leaf = not z.requires_grad
+        if leaf:  # a copy, not the leaf itself: an in-place ReLU may follow
+            z = z.detach().requires_grad_(True).clone()
+        x, zd = inputs[0].detach(), z.detach()
+        vx, vz = x._version, zd._version
 
-    def __init__(self, model: nn.Module, on_layer: GradCallback) -> None:
-        self.handles = []
-        for name, layer in prunable_layers(model).items():
-            self.handles.append(layer.register_forward_hook(self._hook(name, on_layer)))
+        def on_grad(g: Tensor) -> None:
+            zz = zd
+            if x._version != vx:
+                raise XaiCompressError(f"layer {name!r}: its input was changed in place after "
+                                       "the layer read it; its contributions cannot be read")
+            if zd._version != vz:  # an in-place op (ReLU(inplace=True)) overwrote the output
+                with torch.no_grad():
+                    zz = layer(x)
+            cb(name, layer, x, zz, g)
 
-    @staticmethod
-    def _hook(name: str, cb: GradCallback) -> Callable[..., None]:
-        def hook(layer: nn.Module, inputs: tuple[Tensor, ...], z: Tensor) -> None:
-            if z.requires_grad:
-                x, zd = inputs[0].detach(), z.detach()
-                z.register_hook(lambda g: cb(name, layer, x, zd, g))
+        z.register_hook(on_grad)
+        return z if leaf else None
 
-        return hook
+    return hook
 
-    def __enter__(self) -> _Probe:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        for h in self.handles:
+@dataclass
+class _GradRun:
+    model: nn.Module
+    layers: dict[str, nn.Module]
+    need: frozenset[str]
+    dtype: Any
+    flags: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
+    handles: list[Any] = field(default_factory=list)
+
+
+def _model_dtype(model: nn.Module) -> Any:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+class GradientCriterion(AccumulatingCriterion):
+    """One forward + backward per batch of `objective(logits, y)` (a scalar); hooks on
+    every Conv2d/Linear call `on_layer` with the layer's input x, output z and dT/dz.
+    Parameter gradients are not computed."""
+
+    def objective(self, logits: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def on_layer(self, run: _GradRun, sums: Sums, name: str, layer: nn.Module, x: Tensor,
+                 z: Tensor, g: Tensor) -> None:
+        raise NotImplementedError
+
+    def setup(self, model: nn.Module, loader: DataLoader, sums: Sums,
+              need: frozenset[str]) -> _GradRun:
+        layers = super().setup(model, loader, sums, need)
+        run = _GradRun(model, layers, need, _model_dtype(model))
+        run.flags = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in run.flags:
+            p.requires_grad_(False)
+
+        def cb(name: str, layer: nn.Module, x: Tensor, z: Tensor, g: Tensor) -> None:
+            self.on_layer(run, sums, name, layer, x, z, g)
+
+        for name, layer in layers.items():
+            run.handles.append(layer.register_forward_hook(_gradient_hook(name, cb)))
+        return run
+
+    def accumulate(self, run: _GradRun, x: Tensor, y: Tensor, sums: Sums) -> None:
+        x = x.to(run.dtype)
+        with torch.enable_grad():
+            self.objective(run.model(x), y).backward()
+
+    def teardown(self, run: _GradRun) -> None:
+        for h in run.handles:
             h.remove()
-
-
-def _run(model: nn.Module, loader: Any, on_layer: GradCallback, objective: Callable[
-        [Tensor, Tensor], Tensor], label: str) -> int:
-    """One forward + backward per batch of `objective(logits, y)` (a scalar); returns the
-    number of samples seen. Parameter gradients are not computed."""
-    if loader is None:
-        raise XaiCompressError(f"{label}: needs data (a loader of (x, y) batches)")
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    n = 0
-    try:
-        with _Probe(model, on_layer), torch.enable_grad():
-            for batch in track(loader, f"{label} relevance"):
-                x, y = batch[0].float().requires_grad_(True), batch[1]
-                objective(model(x), y).backward()
-                n += len(x)
-    finally:
-        for p, f in zip(model.parameters(), flags, strict=True):
+        for p, f in run.flags:
             p.requires_grad_(f)
-    if n == 0:
-        raise XaiCompressError(f"{label}: the data loader gave no samples")
-    return n
 
 
-def _finish(name: str, layers: dict[str, nn.Module], sums: dict[str, Tensor], n: int,
-            meta: dict[str, Any], post: Callable[[Tensor], Tensor] = lambda t: t) -> Relevance:
-    count = torch.tensor([float(n)], dtype=torch.float64)
-    all_reduce_sums({**sums, "__n": count})
-    total = float(count)
-    units = {k: post(sums[f"u/{k}"] / total).float() for k in layers}
-    weights = {k: post(sums[f"w/{k}"] / total).float() for k in layers}
-    return Relevance(name, units, weights, {"criterion": name, "samples": int(total), **meta})
-
-
-def _zero_sums(layers: dict[str, nn.Module]) -> dict[str, Tensor]:
-    sums = {}
-    for k, m in layers.items():
-        sums[f"u/{k}"] = torch.zeros(m.weight.shape[0], dtype=torch.float64)
-        sums[f"w/{k}"] = torch.zeros(m.weight.shape, dtype=torch.float64)
-    return sums
-
-
-def _target_objective(target: str | int) -> Callable[[Tensor, Tensor], Tensor]:
-    def objective(logits: Tensor, y: Tensor) -> Tensor:
-        t = rows_target(target, y, 1)
+def _target_objective(target: str | int, logits: Tensor, y: Tensor) -> Tensor:
+    t = opt.rows_target(target, y, 1)
+    if isinstance(t, str):
         if t == "all":
             return logits.sum()
-        if t == "pred":
-            t = logits.detach().argmax(1)
-        return logits.gather(1, torch.as_tensor(t).long().view(-1, 1)).sum()
-
-    return objective
+        t = logits.detach().argmax(1)
+    t = torch.as_tensor(t).long().view(-1, 1)
+    if (t >= logits.shape[1]).any():
+        raise XaiCompressError(f"target: class indices must be in [0, {logits.shape[1]})")
+    return logits.gather(1, t).sum()
 
 
 @register_criterion("taylor")
-class Taylor(Criterion):
+class Taylor(GradientCriterion):
     """First-order Taylor expansion of the loss (Molchanov et al. 2017).
 
     Unit: mean over samples of |mean over positions of z * dL/dz| (L = cross-entropy of the
     sample). Weight: |w * dL/dw| with dL/dw the gradient of the mean loss.
     """
 
-    def score(self, model: nn.Module, loader: Any) -> Relevance:
-        layers = prunable_layers(model)
-        sums = _zero_sums(layers)
+    def objective(self, logits: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(logits, y.long(), reduction="sum")
 
-        def on_layer(name: str, layer: nn.Module, x: Tensor, z: Tensor, g: Tensor) -> None:
-            c = unit_contributions(layer, z, torch.zeros((), dtype=z.dtype), g)
+    def on_layer(self, run: _GradRun, sums: Sums, name: str, layer: nn.Module, x: Tensor,
+                 z: Tensor, g: Tensor) -> None:
+        if UNITS in run.need:
+            c = unit_contributions(layer, z, g)
             positions = z[0].numel() // z.shape[1] if isinstance(layer, nn.Conv2d) else 1
-            sums[f"u/{name}"] += (c / positions).abs().sum(0).double()
-            sums[f"w/{name}"] += weight_contributions(layer, x, g, absolute=False).double()
+            sums.add(f"{UNITS}/{name}", (c / positions).abs().sum(0))
+        if WEIGHTS in run.need:
+            sums.add(f"{WEIGHTS}/{name}", weight_contributions(layer, x, g, absolute=False))
 
-        n = _run(model, loader, on_layer,
-                 lambda logits, y: F.cross_entropy(logits, y.long(), reduction="sum"), "taylor")
+    def finish(self, run: _GradRun, sums: Sums, need: frozenset[str]) -> Relevance:
+        rel = super().finish(run, sums, need)
         # units: mean of |.| per sample; weights: |mean gradient * w|, so abs after the mean
-        rel = _finish(self.name, layers, sums, n, {"objective": "cross-entropy"})
         rel.weights = {k: v.abs() for k, v in rel.weights.items()}
+        rel.meta["objective"] = "cross-entropy"
         return rel
 
 
 @register_criterion("gradxact")
-class GradXAct(Criterion):
+class GradXAct(GradientCriterion):
     """Gradient x activation of the target logit, aggregated like DeepLIFT: DeepLIFT's
     formulas with the ordinary gradient as multiplier and a zero reference for every layer.
 
@@ -148,26 +169,38 @@ class GradXAct(Criterion):
 
     def __init__(self, target: Any = "true", aggregate: str = "abs") -> None:
         super().__init__(target=target, aggregate=aggregate)
-        self.target = parse_target(target)
-        self.aggregate = parse_aggregate(aggregate)
+        self.target = opt.parse_target(target)
+        self.aggregate = opt.parse_aggregate(aggregate)
 
-    def score(self, model: nn.Module, loader: Any) -> Relevance:
-        layers = prunable_layers(model)
-        sums = _zero_sums(layers)
+    def objective(self, logits: Tensor, y: Tensor) -> Tensor:
+        return _target_objective(self.target, logits, y)
+
+    def on_layer(self, run: _GradRun, sums: Sums, name: str, layer: nn.Module, x: Tensor,
+                 z: Tensor, g: Tensor) -> None:
         absolute = self.aggregate == "abs"
+        if UNITS in run.need:
+            c = unit_contributions(layer, z, g)
+            sums.add(f"{UNITS}/{name}", (c.abs() if absolute else c).sum(0))
+        if WEIGHTS in run.need:
+            sums.add(f"{WEIGHTS}/{name}", weight_contributions(layer, x, g, absolute=absolute))
 
-        def on_layer(name: str, layer: nn.Module, x: Tensor, z: Tensor, g: Tensor) -> None:
-            c = unit_contributions(layer, z, torch.zeros((), dtype=z.dtype), g)
-            sums[f"u/{name}"] += (c.abs() if absolute else c).sum(0).double()
-            sums[f"w/{name}"] += weight_contributions(layer, x, g, absolute=absolute).double()
+    def finish(self, run: _GradRun, sums: Sums, need: frozenset[str]) -> Relevance:
+        rel = super().finish(run, sums, need)
+        rel.meta.update(target=self.target, aggregate=self.aggregate)
+        return rel
 
-        n = _run(model, loader, on_layer, _target_objective(self.target), "gradxact")
-        return _finish(self.name, layers, sums, n,
-                       {"target": self.target, "aggregate": self.aggregate})
+
+@dataclass
+class _ActRun:
+    model: nn.Module
+    layers: dict[str, nn.Module]
+    points: dict[str, str]
+    dtype: Any
+    handles: list[Any] = field(default_factory=list)
 
 
 @register_criterion("activation")
-class ActivationCriterion(Criterion):
+class ActivationCriterion(AccumulatingCriterion):
     """Mean absolute activation of each unit (over samples and positions), read after the
     unit's own BatchNorm and activation when the model traces (else the layer output).
 
@@ -175,58 +208,61 @@ class ActivationCriterion(Criterion):
     activation-aware magnitude of Wanda, Sun et al. 2023).
     """
 
-    def score(self, model: nn.Module, loader: Any) -> Relevance:
-        if loader is None:
-            raise XaiCompressError("activation: needs data (a loader of (x, y) batches)")
-        layers = prunable_layers(model)
-        points = activation_points(model)
+    def setup(self, model: nn.Module, loader: DataLoader, sums: Sums,
+              need: frozenset[str]) -> _ActRun:
+        layers = super().setup(model, loader, sums, need)
+        run = _ActRun(model, layers, activation_points(model), _model_dtype(model))
         modules = dict(model.named_modules())
-        sums = _zero_sums(layers)
-        handles = []
-
-        def unit_hook(name: str) -> Callable[..., None]:
-            def hook(mod: nn.Module, inputs: tuple[Tensor, ...], a: Tensor) -> None:
-                a = a.detach().abs()
-                per = a.flatten(2).mean(2) if a.dim() > 2 and isinstance(
-                    layers[name], nn.Conv2d) else (a if a.dim() == 2 else a.flatten(1, -2).mean(1))
-                sums[f"u/{name}"] += per.sum(0).double()
-
-            return hook
-
-        def input_hook(name: str) -> Callable[..., None]:
-            def hook(layer: nn.Module, inputs: tuple[Tensor, ...], z: Tensor) -> None:
-                x = inputs[0].detach()
-                w = layer.weight
-                if isinstance(layer, nn.Conv2d):
-                    ms = (x ** 2).flatten(2).mean(2).sum(0)  # (Cin,) summed over samples
-                    per_group = ms.view(layer.groups, 1, -1).expand(
-                        -1, w.shape[0] // layer.groups, -1).reshape(w.shape[0], -1)
-                    sums[f"w/{name}"] += per_group.double()[..., None, None].expand(w.shape)
-                else:
-                    ms = (x ** 2).reshape(len(x), -1, x.shape[-1]).mean(1).sum(0)  # (in,)
-                    sums[f"w/{name}"] += ms.double().unsqueeze(0).expand(w.shape)
-
-            return hook
-
         for name, layer in layers.items():
-            point = modules.get(points.get(name, name), layer)
-            handles.append(point.register_forward_hook(unit_hook(name)))
-            handles.append(layer.register_forward_hook(input_hook(name)))
-        n = 0
-        try:
-            with torch.no_grad():
-                for batch in track(loader, "activation relevance"):
-                    model(batch[0].float())
-                    n += len(batch[0])
-        finally:
-            for h in handles:
-                h.remove()
-        if n == 0:
-            raise XaiCompressError("activation: the data loader gave no samples")
-        rel = _finish(self.name, layers, sums, n, {"points": points})
-        rel.weights = {k: v.sqrt() * layers[k].weight.detach().abs() for k, v in
+            if UNITS in need:
+                point = modules.get(run.points.get(name, name), layer)
+                run.handles.append(point.register_forward_hook(_unit_hook(name, layer, sums)))
+            if WEIGHTS in need:
+                run.handles.append(layer.register_forward_hook(_input_hook(name, sums)))
+        return run
+
+    def accumulate(self, run: _ActRun, x: Tensor, y: Tensor, sums: Sums) -> None:
+        with torch.no_grad():
+            run.model(x.to(run.dtype))
+
+    def teardown(self, run: _ActRun) -> None:
+        for h in run.handles:
+            h.remove()
+
+    def finish(self, run: _ActRun, sums: Sums, need: frozenset[str]) -> Relevance:
+        rel = super().finish(run, sums, need)
+        rel.weights = {k: v.sqrt() * run.layers[k].weight.detach().abs() for k, v in
                        rel.weights.items()}
+        rel.meta["points"] = run.points
         return rel
+
+
+def _unit_hook(name: str, layer: nn.Module, sums: Sums) -> Callable[..., None]:
+    def hook(mod: nn.Module, inputs: tuple[Any, ...], a: Tensor) -> None:
+        a = a.detach().abs()
+        if a.dim() > 2 and isinstance(layer, nn.Conv2d):
+            per = a.flatten(2).mean(2)
+        else:
+            per = a if a.dim() == 2 else a.flatten(1, -2).mean(1)
+        sums.add(f"{UNITS}/{name}", per.sum(0))
+
+    return hook
+
+
+def _input_hook(name: str, sums: Sums) -> Callable[..., None]:
+    def hook(layer: nn.Module, inputs: tuple[Any, ...], z: Tensor) -> None:
+        x = inputs[0].detach()
+        w = layer.weight
+        if isinstance(layer, nn.Conv2d):
+            ms = (x ** 2).flatten(2).mean(2).sum(0)  # (Cin,) summed over samples
+            per_group = ms.view(layer.groups, 1, -1).expand(
+                -1, w.shape[0] // layer.groups, -1).reshape(w.shape[0], -1)
+            sums.add(f"{WEIGHTS}/{name}", per_group[..., None, None].expand(w.shape))
+        else:
+            ms = (x ** 2).reshape(len(x), -1, x.shape[-1]).mean(1).sum(0)  # (in,)
+            sums.add(f"{WEIGHTS}/{name}", ms.unsqueeze(0).expand(w.shape))
+
+    return hook
 
 
 def activation_points(model: nn.Module) -> dict[str, str]:
@@ -234,10 +270,10 @@ def activation_points(model: nn.Module) -> dict[str, str]:
     follow single-consumer BatchNorm/Dropout/Identity modules up to and including the first
     elementwise nonlinearity. Empty when the model does not trace with torch.fx."""
     try:
-        gm = trace(model)
+        gm, _ = trace(model)
     except XaiCompressError:
         return {}
-    mods = dict(gm.named_modules())
+    mods = dict(gm.named_modules(remove_duplicate=False))
     through = (nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout, nn.Dropout2d, nn.Identity)
     out: dict[str, str] = {}
     for node in gm.graph.nodes:
@@ -255,3 +291,7 @@ def activation_points(model: nn.Module) -> dict[str, str]:
                 break
         out.setdefault(node.target, cur.target)
     return out
+
+
+__all__ = ["ActivationCriterion", "GradXAct", "GradientCriterion", "Taylor",
+           "activation_points", "prunable_layers"]

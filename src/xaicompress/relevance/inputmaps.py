@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from xaicompress.errors import XaiCompressError
-from xaicompress.relevance.deeplift import DeepLiftEngine
+from xaicompress.relevance.engine import DeepLiftEngine
 from xaicompress.relevance.references import black_image, parse_reference, resolve_reference
 
 
@@ -39,12 +39,7 @@ def input_attribution(model: nn.Module, x: Tensor, *, target: Any = None,
     else:
         ref = resolve_reference(spec, None, x)  # type: ignore[arg-type]
         ref_const, per_sample = ref.constant, ref.per_sample
-    was_training = model.training
-    model.eval()
-    try:
-        engine = DeepLiftEngine(model)
-    finally:
-        model.train(was_training)
+    engine = DeepLiftEngine(model)  # cached per model: repeated calls do not re-trace
     group = 1 if ref_const is None else ref_const.shape[0]
     if ref_const is not None:
         engine.set_reference(ref_const)

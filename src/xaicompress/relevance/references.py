@@ -28,6 +28,10 @@ from xaicompress.errors import XaiCompressError
 
 KINDS = ("zeros", "mean", "blur", "samples:N")
 _SAMPLES = re.compile(r"^samples[:=_]?(\d+)$")
+#: most references per input for samples:N (each costs one more pass per sample)
+MAX_REFERENCES = 256
+#: widest blur accepted, in pixels (the kernel is cut at the image size anyway)
+MAX_SIGMA = 1000.0
 
 
 @dataclass
@@ -76,8 +80,9 @@ def parse_reference(value: Any) -> ReferenceSpec:
     m = _SAMPLES.match(text)
     if m:
         n = int(m.group(1))
-        if n < 1:
-            raise XaiCompressError(f"reference={value!r}: samples:N needs N >= 1")
+        if not 1 <= n <= MAX_REFERENCES:
+            raise XaiCompressError(f"reference={value!r}: samples:N needs 1 <= N <= "
+                                   f"{MAX_REFERENCES}")
         return ReferenceSpec("samples", n)
     raise XaiCompressError(f"reference={value!r}: expected one of zeros, mean, blur, samples:N "
                            "(or samplesN), a tensor or a callable")
@@ -116,9 +121,7 @@ def resolve_reference(spec: ReferenceSpec, loader: DataLoader, first: Tensor, *,
         return Reference(spec, per_sample=checked)
     if spec.kind == "blur":
         s = sigma if sigma is not None else max(0.5, shape[-1] / 10)
-        if s <= 0:
-            raise XaiCompressError(f"sigma={sigma}: expected a positive blur width in pixels")
-        return Reference(spec, per_sample=lambda x: gaussian_blur(x, s))
+        return Reference(spec, per_sample=lambda x: gaussian_blur(x, check_sigma(s)))
     from xaicompress.data import dataset_tensors
 
     dataset = loader.dataset
@@ -163,10 +166,20 @@ def _per_channel(v: Sequence[float] | Tensor | float, c: int, name: str) -> Tens
     return t
 
 
+def check_sigma(sigma: float) -> float:
+    """A blur width in pixels, in (0, MAX_SIGMA]."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(
+            sigma) or not 0 < sigma <= MAX_SIGMA:
+        raise XaiCompressError(f"sigma={sigma!r}: expected a blur width in pixels in "
+                               f"(0, {MAX_SIGMA:g}]")
+    return float(sigma)
+
+
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     """Separable Gaussian blur of (N, C, H, W) with replicate borders (linear, so blurring
-    normalised inputs equals normalising blurred pixels)."""
-    radius = max(1, int(math.ceil(3 * sigma)))
+    normalised inputs equals normalising blurred pixels). The kernel is cut at the image
+    size, so a huge sigma costs no more than the image (it tends to the mean)."""
+    radius = max(1, min(int(math.ceil(3 * check_sigma(sigma))), max(x.shape[-2:]) - 1))
     grid = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-(grid ** 2) / (2 * sigma ** 2))
     k = k / k.sum()
