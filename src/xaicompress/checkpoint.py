@@ -43,6 +43,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from xaicompress.atomic import atomic_write_bytes
+from xaicompress.data.preprocess import Preprocess
 from xaicompress.encoding import CompressionState
 from xaicompress.encoding.checks import FLOAT_DTYPES
 from xaicompress.errors import XaiCompressError
@@ -86,13 +87,19 @@ class ModelSpec:
     input_shape: tuple[int, int, int]
     num_classes: int
     kwargs: dict[str, Any] = field(default_factory=dict)
+    #: how pixels become this model's inputs (normalisation, size, resize); None in files
+    #: written before it was recorded (their data's own statistics then apply)
+    preprocess: Preprocess | None = None
 
     def build(self) -> nn.Module:
         return create_model(self.name, tuple(self.input_shape), self.num_classes, **self.kwargs)
 
     def to_meta(self) -> dict[str, Any]:
-        return {"name": self.name, "input_shape": list(self.input_shape),
+        meta = {"name": self.name, "input_shape": list(self.input_shape),
                 "num_classes": self.num_classes, "kwargs": self.kwargs}
+        if self.preprocess is not None:
+            meta["preprocess"] = self.preprocess.to_meta()
+        return meta
 
     @classmethod
     def from_meta(cls, ms: Any, source: str) -> ModelSpec:
@@ -114,7 +121,18 @@ class ModelSpec:
         kwargs = ms.get("kwargs") or {}
         if not isinstance(kwargs, dict):
             raise XaiCompressError(f"{source}: model kwargs must be an object")
-        return cls(name, (shape[0], shape[1], shape[2]), classes, dict(kwargs))
+        unknown = sorted(set(ms) - {"name", "input_shape", "num_classes", "kwargs",
+                                    "preprocess"})
+        if unknown:
+            raise XaiCompressError(f"{source}: model spec has unknown keys {unknown[:3]}")
+        pre = None
+        if ms.get("preprocess") is not None:
+            pre = Preprocess.from_meta(ms["preprocess"], source)
+            if (pre.channels not in (None, shape[0])
+                    or pre.size not in (None, shape[1]) or shape[1] != shape[2]):
+                raise XaiCompressError(f"{source}: preprocess ({pre.describe()}) does not fit "
+                                       f"input_shape {shape}")
+        return cls(name, (shape[0], shape[1], shape[2]), classes, dict(kwargs), pre)
 
 
 @dataclass
@@ -495,7 +513,9 @@ class _Header:
 def _refuse_pickle(first: bytes, source: str) -> None:
     if first[8:9] != b"{" and (first[:1] == b"\x80" or first[:2] == b"PK"):
         raise XaiCompressError(f"{source}: is a pickle/torch.save file; refusing to unpickle, "
-                               "expected an xaicompress safetensors checkpoint")
+                               "expected an xaicompress safetensors checkpoint (a state dict "
+                               "of your own model: xaicompress import FILE --model SPEC "
+                               "--data SPEC)")
 
 
 def _bad(source: str, why: str) -> XaiCompressError:
@@ -601,7 +621,9 @@ def checkpoint_from_bytes(raw: bytes, source: str = "checkpoint", *,
 def _parse_meta(head: _Header, raw: bytes, source: str) -> dict[str, Any]:
     if head.meta_raw is None:
         raise XaiCompressError(f"{source}: safetensors file without xaicompress metadata; "
-                               "expected a checkpoint written by xaicompress")
+                               "expected a checkpoint written by xaicompress (a state dict of "
+                               "your own model: xaicompress import FILE --model SPEC --data "
+                               "SPEC)")
     try:
         meta = json.loads(head.meta_raw)
     except RecursionError:

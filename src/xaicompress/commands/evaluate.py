@@ -25,7 +25,7 @@ def evaluate_cmd(
     """Accuracy, parameters, non-zeros, MACs, bytes and CPU latency of a checkpoint."""
     ckpt = load_any(checkpoint, model=model)
     spec = data or ckpt.data or DEFAULT_SPEC
-    bundle = load_dataset(spec, seed=seed)
+    bundle = load_dataset(spec, seed=seed, preprocess=ckpt.spec.preprocess)
     check_data_fits(ckpt, bundle.input_shape, bundle.num_classes, spec)
     m = evaluate(ckpt, bundle.test)
     if as_json:

@@ -35,7 +35,7 @@ def explain_cmd(
     crit = get_criterion(criterion)  # a bad spec fails before any loading
     ckpt = load_checkpoint(checkpoint, model=model)
     spec = data or ckpt.data or DEFAULT_SPEC
-    bundle = load_dataset(spec, seed=seed)
+    bundle = load_dataset(spec, seed=seed, preprocess=ckpt.spec.preprocess)
     check_data_fits(ckpt, bundle.input_shape, bundle.num_classes, spec)
     result = explain_checkpoint(ckpt, bundle, out, criterion=crit, samples=samples, seed=seed,
                                 images=images, batch_size=batch_size)

@@ -5,7 +5,10 @@ Shape (see configs/*.yaml for commented examples)::
     model: lenet5                  # registered name or package.module:factory
     # model: {name: vgg11, kwargs: {width: 0.5}}
     # checkpoint: path/to/trained.safetensors   # instead of training: start from a checkpoint
-    #                              (with model: naming its factory when it is your own code)
+    #                              (with model: naming its factory when it is your own code),
+    #                              or from your own state dict (.pth / .pt / .bin /
+    #                              .safetensors) with model: (and kwargs) saying what it is
+    # preprocess: {normalise: imagenet, size: 32}   # the model's own (default: the data's)
     data: mnist5k                  # any --data spec (idx:DIR, cifar10:DIR, folder:DIR, ...)
     seed: 0
     train: {epochs: 15, lr: 0.003, optimizer: adam, batch_size: 64, augment: 2}
@@ -295,6 +298,46 @@ class TrainConfig(_Strict):
         "// 12, i.e. 2 on 28 x 28)."))
 
 
+class PreprocessConfig(_Strict):
+    """The model's preprocessing (`data/preprocess.py`): options of `xaicompress import`
+    and a config's `preprocess:`; recorded in the checkpoint and used by every step."""
+
+    normalise: str | None = Field(None, description=(
+        "Per-channel MEAN/STD of [0, 1] pixels, comma-separated channels "
+        "(0.485,0.456,0.406/0.229,0.224,0.225), imagenet, none (0/1) or data (default: the "
+        "training split's own statistics)."))
+    size: Annotated[int, Field(ge=1, le=4096)] | None = Field(None, description=(
+        "Model input size N (N x N images; default: the data's, 32 for folders)."))
+    resize: Annotated[int, Field(ge=1, le=4096)] | None = Field(None, description=(
+        "Image folders: resize the shorter side to this, then centre-crop size x size "
+        "(torchvision's Resize + CenterCrop)."))
+
+    @field_validator("normalise")
+    @classmethod
+    def _normalise(cls, v: str | None) -> str | None:
+        from xaicompress.data.preprocess import parse_normalise
+
+        if v is not None:
+            try:
+                parse_normalise(v, "normalise")
+            except XaiCompressError as exc:
+                raise ValueError(str(exc).removeprefix("normalise ")) from None
+        return v
+
+    @model_validator(mode="after")
+    def _crop(self) -> PreprocessConfig:
+        if self.resize is not None and (self.size is None or self.size > self.resize):
+            raise ValueError("resize needs size (the centre crop), no larger than resize")
+        return self
+
+    def preprocess(self) -> Any:
+        """The `data.preprocess.Preprocess` these options give (unset = the data's)."""
+        from xaicompress.data.preprocess import Preprocess, parse_normalise
+
+        stats = parse_normalise(self.normalise) if self.normalise is not None else None
+        return Preprocess(*(stats or (None, None)), size=self.size, resize=self.resize)
+
+
 class ExportConfig(_Strict):
     packed: bool = True
     onnx: bool = True
@@ -318,6 +361,9 @@ class PipelineConfig(_Strict):
     data: str = "mnist5k"
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0
     train: TrainConfig = Field(default_factory=TrainConfig)
+    #: the model's preprocessing when it is trained here or imported from a state dict
+    #: (`checkpoint: weights.pth`); an xaicompress checkpoint carries its own
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     stages: list[Stage] = Field(default_factory=list)
     export: ExportConfig = Field(default_factory=ExportConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
@@ -343,12 +389,10 @@ class PipelineConfig(_Strict):
         if self.model is None and self.checkpoint is None:
             raise ValueError("give model (to train a baseline) or checkpoint (to start from a "
                              "trained one; with model: naming its factory if it is your own)")
-        if self.checkpoint is not None:
-            if "train" in self.model_fields_set:
-                raise ValueError("train does not apply when starting from a checkpoint")
-            if self.model is not None and self.model.kwargs:
-                raise ValueError("model.kwargs does not apply when starting from a checkpoint "
-                                 "(it stores them); model: names only the factory you trust")
+        if self.checkpoint is not None and "train" in self.model_fields_set:
+            raise ValueError("train does not apply when starting from a checkpoint")
+        # model.kwargs and preprocess apply to a state dict (checkpoint: weights.pth) and
+        # are refused for an xaicompress checkpoint when it is read (it stores both)
         return self
 
     @property

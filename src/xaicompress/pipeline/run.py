@@ -90,23 +90,54 @@ def prepare_out_dir(out_dir: str | os.PathLike[str]) -> Path:
 
 
 def _source(config: PipelineConfig) -> dict[str, Any]:
+    extra = ({"preprocess": config.preprocess.model_dump(mode="json")}
+             if "preprocess" in config.model_fields_set else {})
     if config.checkpoint is not None:
+        kwargs = config.model.kwargs if config.model is not None else {}
         return {"checkpoint_sha256": file_hash(config.checkpoint),
-                "trusted": config.trusted_model}
+                "trusted": config.trusted_model, **({"kwargs": kwargs} if kwargs else {}),
+                **extra}
     assert config.model is not None
-    return {"model": config.model.name, "kwargs": config.model.kwargs}
+    return {"model": config.model.name, "kwargs": config.model.kwargs, **extra}
+
+
+def _start_checkpoint(config: PipelineConfig) -> tuple[Checkpoint | None, DatasetBundle]:
+    """The checkpoint `compress` starts from and the data as its model sees it: an
+    xaicompress checkpoint (its own preprocessing), or a state dict of the user's
+    (`checkpoint: weights.pth` with `model:`), imported like `xaicompress import` does."""
+    from xaicompress.importing import build_imported
+    from xaicompress.models.weights import file_kind
+
+    pre = config.preprocess.preprocess()
+    path = Path(config.checkpoint) if config.checkpoint is not None else None
+    if path is None:
+        return None, load_dataset(config.data, seed=config.seed, preprocess=pre)
+    if not path.is_file():
+        raise XaiCompressError(f"checkpoint {config.checkpoint}: file does not exist")
+    if file_kind(path) in ("torch", "safetensors"):
+        if config.model is None:
+            raise XaiCompressError(f"checkpoint {path}: is a state dict of your own model; give "
+                                   "model: (its architecture, with kwargs) to import it")
+        bundle = load_dataset(config.data, seed=config.seed, preprocess=pre)
+        return build_imported(path, config.model.name, bundle,
+                              model_kwargs=dict(config.model.kwargs)), bundle
+    if config.model is not None and config.model.kwargs:
+        raise XaiCompressError("model.kwargs does not apply when starting from an xaicompress "
+                               "checkpoint (it stores them); model: names only the factory "
+                               "you trust")
+    if "preprocess" in config.model_fields_set:
+        raise XaiCompressError("preprocess does not apply when starting from an xaicompress "
+                               "checkpoint (it stores the model's own)")
+    start = load_checkpoint(path, model=config.trusted_model)
+    return start, load_dataset(config.data, seed=config.seed,
+                               preprocess=start.spec.preprocess)
 
 
 def read_inputs(config: PipelineConfig) -> tuple[DatasetBundle, Checkpoint | None]:
     """Everything `compress` reads and checks before it writes anything: the data, the
-    checkpoint it starts from (its factory trusted when the config's `model:` names it)
-    and the stages' budgets (`preflight`)."""
-    start = None
-    if config.checkpoint is not None:
-        if not Path(config.checkpoint).is_file():
-            raise XaiCompressError(f"checkpoint {config.checkpoint}: file does not exist")
-        start = load_checkpoint(config.checkpoint, model=config.trusted_model)
-    bundle = load_dataset(config.data, seed=config.seed)
+    checkpoint it starts from (its factory trusted when the config's `model:` names it, a
+    user's state dict imported) and the stages' budgets (`preflight`)."""
+    start, bundle = _start_checkpoint(config)
     if start is not None:
         check_data_fits(start, bundle.input_shape, bundle.num_classes, config.data)
     preflight(config, bundle, start)
