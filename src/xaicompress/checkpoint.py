@@ -90,9 +90,25 @@ class ModelSpec:
     #: how pixels become this model's inputs (normalisation, size, resize); None in files
     #: written before it was recorded (their data's own statistics then apply)
     preprocess: Preprocess | None = None
+    #: the Python API's models (`xaicompress.api`): the user's own module, whose copy is the
+    #: architecture (resized to the file's widths on loading); never written to a file
+    template: nn.Module | None = field(default=None, compare=False, repr=False)
 
     def build(self) -> nn.Module:
+        if self.template is not None:
+            return copy.deepcopy(self.template)
         return create_model(self.name, tuple(self.input_shape), self.num_classes, **self.kwargs)
+
+    @property
+    def loader_model(self) -> str | nn.Module:
+        """What a loader's `model=` needs to rebuild this spec (writers verify with it)."""
+        return self.template if self.template is not None else self.name
+
+    def with_template(self, template: nn.Module | None) -> ModelSpec:
+        """This spec built from a copy of `template` (None: from its name)."""
+        from dataclasses import replace
+
+        return replace(self, template=template)
 
     def to_meta(self) -> dict[str, Any]:
         meta = {"name": self.name, "input_shape": list(self.input_shape),
@@ -311,6 +327,18 @@ def _check_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], spec: Mo
                                    f"{spec.name!r} expects {expected[k]}")
 
 
+#: what a loader's `model=` may be: the factory name the user trusts, or their own module
+Trusted = str | nn.Module | None
+
+
+def spec_for(spec: ModelSpec, trusted: Trusted) -> tuple[ModelSpec, str | None]:
+    """A file's spec as the user's `model=` rebuilds it: from a copy of their own module
+    when they gave one (the trusted name is then irrelevant), else from its name."""
+    if isinstance(trusted, nn.Module):
+        return spec.with_template(trusted), None
+    return spec, trusted
+
+
 def rebuild_model(spec: ModelSpec, widths: dict[str, dict[str, int]],
                   shapes: dict[str, tuple[int, ...]], source: str,
                   trusted: str | None) -> nn.Module:
@@ -318,15 +346,16 @@ def rebuild_model(spec: ModelSpec, widths: dict[str, dict[str, int]],
     file holds (`shapes`) matches it. Nothing large is allocated before that: the check
     runs on a meta-device copy (no memory), so neither kwargs such as width=1e9 nor widths
     of 10^6 channels allocate anything."""
-    check_trusted(spec.name, trusted, source)
-    check_model_kwargs(spec.name, spec.kwargs, source)
+    if spec.template is None:  # the user's own module is trusted as it is
+        check_trusted(spec.name, trusted, source)
+        check_model_kwargs(spec.name, spec.kwargs, source)
     try:
         with torch.device("meta"):
             skeleton: nn.Module | None = spec.build()
             apply_widths(skeleton, widths, source)
             shrink_other_tensors(skeleton, shapes)
     except XaiCompressError as exc:
-        if ":" not in spec.name:
+        if ":" not in spec.name and spec.template is None:
             raise XaiCompressError(f"{source}: cannot rebuild the model it names: {exc}") from None
         skeleton = None  # a user factory that cannot run on the meta device: checked below
     if skeleton is not None:
@@ -496,7 +525,7 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str]) -> Path:
     loads back to the same outputs; an interrupted or refused save leaves no file."""
     check_finite_model(ckpt, path)
     atomic_write_bytes(path, checkpoint_bytes(ckpt), verify=verify_reload(
-        ckpt, lambda tmp: load_checkpoint(tmp, model=ckpt.spec.name), path))
+        ckpt, lambda tmp: load_checkpoint(tmp, model=ckpt.spec.loader_model), path))
     return Path(path)
 
 
@@ -591,11 +620,13 @@ def _read_header(f: BinaryIO, size: int, source: str) -> _Header:
     return _parse_header(f.read(n), size, source)
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, model: str | None = None) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike[str], *, model: Trusted = None) -> Checkpoint:
     """Load a checkpoint; any problem is a one-line `XaiCompressError` naming the file.
 
     model: the model factory the user trusts (`package.module:factory`, as given with
-    --model); a checkpoint naming any other unregistered factory is refused unrun.
+    --model); a checkpoint naming any other unregistered factory is refused unrun. Or the
+    user's own `nn.Module` (Python API): a copy of it is the architecture, whatever the
+    file names (`ModelSpec.template`).
     """
     p = Path(path)
     if not p.is_file():
@@ -611,7 +642,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, model: str | None = None) -
 
 
 def checkpoint_from_bytes(raw: bytes, source: str = "checkpoint", *,
-                          model: str | None = None) -> Checkpoint:
+                          model: Trusted = None) -> Checkpoint:
     _refuse_pickle(raw[:9], source)
     n = _header_length(raw[:8], len(raw), source)
     head = _parse_header(raw[8:8 + n], len(raw), source)
@@ -651,10 +682,10 @@ def _parse_meta(head: _Header, raw: bytes, source: str) -> dict[str, Any]:
     return meta
 
 
-def _checkpoint_from(raw: bytes, head: _Header, source: str, trusted: str | None
+def _checkpoint_from(raw: bytes, head: _Header, source: str, trusted: Trusted
                      ) -> Checkpoint:
     meta = _parse_meta(head, raw, source)
-    spec = ModelSpec.from_meta(meta.get("model"), source)
+    spec, trusted = spec_for(ModelSpec.from_meta(meta.get("model"), source), trusted)
     widths = check_widths(meta.get("widths"), source)
     history, metrics = meta.get("history") or [], meta.get("metrics") or {}
     if not isinstance(history, list) or not isinstance(metrics, dict):

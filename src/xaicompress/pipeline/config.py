@@ -39,6 +39,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -375,9 +376,11 @@ class PipelineConfig(_Strict):
 
     @field_validator("data")
     @classmethod
-    def _data(cls, v: str) -> str:
+    def _data(cls, v: str, info: ValidationInfo) -> str:
         from xaicompress.data import parse_data_spec
 
+        if _in_memory(info):
+            return v
         try:
             parse_data_spec(v)
         except XaiCompressError as exc:
@@ -385,7 +388,13 @@ class PipelineConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _source(self) -> PipelineConfig:
+    def _source(self, info: ValidationInfo) -> PipelineConfig:
+        if _in_memory(info):
+            given = sorted(set(self.model_fields_set) & IN_MEMORY_REFUSED)
+            if given:
+                raise ValueError(f"{given[0]} does not apply to xc.compress (the model and "
+                                 "the data are the Python objects given)")
+            return self
         if self.model is None and self.checkpoint is None:
             raise ValueError("give model (to train a baseline) or checkpoint (to start from a "
                              "trained one; with model: naming its factory if it is your own)")
@@ -417,14 +426,26 @@ class PipelineConfig(_Strict):
         return self.model_copy(update={"seed": int(seed)})
 
 
+#: keys a config for the Python API's in-memory model and data (`xc.compress`) cannot have
+IN_MEMORY_REFUSED = frozenset({"model", "checkpoint", "data", "train", "preprocess"})
+
+
+def _in_memory(info: ValidationInfo) -> bool:
+    return bool(isinstance(info.context, dict) and info.context.get("in_memory"))
+
+
 # ------------------------------------------------------------------ loading
-def validate_config(data: Any, source: str = "config") -> PipelineConfig:
-    """Validate a parsed config (dict); any problem -> XaiCompressError naming the key."""
+def validate_config(data: Any, source: str = "config", *,
+                    in_memory: bool = False) -> PipelineConfig:
+    """Validate a parsed config (dict); any problem -> XaiCompressError naming the key.
+
+    in_memory: for `xc.compress` (model and data are Python objects): no model, checkpoint,
+    data, train or preprocess keys; `data` is the name the report gives the data."""
     if not isinstance(data, dict):
         raise XaiCompressError(f"{source}: expected a mapping of keys (model, data, stages, "
                                f"...), got {type(data).__name__}")
     try:
-        return PipelineConfig.model_validate(data)
+        return PipelineConfig.model_validate(data, context={"in_memory": in_memory})
     except ValidationError as exc:
         raise XaiCompressError(f"{source}: {_format_error(exc)}") from None
     except XaiCompressError as exc:

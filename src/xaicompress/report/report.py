@@ -20,9 +20,9 @@ from typing import Any
 from rich.table import Table
 from torch import nn
 
-from xaicompress import __version__
 from xaicompress.checkpoint import Checkpoint, layer_widths
 from xaicompress.errors import XaiCompressError
+from xaicompress.version import __version__
 
 METRIC_KEYS = ("accuracy", "params", "nonzero_params", "macs", "size_bytes", "fp32_bytes",
                "latency_ms")
