@@ -61,6 +61,7 @@ BENCHMARKS = {
     "weight_sharing": _seeds_list,
     "mixed_precision": _seeds_comma,
     "robustness": lambda seeds: [],
+    "own_model": lambda seeds: [],
 }
 CLAIMS = {
     1: ("pruning", "DeepLIFT improves pruning"),
