@@ -218,9 +218,18 @@ def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     eq = sum(abs(r["user_accuracy"] - r["import_accuracy"]) <= 0.01 for r in ok)
     exact = sum(max(v for d in r["reload_delta"].values() for v in d.values()) <= 1e-5
                 for r in ok)
+    total = sum(r.get("train_seconds", 0) + r.get("total_seconds", 0) for r in rows)
+    steps = math.ceil(args.epochs * math.ceil(args.train / 64))
     lines += ["", f"Goals: import accuracy = user's to 0.01 pt: {eq}/{len(rows)} models; "
               f"max |Δ logit| <= 1e-5 after reloading every stage's checkpoint and packed "
-              f"file: {exact}/{len(rows)} models."]
+              f"file: {exact}/{len(rows)} models (ONNX is compared within the writer's "
+              "tolerance, not bit-exactly). Wall time of the whole run: "
+              f"{total / 60:.0f} min (one thread, on a machine other jobs shared).", "",
+              f"The user's training here is {steps} Adam steps per model (what fit the time "
+              "this run had), so most models are near chance (10 %) and the ratio / drop "
+              "columns only show that every model goes through; they say nothing about "
+              "accuracy after compression of a trained model (see the pruning, sharing and "
+              "mixed-precision sections for that)."]
     return "\n".join(lines)
 
 
