@@ -55,6 +55,7 @@ BENCHMARKS = {
     "robustness": lambda seeds: [],
     "gpu": lambda seeds: [],  # records "not measured" on a machine without a GPU
     "deploy": lambda seeds: ["--seed", str(seeds[0])],
+    "own_model": lambda seeds: [],
 }
 CLAIMS = {
     1: ("pruning", "DeepLIFT improves pruning"),

@@ -183,9 +183,19 @@ def test_start_from_a_user_checkpoint(first_run, tmp_path):
     res = run_pipeline(cfg, tmp_path / "u", plots=False)
     assert res.report["final"]["nonzero_params"] < res.report["baseline"]["nonzero_params"]
     assert not (tmp_path / "u" / "model.onnx").exists()
-    bad = validate_config({"checkpoint": str(base), "data": "digits", "stages": []})
-    with pytest.raises(XaiCompressError, match="do not fit the model"):
+    # the checkpoint's preprocessing brings any data to its 28 x 28 inputs; a spec asking
+    # for another size is refused before anything is written
+    bad = validate_config({"checkpoint": str(base), "data": "digits?size=16", "stages": []})
+    with pytest.raises(XaiCompressError, match="model takes 28 x 28"):
         run_pipeline(bad, tmp_path / "v")
+    assert not (tmp_path / "v").exists()
+    # an xaicompress checkpoint stores its kwargs and preprocessing: none may be given
+    for extra in ({"model": {"name": "lenet5", "kwargs": {"width": 2}}},
+                  {"preprocess": {"normalise": "0.5/0.25"}}):
+        bad = validate_config({"checkpoint": str(base), "stages": [], **extra})
+        with pytest.raises(XaiCompressError, match="does not apply"):
+            run_pipeline(bad, tmp_path / "v")
+    assert not (tmp_path / "v").exists()
 
 
 def test_out_folder_errors(tmp_path, run_cli):

@@ -43,6 +43,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from xaicompress.atomic import atomic_write_bytes
+from xaicompress.data.preprocess import Preprocess
 from xaicompress.encoding import CompressionState
 from xaicompress.encoding.checks import FLOAT_DTYPES
 from xaicompress.errors import XaiCompressError
@@ -86,13 +87,35 @@ class ModelSpec:
     input_shape: tuple[int, int, int]
     num_classes: int
     kwargs: dict[str, Any] = field(default_factory=dict)
+    #: how pixels become this model's inputs (normalisation, size, resize); None in files
+    #: written before it was recorded (their data's own statistics then apply)
+    preprocess: Preprocess | None = None
+    #: the Python API's models (`xaicompress.api`): the user's own module, whose copy is the
+    #: architecture (resized to the file's widths on loading); never written to a file
+    template: nn.Module | None = field(default=None, compare=False, repr=False)
 
     def build(self) -> nn.Module:
+        if self.template is not None:
+            return copy.deepcopy(self.template)
         return create_model(self.name, tuple(self.input_shape), self.num_classes, **self.kwargs)
 
+    @property
+    def loader_model(self) -> str | nn.Module:
+        """What a loader's `model=` needs to rebuild this spec (writers verify with it)."""
+        return self.template if self.template is not None else self.name
+
+    def with_template(self, template: nn.Module | None) -> ModelSpec:
+        """This spec built from a copy of `template` (None: from its name)."""
+        from dataclasses import replace
+
+        return replace(self, template=template)
+
     def to_meta(self) -> dict[str, Any]:
-        return {"name": self.name, "input_shape": list(self.input_shape),
+        meta = {"name": self.name, "input_shape": list(self.input_shape),
                 "num_classes": self.num_classes, "kwargs": self.kwargs}
+        if self.preprocess is not None:
+            meta["preprocess"] = self.preprocess.to_meta()
+        return meta
 
     @classmethod
     def from_meta(cls, ms: Any, source: str) -> ModelSpec:
@@ -114,7 +137,18 @@ class ModelSpec:
         kwargs = ms.get("kwargs") or {}
         if not isinstance(kwargs, dict):
             raise XaiCompressError(f"{source}: model kwargs must be an object")
-        return cls(name, (shape[0], shape[1], shape[2]), classes, dict(kwargs))
+        unknown = sorted(set(ms) - {"name", "input_shape", "num_classes", "kwargs",
+                                    "preprocess"})
+        if unknown:
+            raise XaiCompressError(f"{source}: model spec has unknown keys {unknown[:3]}")
+        pre = None
+        if ms.get("preprocess") is not None:
+            pre = Preprocess.from_meta(ms["preprocess"], source)
+            if (pre.channels not in (None, shape[0])
+                    or pre.size not in (None, shape[1]) or shape[1] != shape[2]):
+                raise XaiCompressError(f"{source}: preprocess ({pre.describe()}) does not fit "
+                                       f"input_shape {shape}")
+        return cls(name, (shape[0], shape[1], shape[2]), classes, dict(kwargs), pre)
 
 
 @dataclass
@@ -132,19 +166,42 @@ class Checkpoint:
 
 
 # --------------------------------------------------------------------- widths
-_RESIZABLE = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)
+# Structured pruning shrinks layers in place (Torch-Pruning resizes their tensors and their
+# size attributes). A file records the width of every layer of these kinds; reloading
+# builds the architecture and resizes the same modules *in place* (`resize_layer`), so a
+# subclass keeps everything else it holds: timm's BatchNormAct2d keeps its fused activation,
+# which re-creating the layer by its type would lose.
+_CONV = nn.modules.conv._ConvNd
+_BATCHNORM = nn.modules.batchnorm._BatchNorm
+_RESIZABLE = (_CONV, nn.Linear, _BATCHNORM, nn.LayerNorm, nn.GroupNorm, nn.PReLU)
+
+
+def _width_of(m: nn.Module) -> dict[str, int] | None:
+    """The recorded width of one layer ({"in", "out", "groups"} as it applies), None for
+    modules of other kinds (and LayerNorms over more than one dimension)."""
+    if isinstance(m, _CONV) and not m.transposed:
+        return {"in": m.in_channels, "out": m.out_channels, "groups": m.groups}
+    if isinstance(m, nn.Linear):
+        return {"in": m.in_features, "out": m.out_features}
+    if isinstance(m, _BATCHNORM):
+        return {"out": m.num_features}
+    if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+        return {"out": m.normalized_shape[0]}
+    if isinstance(m, nn.GroupNorm):
+        return {"out": m.num_channels, "groups": m.num_groups}
+    if isinstance(m, nn.PReLU):
+        return {"out": m.num_parameters}
+    return None
 
 
 def layer_widths(model: nn.Module) -> dict[str, dict[str, int]]:
-    """Per-layer widths (in/out channels or features) of every resizable layer."""
+    """Per-layer widths (in/out channels or features, groups) of every resizable layer:
+    Conv, Linear, BatchNorm (subclasses included), LayerNorm, GroupNorm, PReLU."""
     out: dict[str, dict[str, int]] = {}
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            out[name] = {"in": m.in_channels, "out": m.out_channels, "groups": m.groups}
-        elif isinstance(m, nn.Linear):
-            out[name] = {"in": m.in_features, "out": m.out_features}
-        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-            out[name] = {"out": m.num_features}
+        w = _width_of(m)
+        if w is not None:
+            out[name] = w
     return out
 
 
@@ -165,40 +222,94 @@ def check_widths(widths: Any, source: str) -> dict[str, dict[str, int]]:
     return widths
 
 
-def _resized(m: nn.Module, w: dict[str, int]) -> nn.Module:
-    if isinstance(m, nn.Conv2d):
-        return nn.Conv2d(w["in"], w["out"], m.kernel_size, m.stride, m.padding, m.dilation,
-                         w.get("groups", m.groups), m.bias is not None, m.padding_mode)
-    if isinstance(m, nn.Linear):
-        return nn.Linear(w["in"], w["out"], m.bias is not None)
-    if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-        return type(m)(w["out"], m.eps, m.momentum, m.affine, m.track_running_stats)
-    raise TypeError(type(m).__name__)
+def _set_tensor(m: nn.Module, name: str, shape: tuple[int, ...]) -> None:
+    """Give `m.<name>` (a parameter or buffer, possibly None) the shape `shape`: a new
+    tensor of the same dtype and device holding the old values' leading block (zeros where
+    it grew); a loader then replaces the values with the file's."""
+    old = getattr(m, name, None)
+    if old is None or tuple(old.shape) == tuple(shape):
+        return
+    new = torch.zeros(shape, dtype=old.dtype, device=old.device)
+    if len(shape) == old.dim():
+        block = tuple(slice(0, min(a, b)) for a, b in zip(shape, old.shape, strict=True))
+        with torch.no_grad():
+            new[block] = old.detach()[block]
+    if isinstance(old, nn.Parameter):
+        setattr(m, name, nn.Parameter(new, requires_grad=old.requires_grad))
+    else:
+        m._buffers[name] = new
+
+
+def resize_layer(m: nn.Module, w: dict[str, int]) -> None:
+    """Resize layer `m` in place to width `w`: its size attributes and the shapes of its
+    own parameters and buffers, nothing else (its class, submodules and options stay)."""
+    out = w["out"]
+    if isinstance(m, _CONV):
+        cin, groups = w["in"], w.get("groups", m.groups)
+        if cin % groups or out % groups:
+            raise ValueError("channels not divisible by groups")
+        m.in_channels, m.out_channels, m.groups = cin, out, groups
+        _set_tensor(m, "weight", (out, cin // groups, *m.kernel_size))
+        _set_tensor(m, "bias", (out,))
+    elif isinstance(m, nn.Linear):
+        m.in_features, m.out_features = w["in"], out
+        _set_tensor(m, "weight", (out, w["in"]))
+        _set_tensor(m, "bias", (out,))
+    elif isinstance(m, (_BATCHNORM, nn.LayerNorm, nn.GroupNorm, nn.PReLU)):
+        if isinstance(m, _BATCHNORM):
+            m.num_features = out
+        elif isinstance(m, nn.LayerNorm):
+            m.normalized_shape = (out,)
+        elif isinstance(m, nn.GroupNorm):
+            m.num_channels, m.num_groups = out, w.get("groups", m.num_groups)
+            if out % m.num_groups:
+                raise ValueError("channels not divisible by groups")
+        else:
+            m.num_parameters = out
+        for t in ("weight", "bias", "running_mean", "running_var"):
+            _set_tensor(m, t, (out,))
+    else:
+        raise TypeError(type(m).__name__)
 
 
 def apply_widths(model: nn.Module, widths: dict[str, dict[str, int]], source: str) -> None:
-    """Replace every layer whose width differs from `widths` by one of the recorded width."""
+    """Resize, in place, every layer whose width differs from `widths`."""
     modules = dict(model.named_modules())
     for name, w in widths.items():
         m = modules.get(name)
-        if m is None or not isinstance(m, _RESIZABLE):
+        if m is None or _width_of(m) is None:
             raise XaiCompressError(f"{source}: metadata names layer {name[:100]!r} that the "
                                    "model does not have")
         try:
-            if layer_widths_of(m) == w:
-                continue
-            new = _resized(m, w)
+            if _width_of(m) != w:
+                resize_layer(m, w)
         except (KeyError, TypeError, ValueError) as exc:
             raise XaiCompressError(f"{source}: bad width for layer {name!r}: {w}") from exc
-        parent_name, _, attr = name.rpartition(".")
-        parent = modules[parent_name] if parent_name else model
-        setattr(parent, attr, new)
+
+
+def shrink_other_tensors(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Give the parameters and buffers of modules that are not resizable layers (e.g. a
+    layer scale Torch-Pruning pruned as an unwrapped parameter) the shape the file holds,
+    when it is the built shape shrunk along some dimensions (structured pruning only ever
+    removes); anything else is left for the shape check to report."""
+    for mod_name, m in model.named_modules():
+        if _width_of(m) is not None:
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        for t_name, t in [*m._parameters.items(), *m._buffers.items()]:
+            want = shapes.get(prefix + t_name)
+            if t is None or want is None or tuple(want) == tuple(t.shape):
+                continue
+            if len(want) == t.dim() and all(0 < a <= b for a, b in zip(want, t.shape,
+                                                                        strict=True)):
+                _set_tensor(m, t_name, tuple(want))
 
 
 def layer_widths_of(m: nn.Module) -> dict[str, int]:
-    tmp = nn.Module()
-    tmp.add_module("m", m)
-    return layer_widths(tmp)["m"]
+    w = _width_of(m)
+    if w is None:
+        raise TypeError(type(m).__name__)
+    return w
 
 
 # ------------------------------------------------------------------ rebuilding
@@ -216,6 +327,18 @@ def _check_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]], spec: Mo
                                    f"{spec.name!r} expects {expected[k]}")
 
 
+#: what a loader's `model=` may be: the factory name the user trusts, or their own module
+Trusted = str | nn.Module | None
+
+
+def spec_for(spec: ModelSpec, trusted: Trusted) -> tuple[ModelSpec, str | None]:
+    """A file's spec as the user's `model=` rebuilds it: from a copy of their own module
+    when they gave one (the trusted name is then irrelevant), else from its name."""
+    if isinstance(trusted, nn.Module):
+        return spec.with_template(trusted), None
+    return spec, trusted
+
+
 def rebuild_model(spec: ModelSpec, widths: dict[str, dict[str, int]],
                   shapes: dict[str, tuple[int, ...]], source: str,
                   trusted: str | None) -> nn.Module:
@@ -223,14 +346,16 @@ def rebuild_model(spec: ModelSpec, widths: dict[str, dict[str, int]],
     file holds (`shapes`) matches it. Nothing large is allocated before that: the check
     runs on a meta-device copy (no memory), so neither kwargs such as width=1e9 nor widths
     of 10^6 channels allocate anything."""
-    check_trusted(spec.name, trusted, source)
-    check_model_kwargs(spec.name, spec.kwargs, source)
+    if spec.template is None:  # the user's own module is trusted as it is
+        check_trusted(spec.name, trusted, source)
+        check_model_kwargs(spec.name, spec.kwargs, source)
     try:
         with torch.device("meta"):
             skeleton: nn.Module | None = spec.build()
             apply_widths(skeleton, widths, source)
+            shrink_other_tensors(skeleton, shapes)
     except XaiCompressError as exc:
-        if ":" not in spec.name:
+        if ":" not in spec.name and spec.template is None:
             raise XaiCompressError(f"{source}: cannot rebuild the model it names: {exc}") from None
         skeleton = None  # a user factory that cannot run on the meta device: checked below
     if skeleton is not None:
@@ -240,6 +365,7 @@ def rebuild_model(spec: ModelSpec, widths: dict[str, dict[str, int]],
     except XaiCompressError as exc:
         raise XaiCompressError(f"{source}: cannot rebuild the model it names: {exc}") from None
     apply_widths(model, widths, source)
+    shrink_other_tensors(model, shapes)
     if skeleton is None:
         _check_shapes(model, shapes, spec, source)
     return model
@@ -303,6 +429,26 @@ def check_finite_model(ckpt: Checkpoint, out: str | os.PathLike[str]) -> None:
     ckpt.state.validate(ckpt.model, f"{out}: not written")
 
 
+def check_same_structure(model: nn.Module, back: nn.Module,
+                         out: str | os.PathLike[str]) -> None:
+    """The reloaded model has the in-memory model's module classes and layer widths under
+    every name both have (a layer rebuilt as another class, e.g. a fused BatchNorm +
+    activation turned into a plain BatchNorm, may agree on the 4 probe images by chance).
+    Names only one side has are wrapper modules (parametrizations, export wrappers)."""
+    from torch.nn.utils.parametrize import type_before_parametrizations as cls
+
+    mine = dict(model.named_modules())
+    for name, m in back.named_modules():
+        other = mine.get(name)
+        if other is None:
+            continue
+        if cls(other) is not cls(m) or _width_of(other) != _width_of(m):
+            raise XaiCompressError(
+                f"{out}: not written: reloaded, layer {name!r} is a {type(m).__name__} "
+                f"{_width_of(m) or ''}, the model's is a {type(other).__name__} "
+                f"{_width_of(other) or ''}; please report this bug")
+
+
 def verify_reload(ckpt: Checkpoint, load: Callable[[Path], Checkpoint],
                   out: str | os.PathLike[str]) -> Callable[[Path], None]:
     """An `atomic_write_bytes` verify hook: the temporary file, loaded with `load`, must give
@@ -314,6 +460,7 @@ def verify_reload(ckpt: Checkpoint, load: Callable[[Path], Checkpoint],
             msg = str(exc).replace(str(tmp), str(out))
             raise XaiCompressError(f"{out}: not written: it would not load back ({msg})") \
                 from None
+        check_same_structure(ckpt.model, back.model, out)
         want = probe_outputs(ckpt.model, ckpt.spec.input_shape)
         got = probe_outputs(back.model, ckpt.spec.input_shape)
         if not torch.equal(want, got):
@@ -382,7 +529,7 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike[str]) -> Path:
     loads back to the same outputs; an interrupted or refused save leaves no file."""
     check_finite_model(ckpt, path)
     atomic_write_bytes(path, checkpoint_bytes(ckpt), verify=verify_reload(
-        ckpt, lambda tmp: load_checkpoint(tmp, model=ckpt.spec.name), path))
+        ckpt, lambda tmp: load_checkpoint(tmp, model=ckpt.spec.loader_model), path))
     return Path(path)
 
 
@@ -399,7 +546,9 @@ class _Header:
 def _refuse_pickle(first: bytes, source: str) -> None:
     if first[8:9] != b"{" and (first[:1] == b"\x80" or first[:2] == b"PK"):
         raise XaiCompressError(f"{source}: is a pickle/torch.save file; refusing to unpickle, "
-                               "expected an xaicompress safetensors checkpoint")
+                               "expected an xaicompress safetensors checkpoint (a state dict "
+                               "of your own model: xaicompress import FILE --model SPEC "
+                               "--data SPEC)")
 
 
 def _bad(source: str, why: str) -> XaiCompressError:
@@ -475,11 +624,13 @@ def _read_header(f: BinaryIO, size: int, source: str) -> _Header:
     return _parse_header(f.read(n), size, source)
 
 
-def load_checkpoint(path: str | os.PathLike[str], *, model: str | None = None) -> Checkpoint:
+def load_checkpoint(path: str | os.PathLike[str], *, model: Trusted = None) -> Checkpoint:
     """Load a checkpoint; any problem is a one-line `XaiCompressError` naming the file.
 
     model: the model factory the user trusts (`package.module:factory`, as given with
-    --model); a checkpoint naming any other unregistered factory is refused unrun.
+    --model); a checkpoint naming any other unregistered factory is refused unrun. Or the
+    user's own `nn.Module` (Python API): a copy of it is the architecture, whatever the
+    file names (`ModelSpec.template`).
     """
     p = Path(path)
     if not p.is_file():
@@ -495,7 +646,7 @@ def load_checkpoint(path: str | os.PathLike[str], *, model: str | None = None) -
 
 
 def checkpoint_from_bytes(raw: bytes, source: str = "checkpoint", *,
-                          model: str | None = None) -> Checkpoint:
+                          model: Trusted = None) -> Checkpoint:
     _refuse_pickle(raw[:9], source)
     n = _header_length(raw[:8], len(raw), source)
     head = _parse_header(raw[8:8 + n], len(raw), source)
@@ -505,7 +656,9 @@ def checkpoint_from_bytes(raw: bytes, source: str = "checkpoint", *,
 def _parse_meta(head: _Header, raw: bytes, source: str) -> dict[str, Any]:
     if head.meta_raw is None:
         raise XaiCompressError(f"{source}: safetensors file without xaicompress metadata; "
-                               "expected a checkpoint written by xaicompress")
+                               "expected a checkpoint written by xaicompress (a state dict of "
+                               "your own model: xaicompress import FILE --model SPEC --data "
+                               "SPEC)")
     try:
         meta = json.loads(head.meta_raw)
     except RecursionError:
@@ -533,10 +686,10 @@ def _parse_meta(head: _Header, raw: bytes, source: str) -> dict[str, Any]:
     return meta
 
 
-def _checkpoint_from(raw: bytes, head: _Header, source: str, trusted: str | None
+def _checkpoint_from(raw: bytes, head: _Header, source: str, trusted: Trusted
                      ) -> Checkpoint:
     meta = _parse_meta(head, raw, source)
-    spec = ModelSpec.from_meta(meta.get("model"), source)
+    spec, trusted = spec_for(ModelSpec.from_meta(meta.get("model"), source), trusted)
     widths = check_widths(meta.get("widths"), source)
     history, metrics = meta.get("history") or [], meta.get("metrics") or {}
     if not isinstance(history, list) or not isinstance(metrics, dict):

@@ -187,17 +187,19 @@ def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float
 def train_checkpoint(model_name: str, data_spec: str, *, epochs: float = 15, seed: int = 0,
                      optimizer: str = "adam", lr: float | None = None, batch_size: int = 64,
                      model_kwargs: dict | None = None, augment: int | None = None,
-                     bundle=None):  # noqa: ANN001,ANN201
+                     bundle=None, preprocess=None):  # noqa: ANN001,ANN201
     """Build `model_name` for `data_spec`, train it, and return a Checkpoint.
 
-    bundle: the already loaded DatasetBundle of `data_spec` (loaded here when None)."""
+    bundle: the already loaded DatasetBundle of `data_spec` (loaded here when None, with
+    `preprocess`, a `data.preprocess.Preprocess`). The checkpoint records the complete
+    preprocessing the training saw (the data's statistics unless `preprocess` set them)."""
     from xaicompress.checkpoint import Checkpoint, ModelSpec
     from xaicompress.data import load_dataset
 
     if bundle is None:
-        bundle = load_dataset(data_spec, seed=seed)
+        bundle = load_dataset(data_spec, seed=seed, preprocess=preprocess)
     spec = ModelSpec(model_name, tuple(bundle.input_shape), bundle.num_classes,
-                     dict(model_kwargs or {}))
+                     dict(model_kwargs or {}), bundle.preprocess)
     seed_everything(seed)
     model = spec.build().to(current_device())  # built on the CPU (same init), then placed
     train(model, bundle.train, epochs=epochs, lr=lr, optimizer=optimizer,

@@ -242,5 +242,39 @@ WRITE_CASES = [
                                        "--out", "{out}"), "--lr"),
 ]
 
-CASES: list[Case] = [*CKPT_PAYLOADS, *XCPK_PAYLOADS, *CKPT_CASES, *XCPK_CASES, *WRITE_CASES]
+IMPORT = ("import", "{bad}", "--model", "lenet5", "--data", "mnist5k", "--out", "{out}")
+
+
+def _import_as(model: str, *extra: str) -> tuple[str, ...]:
+    return ("import", "{bad}", "--model", model, "--data", "mnist5k", "--out", "{out}", *extra)
+
+
+IMPORT_CASES = [
+    # `xaicompress import` of a user's state dict (issue 14): refused in one line, nothing
+    # written, a pickle payload never run
+    Case("import-pth-pickle-payload", IMPORT, "refused unrun",
+         mf.state_dict_file("evil.pth", mf.with_payload), kind="payload"),
+    Case("import-pth-whole-model-object", IMPORT, "save model.state_dict()",
+         mf.state_dict_file("model_object.pth", mf.pickled_model), kind="payload"),
+    Case("import-pth-legacy-format", IMPORT, "legacy",
+         mf.state_dict_file("legacy.pth", legacy=True)),
+    Case("import-other-architecture", IMPORT, "does not fit --model lenet5 (missing: conv1",
+         mf.state_dict_file("lenet300.pth", mf.other_architecture)),
+    Case("import-missing-keys", IMPORT, "missing: fc3.weight, fc3.bias",
+         mf.state_dict_file("no_fc3.pth", mf.without_fc3)),
+    Case("import-nan-weights", IMPORT, "contains NaN",
+         mf.state_dict_file("nan.pth", mf.nan_weight)),
+    Case("import-not-a-state-dict", IMPORT, "not a state dict file",
+         mf.raw_edit_case("junk.pth", lambda r: b"junk" * 100)),
+    Case("import-factory-raises", _import_as("torchvision:resnet18", "--normalise", "imagenet",
+                                             "--model-kwargs", '{{"groups": 0}}'),
+         "factory failed", mf.state_dict_file("w.pth")),
+    Case("import-timm-nosuchmodel", _import_as("timm:nosuchmodel"),
+         "timm has no model 'nosuchmodel'", mf.state_dict_file("w.pth")),
+    Case("import-model-kwargs-not-json", _import_as("lenet5", "--model-kwargs", "{{width"),
+         "--model-kwargs", mf.state_dict_file("w.pth")),
+]
+
+CASES: list[Case] = [*CKPT_PAYLOADS, *XCPK_PAYLOADS, *CKPT_CASES, *XCPK_CASES, *WRITE_CASES,
+                     *IMPORT_CASES]
 assert len({c.id for c in CASES}) == len(CASES)

@@ -348,3 +348,53 @@ def xcpk_scale_wrong_length(good: Path, d: Path) -> Path:
     next(s for s in header["tensors"]["conv1.weight"]["streams"]
          if s["role"] == "scales")["bytes"] = n // 2
     return write_xcpk(d / "scale_len.xcpk", header, payload[:off + n // 2] + payload[off + n:])
+
+
+# ------------------------------------------------------------- import (state dicts)
+class _ImportPayload:
+    """Unpickling this runs code: it would create the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def state_dict_file(name: str, edit=None, *, legacy: bool = False):
+    """A `torch.save` file of the good checkpoint's state dict, edited by `edit(sd, d)`
+    (which may return another object to save)."""
+    def make(good: Path, d: Path) -> Path:
+        sd = {k: v for k, v in load_file(str(good)).items() if not k.startswith("__xc__")}
+        obj = edit(sd, d) if edit else None
+        p = d / name
+        torch.save(sd if obj is None else obj, p,
+                   _use_new_zipfile_serialization=not legacy)
+        return p
+    return make
+
+
+def with_payload(sd: dict, d: Path) -> dict:
+    return {"state_dict": {**sd, "evil": _ImportPayload(d / MARKER)}}
+
+
+def other_architecture(sd: dict, d: Path) -> dict:
+    from xaicompress.models.registry import create_model
+
+    return create_model("lenet300", (1, 28, 28), 10).state_dict()
+
+
+def without_fc3(sd: dict, d: Path) -> dict:
+    return {k: v for k, v in sd.items() if not k.startswith("fc3.")}
+
+
+def nan_weight(sd: dict, d: Path) -> dict:
+    sd["conv1.weight"] = sd["conv1.weight"].clone()
+    sd["conv1.weight"].view(-1)[3] = float("nan")
+    return sd
+
+
+def pickled_model(sd: dict, d: Path) -> Any:
+    from xaicompress.models.registry import create_model
+
+    return create_model("lenet5", (1, 28, 28), 10)

@@ -50,6 +50,16 @@ def _raw_config(text: str):
     return make
 
 
+def _checkpoint_config(text: str):
+    """A config starting from the good checkpoint, plus `text`."""
+    def make(good: Path, d: Path) -> Path:
+        p = d / "bad_config.yaml"
+        p.write_text(f"checkpoint: {good}\n{text}")
+        return p
+
+    return make
+
+
 CKPT_MAKERS = {
     "truncated-ckpt": makers.truncated,
     "corrupt-header-ckpt": makers.corrupted_header,
@@ -154,10 +164,12 @@ CASES: list[Case] = [
     Case("data-kind-without-path", _train("--data", "idx:"), "idx", kind="data"),
     Case("data-control-characters", _train("--data", "mnist\x075k"), "non-printable",
          kind="data"),
-    Case("data-does-not-fit-model", ("evaluate", "{ckpt}", "--data", "digits"), "digits",
-         kind="data"),
+    # the checkpoint's preprocessing resizes any data to its 28 x 28 inputs; a spec asking
+    # for another size does not fit
+    Case("data-does-not-fit-model", ("evaluate", "{ckpt}", "--data", "digits?size=8"),
+         "digits", kind="data"),
     Case("prune-data-does-not-fit", ("prune", "{ckpt}", "--structured", "--ratio", "0.5",
-                                     "--data", "digits", "--out", "{out}"), "digits",
+                                     "--data", "digits?size=8", "--out", "{out}"), "digits",
          kind="data"),
     # ------------------------------------------------------------ memory and CPU bombs
     Case("idx-header-claims-2^28-images", _train("--data", "idx:{bad}"), "claims",
@@ -353,8 +365,10 @@ CASES: list[Case] = [
          _config(stages=[{**TINY_STAGE, "min_channels": 1000000}]), kind="config"),
     Case("config-fidelity-maybe", COMPRESS, "report.fidelity",
          _config(report={"fidelity": "maybe"}), kind="config"),
+    # kwargs apply to a state dict (checkpoint: weights.pth); an xaicompress checkpoint
+    # stores its own, so they are refused once the file is known to be one
     Case("config-kwargs-with-checkpoint", COMPRESS, "model.kwargs",
-         _raw_config("checkpoint: x.safetensors\nmodel: {name: lenet5, kwargs: {w: 1}}\n"),
+         _checkpoint_config("model: {name: lenet5, kwargs: {w: 1}}\nstages: []\n"),
          kind="config"),
     Case("config-checkpoint-missing", COMPRESS, "gone.safetensors",
          _raw_config("checkpoint: gone.safetensors\nstages: []\n"), kind="config"),

@@ -22,7 +22,7 @@ def load_inputs(checkpoint: str, model: str | None, data: str | None, seed: int
     ckpt = load_any(checkpoint, model=model)
     ckpt.model.to(current_device())
     spec = data or ckpt.data or DEFAULT_SPEC
-    bundle = load_dataset(spec, seed=seed)
+    bundle = load_dataset(spec, seed=seed, preprocess=ckpt.spec.preprocess)
     check_data_fits(ckpt, bundle.input_shape, bundle.num_classes, spec)
     return ckpt, bundle, spec
 

@@ -32,7 +32,7 @@ def evaluate_cmd(
     ckpt = load_any(checkpoint, model=model)
     ckpt.model.to(current_device())  # loaded on the CPU; accuracy runs on --device
     spec = data or ckpt.data or DEFAULT_SPEC
-    bundle = load_dataset(spec, seed=seed)
+    bundle = load_dataset(spec, seed=seed, preprocess=ckpt.spec.preprocess)
     check_data_fits(ckpt, bundle.input_shape, bundle.num_classes, spec)
     m = evaluate(ckpt, bundle.test)
     if onnx:

@@ -38,7 +38,7 @@ def explain_cmd(
     ckpt = load_checkpoint(checkpoint, model=model)
     ckpt.model.to(current_device())  # loaded on the CPU; relevance runs on --device
     spec = data or ckpt.data or DEFAULT_SPEC
-    bundle = load_dataset(spec, seed=seed)
+    bundle = load_dataset(spec, seed=seed, preprocess=ckpt.spec.preprocess)
     check_data_fits(ckpt, bundle.input_shape, bundle.num_classes, spec)
     result = explain_checkpoint(ckpt, bundle, out, criterion=crit, samples=samples, seed=seed,
                                 images=images, batch_size=batch_size)

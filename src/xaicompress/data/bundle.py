@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
+from xaicompress.data.preprocess import Preprocess
 from xaicompress.errors import XaiCompressError
 
 #: Datasets held in memory (embedded, idx, cifar) may take at most this many bytes as float32
@@ -44,6 +45,8 @@ class DatasetBundle:
     #: named relative to; `xaicompress.data.fingerprint` hashes them for the stage cache
     files: tuple[Path, ...] = field(default=(), repr=False)
     root: Path | None = field(default=None, repr=False)
+    #: the complete preprocessing the items went through (normalisation, size, resize)
+    preprocess: Preprocess | None = field(default=None, repr=False)
 
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # view(-1, 1, 1) broadcasts over both (C, H, W) and (N, C, H, W).
@@ -125,6 +128,22 @@ def check_fits_memory(spec: str, count: int, shape: Sequence[int], what: str = "
             "?size=N, a folder:DIR dataset (read lazily), or raise XAICOMPRESS_MAX_DATA_GB")
 
 
+def model_channels(spec: str, channels: int, preprocess: Preprocess | None) -> int:
+    """The channels the model takes: the normalisation's (gray data replicated to 3 when it
+    has 3), else the data's."""
+    want = None if preprocess is None else preprocess.channels
+    if want is None or want == channels:
+        return channels
+    if channels == 1 and want == 3:
+        return 3
+    raise XaiCompressError(f"{spec}: the images have {channels} channel(s), the model's "
+                           f"normalisation has {want}")
+
+
+def _to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    return x if x.shape[1] == channels else x.repeat(1, channels, 1, 1)
+
+
 def _own_float(x: torch.Tensor) -> torch.Tensor:
     # Normalisation below works in place: never on the caller's float32 tensor.
     y = x.float()
@@ -143,19 +162,31 @@ def tensor_bundle(
     image_size: int | None = None,
     files: Sequence[Path] = (),
     root: Path | None = None,
+    preprocess: Preprocess | None = None,
 ) -> DatasetBundle:
     """Build an in-memory bundle from float (N, C, H, W) pixels in [0, 1] and int labels.
 
     Resizes (if asked), computes the train statistics and stores normalised float32
     `TensorDataset`s, labels as int64. `files` / `root`: where the data came from (see
     `DatasetBundle.files`). Refuses, before resizing, a result above `max_data_bytes()`.
+    preprocess: the model's (`data/preprocess.py`): its normalisation instead of the train
+    statistics, gray images replicated to 3 channels when it has 3.
     """
     c, h, w = x_train01.shape[1:]
+    if preprocess is not None and preprocess.size is not None:
+        image_size = preprocess.size
+    if preprocess is not None and preprocess.resize is not None:
+        raise XaiCompressError(f"{spec}: resize (shorter side + centre crop) applies to "
+                               "folder: data only; use size")
+    out_c = model_channels(spec, int(c), preprocess)
     side = (image_size, image_size) if image_size is not None else (h, w)
-    check_fits_memory(spec, len(x_train01) + len(x_test01), (c, *side))
-    x_train01 = resize_pixels(_own_float(x_train01), image_size)
-    x_test01 = resize_pixels(_own_float(x_test01), image_size)
-    mean, std = channel_stats(x_train01)
+    check_fits_memory(spec, len(x_train01) + len(x_test01), (out_c, *side))
+    x_train01 = _to_channels(resize_pixels(_own_float(x_train01), image_size), out_c)
+    x_test01 = _to_channels(resize_pixels(_own_float(x_test01), image_size), out_c)
+    if preprocess is not None and preprocess.mean is not None:
+        mean, std = tuple(preprocess.mean), tuple(preprocess.std or ())
+    else:
+        mean, std = channel_stats(x_train01)
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     # In place on the (fresh) float copies to keep peak memory at one copy per split.
@@ -173,4 +204,5 @@ def tensor_bundle(
         classes=list(classes),
         files=tuple(files),
         root=root,
+        preprocess=(preprocess or Preprocess()).with_stats(mean, std, int(h)),
     )

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from xaicompress.data.bundle import DatasetBundle, check_fits_memory, tensor_bundle
+from xaicompress.data.preprocess import Preprocess
 from xaicompress.data.safe_pickle import safe_load
 from xaicompress.errors import XaiCompressError
 
@@ -161,7 +162,8 @@ def _check_labels(path: Path, labels: np.ndarray, num_classes: int) -> None:
         raise XaiCompressError(f"{path}: label {bad} out of range 0..{num_classes - 1}")
 
 
-def load_cifar(spec: str, kind: str, root: Path, image_size: int | None = None) -> DatasetBundle:
+def load_cifar(spec: str, kind: str, root: Path, image_size: int | None = None,
+               preprocess: Preprocess | None = None) -> DatasetBundle:
     """CIFAR-10/100 as a bundle with images (3, 32, 32) (or resized)."""
     num_classes = 10 if kind == "cifar10" else 100
     label_bytes = _LAYOUT[kind][0]
@@ -186,4 +188,5 @@ def load_cifar(spec: str, kind: str, root: Path, image_size: int | None = None) 
         num_classes=num_classes,
         classes=list(CIFAR10_CLASSES if kind == "cifar10" else CIFAR100_CLASSES),
         image_size=image_size, files=(*train_files, test_file), root=root,
+        preprocess=preprocess,
     )

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from xaicompress.data.bundle import DatasetBundle, tensor_bundle
+from xaicompress.data.preprocess import Preprocess
 
 SPLIT_SEED = 0
 DIGIT_CLASSES = [str(i) for i in range(10)]
@@ -47,31 +48,32 @@ def _split(x: np.ndarray, y: np.ndarray, test_size: float | int, split: int = SP
     return train_test_split(x, y, test_size=test_size, stratify=y, random_state=split)
 
 
-def load_mnist5k(spec: str, image_size: int | None = None, split: int = SPLIT_SEED
-                 ) -> DatasetBundle:
+def load_mnist5k(spec: str, image_size: int | None = None, split: int = SPLIT_SEED,
+                 preprocess: Preprocess | None = None) -> DatasetBundle:
     """4,000 train / 1,000 test MNIST digits, images (1, 28, 28) (or resized); `split`
     selects the stratified partition."""
     x, y = _mnist5k_arrays()
     x_tr, x_te, y_tr, y_te = _split(x, y, test_size=1000, split=split)
-    return _bundle(spec, x_tr / 255.0, y_tr, x_te / 255.0, y_te, 28, image_size)
+    return _bundle(spec, x_tr / 255.0, y_tr, x_te / 255.0, y_te, 28, image_size, preprocess)
 
 
-def load_digits(spec: str, image_size: int | None = None, split: int = SPLIT_SEED
-                ) -> DatasetBundle:
+def load_digits(spec: str, image_size: int | None = None, split: int = SPLIT_SEED,
+                preprocess: Preprocess | None = None) -> DatasetBundle:
     """scikit-learn digits, 80/20 stratified, images (1, 8, 8) (or resized)."""
     from sklearn.datasets import load_digits as sk_load_digits
 
     data = sk_load_digits()
     x_tr, x_te, y_tr, y_te = _split(data.data, data.target.astype(np.int64), test_size=0.2,
                                     split=split)
-    return _bundle(spec, x_tr / 16.0, y_tr, x_te / 16.0, y_te, 8, image_size)
+    return _bundle(spec, x_tr / 16.0, y_tr, x_te / 16.0, y_te, 8, image_size, preprocess)
 
 
-def _bundle(spec, x_tr, y_tr, x_te, y_te, side: int, image_size: int | None) -> DatasetBundle:
+def _bundle(spec, x_tr, y_tr, x_te, y_te, side: int, image_size: int | None,  # noqa: ANN001
+            preprocess: Preprocess | None = None) -> DatasetBundle:
     def images(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.asarray(a, dtype=np.float32).reshape(-1, 1, side, side))
 
     return tensor_bundle(
         spec, images(x_tr), torch.from_numpy(y_tr), images(x_te), torch.from_numpy(y_te),
-        num_classes=10, classes=DIGIT_CLASSES, image_size=image_size,
+        num_classes=10, classes=DIGIT_CLASSES, image_size=image_size, preprocess=preprocess,
     )

@@ -6,8 +6,10 @@ Layout: one sub-folder per class (searched recursively for image files)::
     DIR/train/cat/... DIR/test/cat/...  (or DIR/val/...)  -> the given split
 
 Files with other extensions and hidden files are skipped. Images are converted to RGB, or
-to L when every (checked) image is grayscale, and resized (square, bilinear) to N x N
-(``?size=N``, else the `image_size` argument, else 32).
+to L when every (checked) image is grayscale (or to what the model's preprocessing asks),
+and resized (square, bilinear) to N x N (the model's size, else ``?size=N``, else the
+`image_size` argument, else 32), or, with the model's `resize`, shorter side resized and
+centre-cropped like torchvision's `Resize` + `CenterCrop` on PIL images.
 
 Nothing is decoded into memory up front: `ImageFolderDataset.__getitem__` opens one file.
 At load time every file is checked with ``Image.verify`` (a seeded sample of 5,000 when
@@ -26,6 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from xaicompress.data.bundle import DatasetBundle, stats_from_sums
+from xaicompress.data.preprocess import Preprocess
 from xaicompress.errors import XaiCompressError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff",
@@ -52,14 +55,31 @@ def _open_image(path: Path):
         raise XaiCompressError(f"{path}: not a readable image ({e})") from e
 
 
-def load_image(path: Path, mode: str, size: int) -> np.ndarray:
-    """Decode one file to float32 (C, size, size) pixels in [0, 1]."""
+def _resize_crop(img, size: int, resize: int | None):  # noqa: ANN001,ANN202 - PIL images
+    """torchvision's PIL `Resize(resize)` + `CenterCrop(size)` (shorter side to `resize`,
+    bilinear, then the centre `size` x `size`), or a plain resize to `size` x `size`."""
     from PIL import Image
 
+    if resize is None:
+        return img.resize((size, size), Image.Resampling.BILINEAR)
+    w, h = img.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(resize * long / short)
+    new_w, new_h = (resize, new_long) if w <= h else (new_long, resize)
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    top = int(round((new_h - size) / 2.0))
+    left = int(round((new_w - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def load_image(path: Path, mode: str, size: int, resize: int | None = None) -> np.ndarray:
+    """Decode one file to float32 (C, size, size) pixels in [0, 1] (shorter side resized to
+    `resize` and centre-cropped when `resize` is given)."""
     img = _open_image(path)
     try:
         with img:
-            img = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
+            img = _resize_crop(img.convert(mode), size, resize)
             arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
     except XaiCompressError:
         raise
@@ -72,11 +92,13 @@ class ImageFolderDataset(Dataset):
     """Lazy dataset of (x float32 (C, size, size) normalised, y int64 scalar) items."""
 
     def __init__(self, files: list[Path], labels: list[int], mode: str, size: int,
-                 mean: tuple[float, ...] = (0.0,), std: tuple[float, ...] = (1.0,)) -> None:
+                 mean: tuple[float, ...] = (0.0,), std: tuple[float, ...] = (1.0,),
+                 resize: int | None = None) -> None:
         self.files = list(files)
         self.labels = list(labels)
         self.mode = mode
         self.size = size
+        self.resize = resize
         self.set_normalisation(mean, std)
 
     def set_normalisation(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
@@ -88,7 +110,7 @@ class ImageFolderDataset(Dataset):
 
     def pixels(self, i: int) -> np.ndarray:
         """Un-normalised (C, size, size) pixels in [0, 1] of item `i`."""
-        return load_image(self.files[i], self.mode, self.size)
+        return load_image(self.files[i], self.mode, self.size, self.resize)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x = (self.pixels(i) - self.mean) / self.std
@@ -185,9 +207,13 @@ def _verify(files: list[Path]) -> bool:
     return all_gray
 
 
-def load_folder(spec: str, root: Path, size: int | None = None) -> DatasetBundle:
-    """Lazy image-folder bundle; images (C, size, size), C = 3 (RGB) or 1 (all grayscale)."""
-    size = size or DEFAULT_SIZE
+def load_folder(spec: str, root: Path, size: int | None = None,
+                preprocess: Preprocess | None = None) -> DatasetBundle:
+    """Lazy image-folder bundle; images (C, size, size), C = 3 (RGB) or 1 (all grayscale),
+    or as the model's `preprocess` says (its channels, size, resize + centre crop and
+    normalisation instead of the training images' statistics)."""
+    pre = preprocess or Preprocess()
+    size = pre.size or size or DEFAULT_SIZE
     test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
     if (root / "train").is_dir() != (test_dir is not None):
         have, lack = ("train", "test/ or val/") if test_dir is None else (test_dir.name, "train/")
@@ -204,11 +230,31 @@ def load_folder(spec: str, root: Path, size: int | None = None) -> DatasetBundle
     if len(classes) < 2:
         raise XaiCompressError(f"{root}: found 1 class folder, need at least 2 classes")
 
-    mode = "L" if _verify(tr_files + te_files) else "RGB"
-    train = ImageFolderDataset(tr_files, tr_labels, mode, size)
-    test = ImageFolderDataset(te_files, te_labels, mode, size)
-
+    gray = _verify(tr_files + te_files)
+    # the model's channels when it has a normalisation (PIL converts RGB <-> L), else the
+    # images' own
+    mode = {1: "L", 3: "RGB"}.get(pre.channels or 0, "L" if gray else "RGB")
+    train = ImageFolderDataset(tr_files, tr_labels, mode, size, resize=pre.resize)
+    test = ImageFolderDataset(te_files, te_labels, mode, size, resize=pre.resize)
     channels = 1 if mode == "L" else 3
+    bundle = DatasetBundle(spec=spec, train=train, test=test,
+                           input_shape=(channels, size, size), num_classes=len(classes),
+                           mean=(0.0,), std=(1.0,), classes=classes,
+                           files=(*tr_files, *te_files), root=root)
+    if pre.mean is not None:
+        mean, std = tuple(pre.mean), tuple(pre.std or ())
+    else:
+        mean, std = _folder_stats(train, channels, size)
+    train.set_normalisation(mean, std)
+    test.set_normalisation(mean, std)
+    bundle.mean, bundle.std = mean, std
+    bundle.preprocess = pre.with_stats(mean, std, size)
+    return bundle
+
+
+def _folder_stats(train: ImageFolderDataset, channels: int, size: int
+                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of at most STATS_SAMPLE seeded-sampled training images."""
     total = np.zeros(channels)
     total_sq = np.zeros(channels)
     sample = _sample(len(train), STATS_SAMPLE)
@@ -216,9 +262,4 @@ def load_folder(spec: str, root: Path, size: int | None = None) -> DatasetBundle
         px = train.pixels(int(i)).astype(np.float64).reshape(channels, -1)
         total += px.sum(axis=1)
         total_sq += (px**2).sum(axis=1)
-    mean, std = stats_from_sums(total, total_sq, len(sample) * size * size)
-    train.set_normalisation(mean, std)
-    test.set_normalisation(mean, std)
-    return DatasetBundle(spec=spec, train=train, test=test, input_shape=(channels, size, size),
-                         num_classes=len(classes), mean=mean, std=std, classes=classes,
-                         files=(*tr_files, *te_files), root=root)
+    return stats_from_sums(total, total_sq, len(sample) * size * size)

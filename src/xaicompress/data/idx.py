@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from xaicompress.data.bundle import DatasetBundle, check_fits_memory, tensor_bundle
+from xaicompress.data.preprocess import Preprocess
 from xaicompress.errors import XaiCompressError
 
 IMAGES_MAGIC = 0x00000803
@@ -136,7 +137,8 @@ def _read_split(root: Path, prefix: str) -> tuple[np.ndarray, np.ndarray, Path, 
     return images, labels, img_path, lab_path
 
 
-def load_idx(spec: str, root: Path, image_size: int | None = None) -> DatasetBundle:
+def load_idx(spec: str, root: Path, image_size: int | None = None,
+             preprocess: Preprocess | None = None) -> DatasetBundle:
     """IDX train/t10k splits as a bundle with images (1, rows, cols) (or resized)."""
     x_tr, y_tr, img_tr, lab_tr = _read_split(root, "train")
     x_te, y_te, img_te, lab_te = _read_split(root, "t10k")
@@ -162,4 +164,5 @@ def load_idx(spec: str, root: Path, image_size: int | None = None) -> DatasetBun
         images(x_te), torch.from_numpy(y_te.astype(np.int64)),
         num_classes=num_classes, classes=[str(i) for i in range(num_classes)],
         image_size=image_size, files=(img_tr, lab_tr, img_te, lab_te), root=root,
+        preprocess=preprocess,
     )

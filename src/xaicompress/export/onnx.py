@@ -37,6 +37,7 @@ from xaicompress.encoding.activation import (
     remove_activation_quant,
 )
 from xaicompress.errors import XaiCompressError
+from xaicompress.export.metadata import add_onnx_metadata
 
 OPSET = 17
 INPUT_NAME = "input"
@@ -144,6 +145,7 @@ def onnx_bytes(ckpt: Checkpoint, *, opset: int = OPSET) -> bytes:
                           do_constant_folding=True)
     proto = onnx.load_from_string(buf.getvalue())
     proto.producer_name = "xaicompress"
+    add_onnx_metadata(proto, ckpt.spec)  # architecture and preprocessing (export/metadata.py)
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
 

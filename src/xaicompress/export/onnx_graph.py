@@ -23,6 +23,7 @@ from torch import nn
 
 from xaicompress.checkpoint import Checkpoint
 from xaicompress.encoding.activation import remove_activation_quant
+from xaicompress.export.metadata import add_onnx_metadata
 from xaicompress.export.onnx import INPUT_NAME, OUTPUT_NAME
 
 #: opset of the deployable exports: 21 is the first with int4 / uint4 (DequantizeLinear)
@@ -53,6 +54,7 @@ def float_onnx(ckpt: Checkpoint, *, opset: int = OPSET) -> tuple[object, dict[st
                           do_constant_folding=True, training=torch.onnx.TrainingMode.PRESERVE)
     proto = onnx.load_from_string(buf.getvalue())
     proto.producer_name = "xaicompress"
+    add_onnx_metadata(proto, ckpt.spec)  # architecture and preprocessing (export/metadata.py)
     inline_identities(proto)
     folds = fold_batchnorm(proto)
     drop_unused_initializers(proto)

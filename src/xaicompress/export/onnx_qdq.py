@@ -48,6 +48,7 @@ from xaicompress.atomic import atomic_write_bytes, check_writable
 from xaicompress.checkpoint import Checkpoint, check_finite_model, probe_batch
 from xaicompress.errors import XaiCompressError
 from xaicompress.export.calibration import CALIBRATION_METHODS, activation_ranges
+from xaicompress.export.metadata import add_onnx_metadata
 from xaicompress.export.onnx_graph import float_onnx
 from xaicompress.export.runtime import INTEGER_OPS, integer_op_counts, ort_predict
 
@@ -161,6 +162,7 @@ def qdq_model(ckpt: Checkpoint, samples: Tensor, *, method: str = "minmax",
                                                **({"percentile": percentile}
                                                   if method == "percentile" else {})}),
         "xaicompress.integer_layers": json.dumps(sorted(w[:-7] for w in expected))})
+    add_onnx_metadata(result, ckpt.spec)  # architecture and preprocessing
     onnx.checker.check_model(result)
     return result
 

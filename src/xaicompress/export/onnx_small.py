@@ -181,7 +181,8 @@ def small_model(ckpt: Checkpoint) -> Any:
     rest = list(graph.node)
     del graph.node[:]
     graph.node.extend([*new_nodes, *rest])
-    onnx.helper.set_model_props(proto, {"xaicompress.stored": json.dumps(stored)})
+    kept = {p.key: p.value for p in proto.metadata_props}  # float_onnx's preprocessing
+    onnx.helper.set_model_props(proto, {**kept, "xaicompress.stored": json.dumps(stored)})
     onnx.checker.check_model(proto)
     return proto
 

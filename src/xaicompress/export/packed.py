@@ -36,11 +36,13 @@ from xaicompress.atomic import atomic_write_bytes
 from xaicompress.checkpoint import (
     Checkpoint,
     ModelSpec,
+    Trusted,
     check_finite_model,
     check_widths,
     layer_widths,
     load_checkpoint,
     rebuild_model,
+    spec_for,
     verify_reload,
 )
 from xaicompress.encoding import ActQuant, CompressionState, LayerEncoding
@@ -167,7 +169,7 @@ def write_packed(ckpt: Checkpoint, path: str | os.PathLike[str]) -> Path:
     """Write the packed file atomically, after verifying it loads back to the same outputs."""
     check_finite_model(ckpt, path)
     atomic_write_bytes(path, packed_bytes(ckpt), verify=verify_reload(
-        ckpt, lambda tmp: load_packed(tmp, model=ckpt.spec.name), path))
+        ckpt, lambda tmp: load_packed(tmp, model=ckpt.spec.loader_model), path))
     return Path(path)
 
 
@@ -178,7 +180,7 @@ def is_packed(path: str | os.PathLike[str]) -> bool:
         return f.read(len(MAGIC)) == MAGIC
 
 
-def load_packed(path: str | os.PathLike[str], *, model: str | None = None) -> Checkpoint:
+def load_packed(path: str | os.PathLike[str], *, model: Trusted = None) -> Checkpoint:
     """Load a packed file into a Checkpoint (model in eval mode, compression state restored;
     no history or metrics: the file has none).
 
@@ -193,7 +195,7 @@ def load_packed(path: str | os.PathLike[str], *, model: str | None = None) -> Ch
     return packed_from_bytes(p.read_bytes(), str(p), model=model)
 
 
-def load_any(path: str | os.PathLike[str], *, model: str | None = None) -> Checkpoint:
+def load_any(path: str | os.PathLike[str], *, model: Trusted = None) -> Checkpoint:
     """Load a packed file or a safetensors checkpoint, told apart by the magic bytes."""
     p = Path(path)
     if p.is_file() and is_packed(p):
@@ -202,13 +204,13 @@ def load_any(path: str | os.PathLike[str], *, model: str | None = None) -> Check
 
 
 def packed_from_bytes(raw: bytes, source: str = "packed file", *,
-                      model: str | None = None) -> Checkpoint:
+                      model: Trusted = None) -> Checkpoint:
     try:
         container = parse_container(raw, source)
     except XcpkError as exc:
         raise XaiCompressError(str(exc)) from None
     h = container.header
-    spec = ModelSpec.from_meta(h["model"], source)
+    spec, model = spec_for(ModelSpec.from_meta(h["model"], source), model)
     widths = check_widths(h.get("widths"), source)
     data = h.get("data")
     if data is not None and not isinstance(data, str):

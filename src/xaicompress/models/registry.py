@@ -1,8 +1,10 @@
 """A registry of models by name, like timm's, plus user factories `package.module:factory`.
 
-Every factory is called as `factory(in_channels=C, image_size=H, num_classes=K, **kwargs)`
-so a model adapts to the dataset. A user's factory may accept fewer of those arguments:
-only the ones its signature names are passed.
+A factory is called with the data arguments its signature *names* among `in_channels=C`,
+`image_size=H`, `num_classes=K` (so a model adapts to the dataset), plus the user's
+kwargs; a factory that only takes `**kwargs` (e.g. `torchvision.models.resnet18`) gets no
+data argument it did not ask for. Families map the data arguments to their library's own
+(`models/vision.py`: `num_classes`, and `in_chans` for timm).
 
 Names a *file* may give (checkpoint metadata, packed header, cache entry) are checked by
 `check_trusted` before anything is imported or called: a registered name, a name of a
@@ -88,8 +90,8 @@ def resolve_factory(name: str) -> ModelFactory:
         return family
     if ":" not in name:
         raise XaiCompressError(
-            f"--model {name!r}: unknown model, expected one of {', '.join(list_models())} "
-            "or package.module:factory"
+            f"--model {name!r}: unknown model, expected one of {', '.join(list_models())}, "
+            f"{', '.join(f'{p}:NAME' for p in sorted(_FAMILIES))} or package.module:factory"
         )
     mod_name, _, attr = name.partition(":")
     try:
@@ -204,13 +206,17 @@ def create_model(
     name (a `name=` option included) through kwargs."""
     factory = resolve_factory(name)
     c, h, _w = input_shape
-    offered = {"in_channels": c, "image_size": h, "num_classes": num_classes, **kwargs}
+    data_args = {"in_channels": c, "image_size": h, "num_classes": num_classes}
     try:
         params = inspect.signature(factory).parameters
         takes_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-        call_kw = offered if takes_var_kw else {k: v for k, v in offered.items() if k in params}
+        # data arguments only where the signature names them (never into a **kwargs that
+        # forwards them to a constructor that does not take them); the user's own kwargs
+        # wherever the factory accepts them
+        call_kw = {k: v for k, v in data_args.items() if k in params}
+        call_kw.update({k: v for k, v in kwargs.items() if takes_var_kw or k in params})
     except (TypeError, ValueError):
-        call_kw = offered
+        call_kw = {**data_args, **kwargs}
     unknown = set(kwargs) - set(call_kw)
     if unknown:
         raise XaiCompressError(f"--model {name!r}: does not accept options {sorted(unknown)}")

@@ -19,11 +19,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from xaicompress import __version__
 from xaicompress.atomic import atomic_write_bytes
 from xaicompress.checkpoint import Checkpoint, checkpoint_bytes, checkpoint_from_bytes
 from xaicompress.data.fingerprint import file_sha256 as file_hash  # noqa: F401 (re-export)
 from xaicompress.errors import XaiCompressError
+from xaicompress.version import __version__
 
 #: bump when the meaning of a cache entry changes
 CACHE_FORMAT = 2

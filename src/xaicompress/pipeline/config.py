@@ -5,7 +5,10 @@ Shape (see configs/*.yaml for commented examples)::
     model: lenet5                  # registered name or package.module:factory
     # model: {name: vgg11, kwargs: {width: 0.5}}
     # checkpoint: path/to/trained.safetensors   # instead of training: start from a checkpoint
-    #                              (with model: naming its factory when it is your own code)
+    #                              (with model: naming its factory when it is your own code),
+    #                              or from your own state dict (.pth / .pt / .bin /
+    #                              .safetensors) with model: (and kwargs) saying what it is
+    # preprocess: {normalise: imagenet, size: 32}   # the model's own (default: the data's)
     data: mnist5k                  # any --data spec (idx:DIR, cifar10:DIR, folder:DIR, ...)
     seed: 0
     train: {epochs: 15, lr: 0.003, optimizer: adam, batch_size: 64, augment: 2}
@@ -37,6 +40,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -313,6 +317,48 @@ class TrainConfig(_Strict):
         "// 12, i.e. 2 on 28 x 28)."))
 
 
+class PreprocessConfig(_Strict):
+    """The model's preprocessing (`data/preprocess.py`): options of `xaicompress import`
+    and a config's `preprocess:`; recorded in the checkpoint and used by every step."""
+
+    normalise: str | None = Field(None, description=(
+        "Per-channel MEAN/STD of [0, 1] pixels, comma-separated channels "
+        "(0.485,0.456,0.406/0.229,0.224,0.225), imagenet, none (0/1) or data (default: the "
+        "training split's own statistics)."))
+    size: Annotated[int, Field(ge=1, le=4096)] | None = Field(None, description=(
+        "Model input size N (N x N images; default: the data's, 32 for folders)."))
+    resize: Annotated[int, Field(ge=1, le=4096)] | None = Field(None, description=(
+        "Image folders: resize the shorter side to this, then centre-crop size x size "
+        "(torchvision's Resize + CenterCrop)."))
+
+    @field_validator("normalise")
+    @classmethod
+    def _normalise(cls, v: str | None) -> str | None:
+        from xaicompress.data.preprocess import parse_normalise
+
+        if v is not None:
+            try:
+                parse_normalise(v, "normalise")
+            except XaiCompressError as exc:
+                raise ValueError(str(exc).removeprefix("normalise ")) from None
+        return v
+
+    @model_validator(mode="after")
+    def _crop(self) -> PreprocessConfig:
+        if self.resize is not None and (self.size is None or self.size > self.resize):
+            raise ValueError("resize needs size (the centre crop), no larger than resize")
+        return self
+
+    def preprocess(self) -> Any:
+        """The `data.preprocess.Preprocess` these options give (unset = the data's)."""
+        from xaicompress.data.preprocess import Preprocess, parse_normalise
+
+        stats = parse_normalise(self.normalise) if self.normalise is not None else None
+        return Preprocess(*(stats or (None, None)), size=self.size, resize=self.resize)
+
+
+
+
 class CalibrationOptions(_Strict):
     """How the integer ONNX's activations are calibrated (export/calibration.py)."""
 
@@ -384,6 +430,9 @@ class PipelineConfig(RuntimeConfig):
     data: str = "mnist5k"
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] = 0
     train: TrainConfig = Field(default_factory=TrainConfig)
+    #: the model's preprocessing when it is trained here or imported from a state dict
+    #: (`checkpoint: weights.pth`); an xaicompress checkpoint carries its own
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     stages: list[Stage] = Field(default_factory=list)
     export: ExportConfig = Field(default_factory=ExportConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
@@ -395,9 +444,11 @@ class PipelineConfig(RuntimeConfig):
 
     @field_validator("data")
     @classmethod
-    def _data(cls, v: str) -> str:
+    def _data(cls, v: str, info: ValidationInfo) -> str:
         from xaicompress.data import parse_data_spec
 
+        if _in_memory(info):
+            return v
         try:
             parse_data_spec(v)
         except XaiCompressError as exc:
@@ -405,16 +456,20 @@ class PipelineConfig(RuntimeConfig):
         return v
 
     @model_validator(mode="after")
-    def _source(self) -> PipelineConfig:
+    def _source(self, info: ValidationInfo) -> PipelineConfig:
+        if _in_memory(info):
+            given = sorted(set(self.model_fields_set) & IN_MEMORY_REFUSED)
+            if given:
+                raise ValueError(f"{given[0]} does not apply to xc.compress (the model and "
+                                 "the data are the Python objects given)")
+            return self
         if self.model is None and self.checkpoint is None:
             raise ValueError("give model (to train a baseline) or checkpoint (to start from a "
                              "trained one; with model: naming its factory if it is your own)")
-        if self.checkpoint is not None:
-            if "train" in self.model_fields_set:
-                raise ValueError("train does not apply when starting from a checkpoint")
-            if self.model is not None and self.model.kwargs:
-                raise ValueError("model.kwargs does not apply when starting from a checkpoint "
-                                 "(it stores them); model: names only the factory you trust")
+        if self.checkpoint is not None and "train" in self.model_fields_set:
+            raise ValueError("train does not apply when starting from a checkpoint")
+        # model.kwargs and preprocess apply to a state dict (checkpoint: weights.pth) and
+        # are refused for an xaicompress checkpoint when it is read (it stores both)
         return self
 
     @property
@@ -439,14 +494,26 @@ class PipelineConfig(RuntimeConfig):
         return self.model_copy(update={"seed": int(seed)})
 
 
+#: keys a config for the Python API's in-memory model and data (`xc.compress`) cannot have
+IN_MEMORY_REFUSED = frozenset({"model", "checkpoint", "data", "train", "preprocess"})
+
+
+def _in_memory(info: ValidationInfo) -> bool:
+    return bool(isinstance(info.context, dict) and info.context.get("in_memory"))
+
+
 # ------------------------------------------------------------------ loading
-def validate_config(data: Any, source: str = "config") -> PipelineConfig:
-    """Validate a parsed config (dict); any problem -> XaiCompressError naming the key."""
+def validate_config(data: Any, source: str = "config", *,
+                    in_memory: bool = False) -> PipelineConfig:
+    """Validate a parsed config (dict); any problem -> XaiCompressError naming the key.
+
+    in_memory: for `xc.compress` (model and data are Python objects): no model, checkpoint,
+    data, train or preprocess keys; `data` is the name the report gives the data."""
     if not isinstance(data, dict):
         raise XaiCompressError(f"{source}: expected a mapping of keys (model, data, stages, "
                                f"...), got {type(data).__name__}")
     try:
-        return PipelineConfig.model_validate(data)
+        return PipelineConfig.model_validate(data, context={"in_memory": in_memory})
     except ValidationError as exc:
         raise XaiCompressError(f"{source}: {_format_error(exc)}") from None
     except XaiCompressError as exc:

@@ -51,6 +51,10 @@ class PipelineResult:
     cached: list[bool]
     files: dict[str, Path] = field(default_factory=dict)
     seconds: float = 0.0
+    #: what `write_result` needs to write the outputs (again) elsewhere
+    steps: list[Checkpoint] = field(default_factory=list, repr=False)
+    config: PipelineConfig | None = field(default=None, repr=False)
+    bundle: DatasetBundle | None = field(default=None, repr=False)
 
 
 def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
@@ -90,24 +94,63 @@ def prepare_out_dir(out_dir: str | os.PathLike[str]) -> Path:
     return out
 
 
-def _source(config: PipelineConfig) -> dict[str, Any]:
+def _source(config: PipelineConfig, start: Checkpoint | None = None,
+            in_memory: bool = False) -> dict[str, Any]:
+    if in_memory:  # xc.compress: the user's module, as its checkpoint bytes
+        import hashlib
+
+        from xaicompress.checkpoint import checkpoint_bytes
+
+        assert start is not None
+        return {"python": hashlib.sha256(checkpoint_bytes(start)).hexdigest()}
+    extra = ({"preprocess": config.preprocess.model_dump(mode="json")}
+             if "preprocess" in config.model_fields_set else {})
     if config.checkpoint is not None:
+        kwargs = config.model.kwargs if config.model is not None else {}
         return {"checkpoint_sha256": file_hash(config.checkpoint),
-                "trusted": config.trusted_model}
+                "trusted": config.trusted_model, **({"kwargs": kwargs} if kwargs else {}),
+                **extra}
     assert config.model is not None
-    return {"model": config.model.name, "kwargs": config.model.kwargs}
+    return {"model": config.model.name, "kwargs": config.model.kwargs, **extra}
+
+
+def _start_checkpoint(config: PipelineConfig) -> tuple[Checkpoint | None, DatasetBundle]:
+    """The checkpoint `compress` starts from and the data as its model sees it: an
+    xaicompress checkpoint (its own preprocessing), or a state dict of the user's
+    (`checkpoint: weights.pth` with `model:`), imported like `xaicompress import` does."""
+    from xaicompress.importing import build_imported
+    from xaicompress.models.weights import file_kind
+
+    pre = config.preprocess.preprocess()
+    path = Path(config.checkpoint) if config.checkpoint is not None else None
+    if path is None:
+        return None, load_dataset(config.data, seed=config.seed, preprocess=pre)
+    if not path.is_file():
+        raise XaiCompressError(f"checkpoint {config.checkpoint}: file does not exist")
+    if file_kind(path) in ("torch", "safetensors"):
+        if config.model is None:
+            raise XaiCompressError(f"checkpoint {path}: is a state dict of your own model; give "
+                                   "model: (its architecture, with kwargs) to import it")
+        bundle = load_dataset(config.data, seed=config.seed, preprocess=pre)
+        return build_imported(path, config.model.name, bundle,
+                              model_kwargs=dict(config.model.kwargs)), bundle
+    if config.model is not None and config.model.kwargs:
+        raise XaiCompressError("model.kwargs does not apply when starting from an xaicompress "
+                               "checkpoint (it stores them); model: names only the factory "
+                               "you trust")
+    if "preprocess" in config.model_fields_set:
+        raise XaiCompressError("preprocess does not apply when starting from an xaicompress "
+                               "checkpoint (it stores the model's own)")
+    start = load_checkpoint(path, model=config.trusted_model)
+    return start, load_dataset(config.data, seed=config.seed,
+                               preprocess=start.spec.preprocess)
 
 
 def read_inputs(config: PipelineConfig) -> tuple[DatasetBundle, Checkpoint | None]:
     """Everything `compress` reads and checks before it writes anything: the data, the
-    checkpoint it starts from (its factory trusted when the config's `model:` names it)
-    and the stages' budgets (`preflight`)."""
-    start = None
-    if config.checkpoint is not None:
-        if not Path(config.checkpoint).is_file():
-            raise XaiCompressError(f"checkpoint {config.checkpoint}: file does not exist")
-        start = load_checkpoint(config.checkpoint, model=config.trusted_model)
-    bundle = load_dataset(config.data, seed=config.seed)
+    checkpoint it starts from (its factory trusted when the config's `model:` names it, a
+    user's state dict imported) and the stages' budgets (`preflight`)."""
+    start, bundle = _start_checkpoint(config)
     if start is not None:
         check_data_fits(start, bundle.input_shape, bundle.num_classes, config.data)
     preflight(config, bundle, start)
@@ -266,7 +309,6 @@ def _placed(ckpt: Checkpoint) -> Checkpoint:
 def _run(config: PipelineConfig, out_dir: str | os.PathLike[str],
          cache_dir: str | os.PathLike[str] | None, plots: bool,
          echo: Callable[[str], None] | None) -> PipelineResult:
-    say = echo or (lambda _msg: None)
     t_start = time.perf_counter()
     check_out_dir(out_dir)
     bundle, start = read_inputs(config)
@@ -275,43 +317,88 @@ def _run(config: PipelineConfig, out_dir: str | os.PathLike[str],
     out = prepare_out_dir(out_dir)
     cache = StageCache(cache_dir if cache_dir is not None else out / "cache",
                        model=config.trusted_model)
-    steps: list[Checkpoint] = []
+    res = _run_cached(config, cache, echo, bundle, start)
     try:
-        baseline, cached = _run_stages(config, cache, steps, say, bundle, start)
-    except Interrupted as exc:
-        exc.kept = _kept(cache, len(steps), len(config.stages))
-        raise
-    ckpt = steps[-1] if steps else baseline
-    try:
-        files = _write_outputs(_heatmaps_possible(config, steps), out, baseline, steps,
-                               bundle, plots)
+        res.files = write_result(res, out, plots=plots)
     except Interrupted as exc:
         exc.kept = f"the run had finished; its outputs in {out} were completed first"
         raise
-    report = load_report(files["report_json"])
-    return PipelineResult(out, report, baseline, ckpt, cached, files,
-                          time.perf_counter() - t_start)
+    res.out_dir = out
+    res.report = load_report(res.files["report_json"])
+    res.seconds = time.perf_counter() - t_start
+    return res
+
+
+def run_in_memory(config: PipelineConfig, bundle: DatasetBundle, start: Checkpoint, *,
+                  echo: Callable[[str], None] | None = None) -> PipelineResult:
+    """`run_pipeline` for the Python API (`xc.compress`): the model and data are given as
+    objects (`config` validated with `in_memory=True`), stages are cached in a temporary
+    folder deleted afterwards, nothing is written; `write_result` writes the outputs."""
+    import tempfile
+
+    from xaicompress.export.packed import packed_report
+    from xaicompress.report.report import build_report
+
+    t_start = time.perf_counter()
+    preflight(config, bundle, start)
+    with use_runtime(_runtime(config)), tempfile.TemporaryDirectory(prefix="xaicompress-") as tmp:
+        _placed(start)
+        res = _run_cached(config, StageCache(tmp, model=start.spec.loader_model), echo,
+                          bundle, start, in_memory=True)
+    res.config = _heatmaps_possible(config, res.steps)
+    sizes = packed_report(res.final)
+    res.report = build_report(res.config, res.baseline, res.steps, sizes.file_bytes, {},
+                              sizes.tensor_bits)
+    res.seconds = time.perf_counter() - t_start
+    return res
+
+
+def _run_cached(config: PipelineConfig, cache: StageCache,
+                echo: Callable[[str], None] | None, bundle: DatasetBundle,
+                start: Checkpoint | None, in_memory: bool = False) -> PipelineResult:
+    """The baseline and the stages through `cache` (no outputs written yet)."""
+    steps: list[Checkpoint] = []
+    try:
+        baseline, cached = _run_stages(config, cache, steps, echo or (lambda _msg: None),
+                                       bundle, start, in_memory)
+    except Interrupted as exc:
+        exc.kept = _kept(cache, len(steps), len(config.stages))
+        raise
+    return PipelineResult(cache.folder, {}, baseline, steps[-1] if steps else baseline,
+                          cached, steps=steps, config=_heatmaps_possible(config, steps),
+                          bundle=bundle)
+
+
+def write_result(res: PipelineResult, out_dir: str | os.PathLike[str], *,
+                 plots: bool = True) -> dict[str, Path]:
+    """Write a run's outputs (final checkpoint, packed file, ONNX, report, plots) into
+    `out_dir` as one set (see `_write_outputs`); returns the files written."""
+    assert res.config is not None and res.bundle is not None
+    out = prepare_out_dir(out_dir)
+    return _write_outputs(res.config, out, res.baseline, res.steps, res.bundle, plots)
 
 
 def _run_stages(config: PipelineConfig, cache: StageCache, steps: list[Checkpoint],
-                say: Callable[[str], None], bundle: DatasetBundle, start: Checkpoint | None
-                ) -> tuple[Checkpoint, list[bool]]:
+                say: Callable[[str], None], bundle: DatasetBundle, start: Checkpoint | None,
+                in_memory: bool = False) -> tuple[Checkpoint, list[bool]]:
     """The baseline and every stage, each from the cache or computed and stored; `steps`
     receives the baseline first (so an interruption knows how many were kept), and leaves
-    with the stages only."""
-    data_id = data_fingerprint(bundle, memo=cache.folder / "data-fingerprints.json")
+    with the stages only. in_memory: data given as objects (the cache lives for one run)."""
+    data_id = "python" if in_memory else data_fingerprint(
+        bundle, memo=cache.folder / "data-fingerprints.json")
     # amp changes the numbers of every training: part of the keys (absent when off, so the
     # keys of float32 runs are those of before); the device is not (same numbers up to
     # float rounding, and a cache moves between a GPU and a CPU machine)
     amp = {"amp": config.amp} if config.amp != "off" else {}
-    key = baseline_key(_source(config), {"spec": config.data, "content": data_id},
+    key = baseline_key(_source(config, start, in_memory),
+                       {"spec": config.data, "content": data_id},
                        {**config.train.model_dump(mode="json"), **amp}
                        if config.checkpoint is None else {}, config.seed)
     label = "00-baseline"
     baseline = _placed_or_none(cache.load(key, label))
     cached = [baseline is not None]
     if baseline is None:
-        say("baseline: " + ("loading checkpoint" if config.checkpoint else "training"))
+        say("baseline: " + ("loading checkpoint" if start is not None else "training"))
         t0 = time.perf_counter()
         base = _make_baseline(config, bundle, start)
         base = _measure(base, bundle, config, key=key, name="baseline", kind="baseline",

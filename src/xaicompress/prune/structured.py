@@ -46,12 +46,16 @@ from xaicompress.prune.schedule import (
     check_scope,
     cumulative_targets,
 )
+from xaicompress.prune.support import PruningGraph
 from xaicompress.relevance.base import UNITS, Criterion, compute_relevance
 from xaicompress.relevance.registry import get_criterion
 from xaicompress.train import finetune_checkpoint
 
 CriterionLike = Criterion | str | tp.importance.Importance
-_ROOT_TYPES = [nn.Conv2d, nn.Linear]
+
+
+def _outputs(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
 
 def classifier_layer(model: nn.Module, num_classes: int) -> nn.Module:
@@ -70,38 +74,17 @@ def _as_train_set(bundle_or_train_set: Any) -> Dataset:
     return getattr(bundle_or_train_set, "train", bundle_or_train_set)
 
 
-def _build_graph(model: nn.Module, example: Tensor) -> tp.DependencyGraph:
-    # Tracing runs a forward pass: in train mode BatchNorm would update its running stats.
-    was_training = model.training
-    model.eval()
-    try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example)
-    finally:
-        model.train(was_training)
-
-
-def _check_supported(model: nn.Module) -> None:
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d) and m.groups > 1 and not (
-                m.groups == m.in_channels == m.out_channels):
-            raise XaiCompressError(f"model: layer {name!r} is a grouped convolution "
-                                   f"(groups={m.groups}); structured pruning supports plain and "
-                                   "depthwise convolutions only")
-
-
 def group_scores(model: nn.Module, importance: tp.importance.Importance, example: Tensor,
                  ignored: list[nn.Module]) -> dict[str, Tensor]:
     """Root layer name -> float32 (channels,) L1-normalised importance of every prunable
-    group of coupled channels (the classifier's outputs excluded)."""
-    graph = _build_graph(model, example)
-    names = {m: n for n, m in model.named_modules()}
+    group of coupled channels (what `prune.support` excludes left out)."""
     out: dict[str, Tensor] = {}
-    for group in graph.get_all_groups(ignored_layers=list(ignored), root_module_types=_ROOT_TYPES):
+    for root, group in PruningGraph.build(model, example).groups(ignored):
         imp = importance(group)
         if imp is None:
             continue
         # Torch-Pruning's own importances score on the weights' device; selection is CPU-side
-        out[names[group[0].dep.target.module]] = l1_normalise(imp.cpu())
+        out[root] = l1_normalise(imp.cpu())
     return out
 
 
@@ -180,23 +163,31 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]], example: Tensor) ->
     """Remove the planned channels (and everything coupled to them) from `model`, in place."""
     if not plan:
         return
-    graph = _build_graph(model, example)
-    modules = dict(model.named_modules())
+    graph = PruningGraph.build(model, example)
     for name, idxs in plan.items():
-        m = modules[name]
-        group = graph.get_pruning_group(m, graph.get_pruner_of_module(m).prune_out_channels,
-                                        idxs)
-        if not graph.check_pruning_group(group):
+        group = graph.group(name, idxs)
+        if not graph.check(group):
             raise RuntimeError(f"pruning {name} would empty a layer")  # plan keeps >= 1
         group.prune()
 
 
 def _channels(model: nn.Module, example: Tensor, ignored: list[nn.Module]) -> dict[str, int]:
-    graph = _build_graph(model, example)
-    names = {m: n for n, m in model.named_modules()}
-    return {names[g[0].dep.target.module]: len(g[0].idxs)
-            for g in graph.get_all_groups(ignored_layers=list(ignored),
-                                          root_module_types=_ROOT_TYPES)}
+    return {root: len(g[0].idxs)
+            for root, g in PruningGraph.build(model, example).groups(ignored)}
+
+
+def _support(model: nn.Module, example: Tensor, ignored: list[nn.Module]
+             ) -> tuple[dict[str, int], dict[str, str]]:
+    """Channels of every prunable group, and what `prune.support` excluded (and why);
+    refuses a model with nothing to prune."""
+    graph = PruningGraph.build(model, example)
+    original = {root: len(g[0].idxs) for root, g in graph.groups(ignored)}
+    notes = {**graph.skipped, **graph.excluded}
+    if not original:
+        name, why = next(iter(notes.items()), ("model", "no Conv2d or Linear layer"))
+        raise XaiCompressError(f"structured pruning: no channels of the model can be "
+                               f"removed (module {name or type(model).__name__!r}: {why})")
+    return original, notes
 
 
 def _importance(criterion: Criterion | tp.importance.Importance, model: nn.Module,
@@ -333,15 +324,16 @@ def prune_structured(
     _check_structured_options(ckpt, ratio, scope, steps, finetune_epochs, finetune_lr, samples,
                               macs_ratio, min_channels, norm, max_layer_ratio)
     lr = finetune_lr or PRUNE_FINETUNE_LR
-    model_in = ckpt.model
-    _check_supported(model_in)
     train_set = _as_train_set(bundle)
     out = ckpt.copy()
     out.model.eval()
     shape = tuple(ckpt.spec.input_shape)
     example = torch.zeros(1, *shape, device=model_device(out.model))
-    ignored = [classifier_layer(out.model, ckpt.spec.num_classes)]
-    original = _channels(out.model, example, ignored)
+    # the classifier's outputs (and anything else reaching the output) are never pruned
+    # (prune/support.py); naming it also keeps its group out of the importance pass
+    ignored = [m for m in out.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+               and _outputs(m) == ckpt.spec.num_classes][-1:]
+    original, excluded = _support(out.model, example, ignored)
     macs0 = count_macs(out.model, shape)
     targets = cumulative_targets(macs_ratio if macs_ratio is not None else ratio, steps)
     names = {id(m): n for n, m in out.model.named_modules()}
@@ -381,5 +373,6 @@ def prune_structured(
         "seed": seed,
         "channels": {n: [original[n], final.get(n, 0)] for n in original},
         "macs_before": macs0, "macs_after": count_macs(out.model, shape), "schedule": step_log,
+        "excluded": excluded,
     })
     return out

@@ -25,9 +25,9 @@ from typing import Any
 from rich.table import Table
 from torch import nn
 
-from xaicompress import __version__
 from xaicompress.checkpoint import Checkpoint, layer_widths
 from xaicompress.errors import XaiCompressError
+from xaicompress.version import __version__
 
 METRIC_KEYS = ("accuracy", "params", "nonzero_params", "macs", "size_bytes", "fp32_bytes",
                "latency_ms")
@@ -93,6 +93,9 @@ def build_report(config: Any, baseline: Checkpoint, steps: list[Checkpoint],
         "version": __version__,
         "seed": config.seed,
         "data": config.data,
+        "model": baseline.spec.name,
+        "preprocess": (baseline.spec.preprocess.to_meta()
+                       if baseline.spec.preprocess is not None else None),
         "baseline": base,
         "stages": stages,
         "final": final,
@@ -166,6 +169,19 @@ def summary_table(report: dict[str, Any]) -> Table:
     return t
 
 
+def _preprocess_line(report: dict[str, Any]) -> list[str]:
+    """The model and how its inputs are made (older reports have neither)."""
+    pre = report.get("preprocess")
+    if not pre or pre.get("mean") is None:
+        return []
+    line = (f"Model `{report.get('model', '-')}`; inputs: (pixel in [0, 1] - mean) / std with "
+            f"mean {', '.join(f'{v:.4g}' for v in pre['mean'])}, std "
+            f"{', '.join(f'{v:.4g}' for v in pre['std'])}, {pre['size']} x {pre['size']}")
+    if pre.get("resize"):
+        line += f" (shorter side resized to {pre['resize']}, centre crop)"
+    return ["", line + "."]
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """report.md: the headline, the per-step table, fidelity, the layers and the plots."""
     b, f = report["baseline"], report["final"]
@@ -182,6 +198,7 @@ def report_markdown(report: dict[str, Any]) -> str:
              "of the test images.", "",
              *_onnx_headline(report),
              f"Data `{report['data']}`, seed {report['seed']}, xaicompress {report['version']}.",
+             *_preprocess_line(report),
              "", "## Steps", "",
              "| step | criterion | accuracy % | size KB | x smaller | params | non-zero | MACs "
              "| latency ms | cosine | top-10% | agree % | seconds |",
