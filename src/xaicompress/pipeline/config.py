@@ -117,6 +117,9 @@ class CriterionStage(_Stage):
         "activation, random, none (uniform), e.g. deeplift:reference=mean."))
     samples: int = Field(512, ge=1, le=MAX_SAMPLES, description=(
         "Training images the criterion scores."))
+    bn_recalibration: bool = Field(True, description=(
+        "Re-estimate the BatchNorm statistics on calibration samples after the step "
+        "(adaptive BatchNorm; off: keep the stored ones)."))
 
     @field_validator("criterion")
     @classmethod
@@ -199,6 +202,9 @@ class ShareStage(CriterionStage):
         "Exponent on the relevance sample weights of the k-means."))
     uniform_mix: Annotated[float, Field(ge=0, le=1)] = Field(0.0, description=(
         "Share of uniform weight mixed into the relevance sample weights."))
+    bias_correction: bool = Field(True, description=(
+        "Shift each layer's bias so its per-channel output mean on calibration samples is "
+        "the float model's (empirical bias correction)."))
 
     @model_validator(mode="after")
     def _one_budget(self) -> ShareStage:
@@ -226,6 +232,9 @@ class QuantizeStage(CriterionStage):
         "Quantize activations to this many bits, calibrated."))
     clip: Literal[CLIP_MODES] = Field("mse", description=(  # type: ignore[valid-type]
         "Per-channel scale: mse (MSE clipping search), wmse (relevance-weighted) or max."))
+    bias_correction: bool = Field(True, description=(
+        "Shift each layer's bias so its per-channel output mean on calibration samples is "
+        "the float model's (empirical bias correction)."))
 
     @model_validator(mode="after")
     def _one_budget(self) -> QuantizeStage:

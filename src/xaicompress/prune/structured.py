@@ -27,6 +27,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from xaicompress.calibration import reestimate_batchnorm
 from xaicompress.checkpoint import Checkpoint
 from xaicompress.errors import XaiCompressError
 from xaicompress.metrics import count_macs
@@ -313,6 +314,7 @@ def prune_structured(
     min_channels: int = 1,
     norm: str = "l1",
     max_layer_ratio: float | None = None,
+    bn_recalibration: bool = True,
     seed: int = 0,
 ) -> Checkpoint:
     """Remove `ratio` of the channels (filters / neurons) of `ckpt`, or enough to cut MACs by
@@ -325,7 +327,9 @@ def prune_structured(
     uses `samples` seeded-random items of it. Global scope: `norm` ("l1", "mean", "max")
     makes scores comparable across groups and `max_layer_ratio` caps the fraction of any
     group's original channels removed (None: halfway between the step's target and 1, see
-    `layer_cap`; 1.0: no cap); see `plan_removal`.
+    `layer_cap`; 1.0: no cap); see `plan_removal`. bn_recalibration: after every cut,
+    re-estimate the BatchNorm statistics on calibration samples of the training data
+    (`calibration.reestimate_batchnorm`), before any fine-tuning.
     """
     crit = resolve_criterion(criterion)
     _check_structured_options(ckpt, ratio, scope, steps, finetune_epochs, finetune_lr, samples,
@@ -364,7 +368,10 @@ def prune_structured(
             fraction = targets[k]
         apply_plan(model, plan_removal(scores, original, fraction, scope, min_channels, norm,
                                        layer_cap(fraction, max_layer_ratio)), example)
-        step_log.append({"fraction": round(fraction, 6), "macs": count_macs(model, shape)})
+        bn = (reestimate_batchnorm(model, train_set, seed=seed + k)
+              if bn_recalibration and train_set is not None else 0)
+        step_log.append({"fraction": round(fraction, 6), "macs": count_macs(model, shape),
+                         "bn_reestimated": bn})
         if finetune_epochs > 0:
             out = finetune_checkpoint(out, train_set, epochs=finetune_epochs, lr=lr,
                                       seed=seed + k, description=f"fine-tune step {k + 1}/{steps}")
@@ -376,7 +383,7 @@ def prune_structured(
         "scope": scope, "steps": steps, "finetune_epochs": finetune_epochs,
         "finetune_lr": lr, "samples": samples, "macs_ratio": macs_ratio,
         "min_channels": min_channels, "norm": norm, "max_layer_ratio": max_layer_ratio,
-        "seed": seed,
+        "bn_recalibration": bn_recalibration, "seed": seed,
         "channels": {n: [original[n], final.get(n, 0)] for n in original},
         "macs_before": macs0, "macs_after": count_macs(out.model, shape), "schedule": step_log,
     })
