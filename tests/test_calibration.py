@@ -142,3 +142,37 @@ def test_bias_correction_without_bias_layers_does_nothing():
     model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.Flatten(), nn.Linear(4 * 36, 3,
                                                                                   bias=False))
     assert correct_bias(model, model, _fake((1, 8, 8)), ["0", "2"]) == {}
+
+
+def test_tracked_cut_reports_the_kept_channels_and_restores_biases():
+    from xaicompress.prune.structured import apply_plan_tracked
+
+    ck = _resnet()
+    model = ck.model
+    before = {n: (m.bias.detach().clone() if m.bias is not None else None)
+              for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    kept = apply_plan_tracked(model, {"conv1": [0, 3]}, torch.zeros(1, 3, 16, 16))
+    assert kept["conv1"].tolist() == [i for i in range(8) if i not in (0, 3)]
+    assert model.conv1.weight.shape[0] == 6
+    for n, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if before[n] is None:
+                assert m.bias is None, n
+            else:
+                assert torch.equal(m.bias, before[n][kept[n]]), n
+
+
+def test_reconstruction_brings_the_cut_layers_outputs_back(lenet):
+    bundle, ck = lenet
+    calib = subset(bundle.train, 512, seed=2)
+    x = torch.stack([calib[i][0] for i in range(len(calib))])
+    plain = prune_structured(ck, "l1", calib, ratio=0.6, scope="layer")
+    fitted = prune_structured(ck, "l1", calib, ratio=0.6, scope="layer", reconstruct=True)
+    assert fitted.history[-1]["reconstruct"] is True
+    assert plain.model.fc1.weight.shape == fitted.model.fc1.weight.shape
+    # the logits (the classifier keeps all outputs) come closer to the uncut model's
+    want = ck.model(x).detach()
+    err = {k: float(((m.model(x) - want) ** 2).mean()) for k, m in
+           (("plain", plain), ("fitted", fitted))}
+    assert err["fitted"] < 0.5 * err["plain"], err
+    assert accuracy(fitted.model, bundle.test) > accuracy(plain.model, bundle.test)

@@ -7,8 +7,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from xaicompress.cli_app import MAX_SEED, JsonOpt, app
+from xaicompress.cli_app import MAX_SEED, JsonOpt, app, model_options, validate_options
 from xaicompress.pipeline import load_config, run_pipeline
+from xaicompress.pipeline.config import RunOptions
 from xaicompress.report import summary_table
 
 ConfigOpt = Annotated[str, typer.Option("--config", help="Pipeline config (YAML), e.g. "
@@ -26,17 +27,22 @@ def _echo(msg: str) -> None:
 
 
 @app.command("compress")
+@model_options({None: RunOptions}, panel="Run options (override the config's)")
 def compress_cmd(
     config: ConfigOpt,
     out: Annotated[str, typer.Option("--out", help="Output folder (created with its parents). "
                                      "Finished stages are cached in OUT/cache.")],
     seed: SeedOverride = None,
     as_json: JsonOpt = False,
+    *,
+    options: dict,
 ) -> None:
     """Run a config's stages (cached) and write the packed model, ONNX and a report."""
     cfg = load_config(config)
     if seed is not None:
         cfg = cfg.with_seed(seed)
+    if options:
+        cfg = cfg.with_run_options(validate_options(RunOptions, options, command="compress"))
     res = run_pipeline(cfg, out, echo=_echo)
     if as_json:
         print(json.dumps(res.report, indent=2))

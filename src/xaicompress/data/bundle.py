@@ -29,7 +29,8 @@ DEFAULT_MAX_DATA_GB = 8.0
 class DatasetBundle:
     """Train/test datasets plus what a model and a report need to know about them.
 
-    Items of `train`/`test` are ``(x, y)``: `x` float32 (C, H, W) normalised, `y` int64 scalar.
+    Items of `train` / `test` / `val` are ``(x, y)``: `x` float32 (C, H, W) normalised, `y`
+    int64 scalar.
     """
 
     spec: str
@@ -44,6 +45,9 @@ class DatasetBundle:
     #: named relative to; `xaicompress.data.fingerprint` hashes them for the stage cache
     files: tuple[Path, ...] = field(default=(), repr=False)
     root: Path | None = field(default=None, repr=False)
+    #: the validation split carved from the training data (`data.holdout.carve_validation`;
+    #: None until carved), on which every choice is made
+    val: Dataset | None = field(default=None, repr=False)
 
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # view(-1, 1, 1) broadcasts over both (C, H, W) and (N, C, H, W).

@@ -27,7 +27,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from xaicompress.calibration import reestimate_batchnorm
+from xaicompress.calibration import reconstruct_layers, reestimate_batchnorm
 from xaicompress.checkpoint import Checkpoint
 from xaicompress.errors import XaiCompressError
 from xaicompress.metrics import count_macs
@@ -190,6 +190,41 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]], example: Tensor) ->
         group.prune()
 
 
+def apply_plan_tracked(model: nn.Module, plan: dict[str, list[int]], example: Tensor
+                       ) -> dict[str, Tensor]:
+    """`apply_plan`, returning for every Conv2d / Linear the indices (in the model before
+    the cut) of the output channels it kept. Each layer's bias is temporarily replaced by
+    its channel indices, which the dependency graph prunes along with the channels."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    saved = {n: m.bias for n, m in layers.items()}
+    for m in layers.values():
+        m.bias = nn.Parameter(torch.arange(m.weight.shape[0], dtype=m.weight.dtype),
+                              requires_grad=False)
+    try:
+        apply_plan(model, plan, example)
+    finally:
+        kept = {n: m.bias.detach().round().long() for n, m in layers.items()}
+        for n, m in layers.items():
+            old = saved[n]
+            if old is None:
+                m.bias = None
+            else:
+                m.bias = nn.Parameter(old.detach()[kept[n]].clone(),
+                                      requires_grad=old.requires_grad)
+    return kept
+
+
+def _cut(model: nn.Module, plan: dict[str, list[int]], example: Tensor,
+         calibration: Dataset | None, seed: int) -> None:
+    """Apply the plan; with calibration data, then refit the layers that lost inputs."""
+    if calibration is None:
+        apply_plan(model, plan, example)
+        return
+    before = copy.deepcopy(model)
+    kept = apply_plan_tracked(model, plan, example)
+    reconstruct_layers(model, before, calibration, kept, seed=seed)
+
+
 def _channels(model: nn.Module, example: Tensor, ignored: list[nn.Module]) -> dict[str, int]:
     graph = _build_graph(model, example)
     names = {m: n for n, m in model.named_modules()}
@@ -315,6 +350,7 @@ def prune_structured(
     norm: str = "l1",
     max_layer_ratio: float | None = None,
     bn_recalibration: bool = True,
+    reconstruct: bool = False,
     seed: int = 0,
 ) -> Checkpoint:
     """Remove `ratio` of the channels (filters / neurons) of `ckpt`, or enough to cut MACs by
@@ -329,7 +365,9 @@ def prune_structured(
     group's original channels removed (None: halfway between the step's target and 1, see
     `layer_cap`; 1.0: no cap); see `plan_removal`. bn_recalibration: after every cut,
     re-estimate the BatchNorm statistics on calibration samples of the training data
-    (`calibration.reestimate_batchnorm`), before any fine-tuning.
+    (`calibration.reestimate_batchnorm`), before any fine-tuning. reconstruct: before that,
+    refit every layer that lost input channels by least squares so that it reproduces the
+    uncut layer's outputs on calibration samples (`calibration.reconstruct_layers`).
     """
     crit = resolve_criterion(criterion)
     _check_structured_options(ckpt, ratio, scope, steps, finetune_epochs, finetune_lr, samples,
@@ -366,8 +404,9 @@ def prune_structured(
                                           max_layer_ratio, shape, example)
         else:
             fraction = targets[k]
-        apply_plan(model, plan_removal(scores, original, fraction, scope, min_channels, norm,
-                                       layer_cap(fraction, max_layer_ratio)), example)
+        _cut(model, plan_removal(scores, original, fraction, scope, min_channels, norm,
+                                 layer_cap(fraction, max_layer_ratio)), example,
+             train_set if reconstruct else None, seed + k)
         bn = (reestimate_batchnorm(model, train_set, seed=seed + k)
               if bn_recalibration and train_set is not None else 0)
         step_log.append({"fraction": round(fraction, 6), "macs": count_macs(model, shape),
@@ -383,7 +422,7 @@ def prune_structured(
         "scope": scope, "steps": steps, "finetune_epochs": finetune_epochs,
         "finetune_lr": lr, "samples": samples, "macs_ratio": macs_ratio,
         "min_channels": min_channels, "norm": norm, "max_layer_ratio": max_layer_ratio,
-        "bn_recalibration": bn_recalibration, "seed": seed,
+        "bn_recalibration": bn_recalibration, "reconstruct": reconstruct, "seed": seed,
         "channels": {n: [original[n], final.get(n, 0)] for n in original},
         "macs_before": macs0, "macs_after": count_macs(out.model, shape), "schedule": step_log,
     })
