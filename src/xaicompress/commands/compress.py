@@ -38,6 +38,13 @@ def compress_cmd(
     options: dict,
 ) -> None:
     """Run a config's stages (cached) and write the packed model, ONNX and a report."""
+    run_compress(config, out, seed, as_json, options)
+
+
+def run_compress(config: str, out: str, seed: int | None = None, as_json: bool = False,
+                 options: dict | None = None) -> None:
+    """What `compress` (and `demo`) run: `options` are the run options typed on the
+    command line (`RunOptions` fields)."""
     cfg = load_config(config)
     if seed is not None:
         cfg = cfg.with_seed(seed)

@@ -6,7 +6,7 @@ from typing import Annotated
 import typer
 
 from xaicompress.cli_app import app
-from xaicompress.commands.compress import SeedOverride, compress_cmd
+from xaicompress.commands.compress import SeedOverride, run_compress
 from xaicompress.errors import XaiCompressError
 
 DEMO_CONFIG = "lenet5-mnist.yaml"
@@ -32,4 +32,4 @@ def demo_cmd(
 ) -> None:
     """Compress LeNet-5 on the embedded MNIST digits (configs/lenet5-mnist.yaml): prune,
     share weights, export, and report. Fast the second time (stages are cached)."""
-    compress_cmd(config or str(demo_config_path()), out, seed=seed, as_json=False)
+    run_compress(config or str(demo_config_path()), out, seed=seed, as_json=False)
