@@ -98,7 +98,9 @@ def test_milp_never_worse_than_uniform_in_its_objective(base, bundle):
 
 
 def test_two_bits_is_a_real_loss_and_mse_clipping_helps(base, bundle):
-    acc = {clip: accuracy(quantize(base, "none", bundle, avg_bits=2, clip=clip).model,
+    # the clipping alone: bias correction (tested in test_calibration.py) off
+    acc = {clip: accuracy(quantize(base, "none", bundle, avg_bits=2, clip=clip,
+                                   bias_correction=False).model,
                           bundle.test) for clip in ("max", "mse")}
     assert acc["mse"] >= acc["max"]
     assert acc["max"] < base.metrics["accuracy"] - 1
@@ -138,7 +140,8 @@ def test_activation_quantization_is_real_and_survives_save_load(base, bundle, tm
     logits = predict(q.model, bundle.test)[0]
     x = seen["x"] / act.scale
     lo, hi = act_range(4)
-    assert torch.allclose(x, x.round(), atol=1e-3) and x.min() >= lo and x.max() <= hi
+    assert torch.allclose(x, x.round(), atol=1e-3)
+    assert x.min() >= lo - 1e-3 and x.max() <= hi + 1e-3  # s * q / s: float rounding
     plain = q.copy()
     for lc2 in plain.state.layers.values():
         lc2.activation = None

@@ -119,6 +119,8 @@ def _option(name: str, variants: Mapping[str | None, FieldInfo], decls: tuple[st
     if rng:
         text += f" [{rng}]"
     ann = cli_type if default is not None else cli_type | None
+    if cli_type is bool:  # an on/off switch: --bn-recalibration / --no-bn-recalibration
+        decls = tuple(f"{d}/--no-{d[2:]}" for d in decls[:1]) + decls[1:]
     return inspect.Parameter(
         name, inspect.Parameter.KEYWORD_ONLY, default=default,
         annotation=Annotated[ann, typer.Option(*decls, help=text.strip(),

@@ -7,8 +7,16 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from xaicompress.cli_app import MAX_SEED, JsonOpt, app, runtime_options
+from xaicompress.cli_app import (
+    MAX_SEED,
+    JsonOpt,
+    app,
+    model_options,
+    runtime_options,
+    validate_options,
+)
 from xaicompress.pipeline import load_config, run_pipeline
+from xaicompress.pipeline.config import RunOptions
 from xaicompress.report import summary_table
 
 ConfigOpt = Annotated[str, typer.Option("--config", help="Pipeline config (YAML), e.g. "
@@ -27,6 +35,7 @@ def _echo(msg: str) -> None:
 
 @app.command("compress")
 @runtime_options(enter=False)
+@model_options({None: RunOptions}, panel="Run options (override the config's)")
 def compress_cmd(
     config: ConfigOpt,
     out: Annotated[str, typer.Option("--out", help="Output folder (created with its parents). "
@@ -34,20 +43,24 @@ def compress_cmd(
     runtime: dict[str, Any],
     seed: SeedOverride = None,
     as_json: JsonOpt = False,
+    *,
+    options: dict,
 ) -> None:
     """Run a config's stages (cached) and write the packed model, ONNX and a report."""
-    run_compress(config, out, seed=seed, as_json=as_json, runtime=runtime)
+    run_compress(config, out, seed=seed, as_json=as_json, runtime=runtime, options=options)
 
 
 def run_compress(config: str, out: str, *, seed: int | None = None, as_json: bool = False,
-                 runtime: dict[str, Any] | None = None) -> None:
-    """`compress` (also `demo`): the config, with the --seed and device options typed on the
-    command line laid over it."""
+                 runtime: dict[str, Any] | None = None, options: dict | None = None) -> None:
+    """`compress` (also `demo`): the config, with the --seed, device options (`runtime`) and
+    run options (`options`, `RunOptions` fields) typed on the command line laid over it."""
     cfg = load_config(config)
     if seed is not None:
         cfg = cfg.with_seed(seed)
     if runtime:
         cfg = cfg.model_copy(update=runtime)
+    if options:
+        cfg = cfg.with_run_options(validate_options(RunOptions, options, command="compress"))
     res = run_pipeline(cfg, out, echo=_echo)
     if as_json:
         print(json.dumps(res.report, indent=2))

@@ -30,7 +30,8 @@ DEFAULT_MAX_DATA_GB = 8.0
 class DatasetBundle:
     """Train/test datasets plus what a model and a report need to know about them.
 
-    Items of `train`/`test` are ``(x, y)``: `x` float32 (C, H, W) normalised, `y` int64 scalar.
+    Items of `train` / `test` / `val` are ``(x, y)``: `x` float32 (C, H, W) normalised, `y`
+    int64 scalar.
     """
 
     spec: str
@@ -47,6 +48,9 @@ class DatasetBundle:
     root: Path | None = field(default=None, repr=False)
     #: the complete preprocessing the items went through (normalisation, size, resize)
     preprocess: Preprocess | None = field(default=None, repr=False)
+    #: the validation split carved from the training data (`data.holdout.carve_validation`;
+    #: None until carved), on which every choice is made
+    val: Dataset | None = field(default=None, repr=False)
 
     def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # view(-1, 1, 1) broadcasts over both (C, H, W) and (N, C, H, W).

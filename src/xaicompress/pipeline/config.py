@@ -20,6 +20,10 @@ Shape (see configs/*.yaml for commented examples)::
       - {type: finetune, epochs: 1}
     export: {packed: true, onnx: true}
     report: {fidelity: true, fidelity_samples: 256, heatmaps: 4}
+    val: 0.1                       # training data held out for every choice (0 = none)
+    # calibration: 1024            # post-training: stages that do not fine-tune read only
+    #                              # this many training images
+    # target: {max_drop: 0.5}      # accuracy budget: each stage's strength searched
 
 Every option's default and range is declared once, in the models below; `xaicompress prune`,
 `share`, `quantize`, `finetune` and `train` build their options from the same fields. Every
@@ -45,6 +49,7 @@ from pydantic import (
     model_validator,
 )
 
+from xaicompress.data.holdout import VAL_FRACTION
 from xaicompress.device import AMP_CHOICES, DEVICE_CHOICES, Runtime, make_runtime
 from xaicompress.errors import XaiCompressError
 from xaicompress.export.calibration import CALIBRATION_METHODS
@@ -125,6 +130,9 @@ class CriterionStage(_Stage):
         "activation, random, none (uniform), e.g. deeplift:reference=mean."))
     samples: int = Field(512, ge=1, le=MAX_SAMPLES, description=(
         "Training images the criterion scores."))
+    bn_recalibration: bool = Field(True, description=(
+        "Re-estimate the BatchNorm statistics on calibration samples after the step "
+        "(adaptive BatchNorm; off: keep the stored ones)."))
 
     @field_validator("criterion")
     @classmethod
@@ -157,6 +165,9 @@ class PruneStructuredStage(CriterionStage):
     max_layer_ratio: Annotated[float, Field(gt=0, le=1)] | None = Field(None, description=(
         "Global scope: the most of any layer's channels removed (default: halfway between "
         "the ratio and 1; 1 = no cap)."))
+    reconstruct: bool = Field(False, description=(
+        "After each cut, refit the layers that lost input channels by least squares to the "
+        "uncut layers' outputs on calibration samples (ThiNet-style; post-training)."))
 
     @field_validator("criterion")
     @classmethod
@@ -213,6 +224,9 @@ class ShareStage(CriterionStage):
         "Exponent on the relevance sample weights of the k-means."))
     uniform_mix: Annotated[float, Field(ge=0, le=1)] = Field(0.0, description=(
         "Share of uniform weight mixed into the relevance sample weights."))
+    bias_correction: bool = Field(True, description=(
+        "Shift each layer's bias so its per-channel output mean on calibration samples is "
+        "the float model's (empirical bias correction)."))
 
     @model_validator(mode="after")
     def _one_budget(self) -> ShareStage:
@@ -248,6 +262,9 @@ class QuantizeStage(CriterionStage):
         "Quantize activations to this many bits, calibrated."))
     clip: Literal[CLIP_MODES] = Field("mse", description=(  # type: ignore[valid-type]
         "Per-channel scale: mse (MSE clipping search), wmse (relevance-weighted) or max."))
+    bias_correction: bool = Field(True, description=(
+        "Shift each layer's bias so its per-channel output mean on calibration samples is "
+        "the float model's (empirical bias correction)."))
 
     @model_validator(mode="after")
     def _one_budget(self) -> QuantizeStage:
@@ -420,6 +437,40 @@ class RuntimeConfig(_Strict):
         return make_runtime(self.device, self.workers, self.amp, self.deterministic)
 
 
+#: the most training images the post-training mode reads (`calibration`)
+MAX_CALIBRATION = 1024
+MaxDrop = Annotated[float, Field(gt=0, le=100)]
+Calibration = Annotated[int, Field(ge=1, le=MAX_CALIBRATION)]
+ValFraction = Annotated[float, Field(ge=0, le=0.5)]
+#: help of the run-level options, shared by the config fields and `compress`'s flags
+RUN_HELP = {
+    "max_drop": "Accuracy budget in points: each stage's strength (ratio, clusters, average "
+                "bits) is searched for the smallest packed file whose validation accuracy "
+                "stays within it.",
+    "calibration": "Post-training: every stage that does not fine-tune reads only this many "
+                   "training images (scores, BatchNorm statistics, bias correction).",
+    "val": "Share of the training data held out as the validation split every choice is "
+           "made on (0 = none; the budget needs one).",
+}
+
+
+class TargetConfig(_Strict):
+    """An accuracy budget (`target: {max_drop: 0.5}`, `compress --max-drop 0.5`)."""
+
+    max_drop: MaxDrop = Field(description=RUN_HELP["max_drop"])
+    probes: Annotated[int, Field(ge=2, le=20)] = Field(6, description=(
+        "Stage runs each searched stage may take (the first at the config's value)."))
+
+
+class RunOptions(_Strict):
+    """The run-level options `compress` takes on its command line (each overrides the
+    config's): the same types, ranges and help as the config's fields."""
+
+    max_drop: MaxDrop | None = Field(None, description=RUN_HELP["max_drop"])
+    calibration: Calibration | None = Field(None, description=RUN_HELP["calibration"])
+    val: ValFraction | None = Field(None, description=RUN_HELP["val"])
+
+
 class PipelineConfig(RuntimeConfig):
     """A whole `compress` run: where the model comes from, the data, and the stages (and,
     from RuntimeConfig, the device it runs on)."""
@@ -436,6 +487,9 @@ class PipelineConfig(RuntimeConfig):
     stages: list[Stage] = Field(default_factory=list)
     export: ExportConfig = Field(default_factory=ExportConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    val: ValFraction = Field(VAL_FRACTION, description=RUN_HELP["val"])
+    calibration: Calibration | None = Field(None, description=RUN_HELP["calibration"])
+    target: TargetConfig | None = None
 
     @field_validator("model", mode="before")
     @classmethod
@@ -470,6 +524,8 @@ class PipelineConfig(RuntimeConfig):
             raise ValueError("train does not apply when starting from a checkpoint")
         # model.kwargs and preprocess apply to a state dict (checkpoint: weights.pth) and
         # are refused for an xaicompress checkpoint when it is read (it stores both)
+        if self.target is not None and self.val == 0:
+            raise ValueError("target needs a validation split to choose on; give val > 0")
         return self
 
     @property
@@ -492,6 +548,16 @@ class PipelineConfig(RuntimeConfig):
 
     def with_seed(self, seed: int) -> PipelineConfig:
         return self.model_copy(update={"seed": int(seed)})
+
+    def with_run_options(self, options: RunOptions) -> PipelineConfig:
+        """A copy with the run-level options given on the command line."""
+        data = self.model_dump(exclude_unset=True)
+        if options.max_drop is not None:
+            data["target"] = {**data.get("target", {}), "max_drop": options.max_drop}
+        for key in ("calibration", "val"):
+            if getattr(options, key) is not None:
+                data[key] = getattr(options, key)
+        return validate_config(data, "options")
 
 
 #: keys a config for the Python API's in-memory model and data (`xc.compress`) cannot have

@@ -67,8 +67,10 @@ def export_final(final: Checkpoint, out: Path, config: Any,
 
 
 def write_outputs(config: Any, out: Path, baseline: Checkpoint, steps: list[Checkpoint],
-                  bundle: DatasetBundle, *, plots: bool = True) -> dict[str, Path]:
-    """Export the final model, then write report.json, report.md and the plots into `out`."""
+                  bundle: DatasetBundle, *, plots: bool = True,
+                  searches: list[dict[str, Any]] | None = None) -> dict[str, Path]:
+    """Export the final model, then write report.json, report.md and the plots into `out`.
+    searches: the accuracy budget's search per stage (`pipeline.budget`), if any."""
     final = steps[-1] if steps else baseline
     files = export_final(final, out, config, bundle)
     deployables = describe_files(files, baseline, final, bundle, config)
@@ -81,16 +83,23 @@ def write_outputs(config: Any, out: Path, baseline: Checkpoint, steps: list[Chec
 
         files["plot_stages"] = out / PLOT_NAMES["stages"]
         files["plot_layers"] = out / PLOT_NAMES["layers"]
-        report = build_report(config, baseline, steps, packed_size, files, bits, deployables)
+        if searches:
+            files["plot_search"] = out / PLOT_NAMES["search"]
+        report = build_report(config, baseline, steps, packed_size, files, bits, deployables,
+                              searches)
         draw.plot_stages(report, files["plot_stages"])
         draw.plot_layers(report["layers"], files["plot_layers"])
+        if searches:
+            draw.plot_search(searches, report["baseline"]["val_accuracy"],
+                             files["plot_search"])
         if config.report.heatmaps > 0:
             files["plot_heatmaps"] = out / PLOT_NAMES["heatmaps"]
             draw.plot_heatmaps(baseline.model, final.model, bundle, config.report.heatmaps,
                                 files["plot_heatmaps"], seed=config.seed)
     files["report_json"] = out / "report.json"
     files["report_md"] = out / "report.md"
-    report = build_report(config, baseline, steps, packed_size, files, bits, deployables)
+    report = build_report(config, baseline, steps, packed_size, files, bits, deployables,
+                          searches)
     atomic_write_text(files["report_json"], json.dumps(report, indent=2) + "\n")
     atomic_write_text(files["report_md"], report_markdown(report))
     return files

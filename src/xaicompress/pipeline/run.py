@@ -21,12 +21,21 @@ from xaicompress.atomic import atomic_write_text, check_writable, record_writes
 from xaicompress.checkpoint import Checkpoint, check_data_fits, load_checkpoint
 from xaicompress.data import DatasetBundle, load_dataset
 from xaicompress.data.fingerprint import data_fingerprint
+from xaicompress.data.holdout import calibration_bundle, carve_validation
 from xaicompress.device import Runtime, current_device, use_runtime
 from xaicompress.errors import OptionError, XaiCompressError
 from xaicompress.interrupt import Interrupted, deferred
 from xaicompress.metrics import evaluate
+from xaicompress.pipeline.budget import (
+    SearchResult,
+    bisect_strength,
+    packed_size,
+    stage_floors,
+    start_value,
+    strength_of,
+)
 from xaicompress.pipeline.cache import StageCache, baseline_key, file_hash, stage_key
-from xaicompress.pipeline.config import PipelineConfig
+from xaicompress.pipeline.config import PipelineConfig, stage_model
 from xaicompress.pipeline.outputs import load_report, write_outputs
 from xaicompress.pipeline.stages import run_stage
 from xaicompress.progress import track
@@ -55,6 +64,8 @@ class PipelineResult:
     steps: list[Checkpoint] = field(default_factory=list, repr=False)
     config: PipelineConfig | None = field(default=None, repr=False)
     bundle: DatasetBundle | None = field(default=None, repr=False)
+    #: the accuracy budget's search per searched stage (`pipeline.budget`)
+    searches: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
 
 def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
@@ -151,6 +162,8 @@ def read_inputs(config: PipelineConfig) -> tuple[DatasetBundle, Checkpoint | Non
     checkpoint it starts from (its factory trusted when the config's `model:` names it, a
     user's state dict imported) and the stages' budgets (`preflight`)."""
     start, bundle = _start_checkpoint(config)
+    if config.val > 0:
+        bundle = carve_validation(bundle, config.val)
     if start is not None:
         check_data_fits(start, bundle.input_shape, bundle.num_classes, config.data)
     preflight(config, bundle, start)
@@ -213,10 +226,18 @@ def _measure(ckpt: Checkpoint, bundle: DatasetBundle, config: PipelineConfig, *,
     ckpt.metrics = {}
     # size_bytes is the size of this model's packed file (it holds no run bookkeeping)
     m = evaluate(ckpt, bundle.test, latency_repeats=config.report.latency_repeats)
-    ckpt.metrics = {"accuracy": m["accuracy"], "pipeline": {
+    m["val_accuracy"] = _val_accuracy(ckpt, bundle)
+    ckpt.metrics = {"accuracy": m["accuracy"], "val_accuracy": m["val_accuracy"],
+                    "pipeline": {
         "key": key, "name": name, "type": kind, "criterion": criterion,
         "seconds": round(seconds, 3), "eval": m, "fidelity": fidelity}}
     return ckpt
+
+
+def _val_accuracy(ckpt: Checkpoint, bundle: DatasetBundle) -> float | None:
+    from xaicompress.train import accuracy
+
+    return accuracy(ckpt.model, bundle.val) if bundle.val is not None else None
 
 
 def _store(cache: StageCache, ckpt: Checkpoint, key: str, label: str) -> Checkpoint:
@@ -340,6 +361,8 @@ def run_in_memory(config: PipelineConfig, bundle: DatasetBundle, start: Checkpoi
     from xaicompress.report.report import build_report
 
     t_start = time.perf_counter()
+    if config.val > 0:
+        bundle = carve_validation(bundle, config.val)
     preflight(config, bundle, start)
     with use_runtime(_runtime(config)), tempfile.TemporaryDirectory(prefix="xaicompress-") as tmp:
         _placed(start)
@@ -348,7 +371,7 @@ def run_in_memory(config: PipelineConfig, bundle: DatasetBundle, start: Checkpoi
     res.config = _heatmaps_possible(config, res.steps)
     sizes = packed_report(res.final)
     res.report = build_report(res.config, res.baseline, res.steps, sizes.file_bytes, {},
-                              sizes.tensor_bits)
+                              sizes.tensor_bits, searches=res.searches)
     res.seconds = time.perf_counter() - t_start
     return res
 
@@ -358,15 +381,16 @@ def _run_cached(config: PipelineConfig, cache: StageCache,
                 start: Checkpoint | None, in_memory: bool = False) -> PipelineResult:
     """The baseline and the stages through `cache` (no outputs written yet)."""
     steps: list[Checkpoint] = []
+    searches: list[dict[str, Any]] = []
     try:
         baseline, cached = _run_stages(config, cache, steps, echo or (lambda _msg: None),
-                                       bundle, start, in_memory)
+                                       bundle, start, in_memory, searches)
     except Interrupted as exc:
         exc.kept = _kept(cache, len(steps), len(config.stages))
         raise
     return PipelineResult(cache.folder, {}, baseline, steps[-1] if steps else baseline,
                           cached, steps=steps, config=_heatmaps_possible(config, steps),
-                          bundle=bundle)
+                          bundle=bundle, searches=searches)
 
 
 def write_result(res: PipelineResult, out_dir: str | os.PathLike[str], *,
@@ -375,15 +399,19 @@ def write_result(res: PipelineResult, out_dir: str | os.PathLike[str], *,
     `out_dir` as one set (see `_write_outputs`); returns the files written."""
     assert res.config is not None and res.bundle is not None
     out = prepare_out_dir(out_dir)
-    return _write_outputs(res.config, out, res.baseline, res.steps, res.bundle, plots)
+    return _write_outputs(res.config, out, res.baseline, res.steps, res.bundle, plots,
+                          res.searches)
 
 
 def _run_stages(config: PipelineConfig, cache: StageCache, steps: list[Checkpoint],
                 say: Callable[[str], None], bundle: DatasetBundle, start: Checkpoint | None,
-                in_memory: bool = False) -> tuple[Checkpoint, list[bool]]:
+                in_memory: bool = False, searches: list[dict[str, Any]] | None = None
+                ) -> tuple[Checkpoint, list[bool]]:
     """The baseline and every stage, each from the cache or computed and stored; `steps`
     receives the baseline first (so an interruption knows how many were kept), and leaves
-    with the stages only. in_memory: data given as objects (the cache lives for one run)."""
+    with the stages only. in_memory: data given as objects (the cache lives for one run).
+    With a `target`, each searchable stage's strength is searched first
+    (`pipeline.budget`); `searches` receives one record per searched stage."""
     data_id = "python" if in_memory else data_fingerprint(
         bundle, memo=cache.folder / "data-fingerprints.json")
     # amp changes the numbers of every training: part of the keys (absent when off, so the
@@ -391,7 +419,7 @@ def _run_stages(config: PipelineConfig, cache: StageCache, steps: list[Checkpoin
     # float rounding, and a cache moves between a GPU and a CPU machine)
     amp = {"amp": config.amp} if config.amp != "off" else {}
     key = baseline_key(_source(config, start, in_memory),
-                       {"spec": config.data, "content": data_id},
+                       {"spec": config.data, "content": data_id, "val": config.val},
                        {**config.train.model_dump(mode="json"), **amp}
                        if config.checkpoint is None else {}, config.seed)
     label = "00-baseline"
@@ -409,33 +437,26 @@ def _run_stages(config: PipelineConfig, cache: StageCache, steps: list[Checkpoin
         say("baseline: cached")
     steps.append(baseline)
 
-    fidelity = _Fidelity(config, baseline, bundle)
-    # what a stage's stored measurements depend on besides the stage itself
-    measured = config.report.model_dump(include={"fidelity", "fidelity_samples",
-                                                 "latency_repeats"})
+    run = _StageRun(config, cache, bundle, _Fidelity(config, baseline, bundle), say)
+    floors = (stage_floors(baseline.metrics["val_accuracy"], config.target.max_drop,
+                           list(config.stages))
+              if config.target is not None else [None] * len(config.stages))
     ckpt = baseline
     n = len(config.stages)
     for i, st in enumerate(track(config.stages, "compress", total=n)):
-        seed_i = stage_seed(config.seed, i)
-        key = stage_key(key, {**st.model_dump(mode="json"), "measured": measured, **amp},
-                        seed_i)
-        label = f"{i + 1:02d}-{st.type}"
-        hit = _placed_or_none(cache.load(key, label))
-        cached.append(hit is not None)
-        if hit is None:
-            say(f"stage {i + 1}/{n} {st.label()}: running")
-            t0 = time.perf_counter()
-            try:
-                new = run_stage(ckpt, bundle, st, seed_i)
-            except OptionError as exc:
-                raise exc.named(f"stages[{i}].{exc.option}") from None
-            seconds = time.perf_counter() - t0
-            new = _measure(new, bundle, config, key=key, name=st.label(), kind=st.type,
-                           criterion=getattr(st, "criterion", None), seconds=seconds,
-                           fidelity=fidelity.measure(new.model))
-            hit = _store(cache, new, key, label)
-        else:
-            say(f"stage {i + 1}/{n} {st.label()}: cached")
+        floor = floors[i]
+        search = None
+        if floor is not None:
+            st, search = run.search(i, st, key, ckpt, floor)
+            if searches is not None:
+                searches.append({"stage": i, "name": config.stages[i].label(),
+                                 "type": st.type if st is not None else
+                                 config.stages[i].type, **search.as_dict()})
+            if st is None:
+                say(f"stage {i + 1}/{n}: left out (no setting keeps the budget)")
+                continue
+        key, hit, was_cached = run.stage(i, st, key, ckpt, search)
+        cached.append(was_cached)
         steps.append(hit)
         ckpt = hit
     steps.pop(0)
@@ -444,6 +465,118 @@ def _run_stages(config: PipelineConfig, cache: StageCache, steps: list[Checkpoin
 
 def _placed_or_none(ckpt: Checkpoint | None) -> Checkpoint | None:
     return None if ckpt is None else _placed(ckpt)
+
+
+@dataclass
+class _StageRun:
+    """Runs (or loads) one stage, and searches a stage's strength under a budget."""
+
+    config: PipelineConfig
+    cache: StageCache
+    bundle: DatasetBundle
+    fidelity: _Fidelity
+    say: Callable[[str], None]
+
+    def measured(self) -> dict[str, Any]:
+        """What a stage's stored measurements depend on besides the stage itself."""
+        return self.config.report.model_dump(include={"fidelity", "fidelity_samples",
+                                                      "latency_repeats"})
+
+    def stage_bundle(self, st: Any) -> tuple[DatasetBundle, int | None]:
+        """The data a stage reads: in the post-training mode (`calibration: N`) a stage
+        that does not fine-tune sees only N training images."""
+        n = self.config.calibration
+        if n is None or _fine_tunes(st):
+            return self.bundle, None
+        return calibration_bundle(self.bundle, n, seed=self.config.seed), n
+
+    def key(self, previous: str, st: Any, seed: int, probe: bool = False) -> str:
+        _, calibration = self.stage_bundle(st)
+        amp = {"amp": self.config.amp} if self.config.amp != "off" else {}
+        ident = {**st.model_dump(mode="json"), "measured": self.measured(), **amp}
+        if calibration is not None:
+            ident["calibration"] = calibration
+        if probe:
+            ident["probe"] = True
+        return stage_key(previous, ident, seed)
+
+    def stage(self, i: int, st: Any, previous: str, ckpt: Checkpoint,
+              search: SearchResult | None) -> tuple[str, Checkpoint, bool]:
+        seed_i = stage_seed(self.config.seed, i)
+        key = self.key(previous, st, seed_i)
+        label = f"{i + 1:02d}-{st.type}"
+        n = len(self.config.stages)
+        hit = _placed_or_none(self.cache.load(key, label))
+        was_cached = hit is not None
+        if hit is None:
+            self.say(f"stage {i + 1}/{n} {st.label()}: running")
+            t0 = time.perf_counter()
+            new = (_placed_or_none(self.cache.load(self.key(previous, st, seed_i, probe=True),
+                                                   f"{label}-probe"))
+                   if search is not None else None)
+            if new is None:
+                bundle, _ = self.stage_bundle(st)
+                try:
+                    new = run_stage(ckpt, bundle, st, seed_i)
+                except OptionError as exc:
+                    raise exc.named(f"stages[{i}].{exc.option}") from None
+            new = _measure(new, self.bundle, self.config, key=key, name=st.label(),
+                           kind=st.type, criterion=getattr(st, "criterion", None),
+                           seconds=time.perf_counter() - t0,
+                           fidelity=self.fidelity.measure(new.model))
+            hit = _store(self.cache, new, key, label)
+        else:
+            self.say(f"stage {i + 1}/{n} {st.label()}: cached")
+        if search is not None:
+            hit.metrics["pipeline"]["search"] = search.as_dict()
+        return key, hit, was_cached
+
+    def search(self, i: int, st: Any, previous: str, ckpt: Checkpoint, floor: float
+               ) -> tuple[Any, SearchResult]:
+        """The stage with its strength chosen under the budget (None: left out)."""
+        strength = strength_of(st)
+        assert strength is not None
+        seed_i = stage_seed(self.config.seed, i)
+        label = f"{i + 1:02d}-{st.type}-probe"
+
+        def with_value(value: float) -> Any:
+            data = {**st.model_dump(exclude_unset=True), "type": st.type,
+                    strength.field: int(value) if strength.grid else float(value)}
+            data.update({c: None for c in strength.clear})
+            return stage_model(st.type).model_validate(data)
+
+        def run_probe(value: float) -> tuple[float, int, bool]:
+            trial = with_value(value)
+            key = self.key(previous, trial, seed_i, probe=True)
+            hit = self.cache.load(key, label)
+            if hit is not None:
+                return float(hit.metrics["val_accuracy"]), int(hit.metrics["size_bytes"]), True
+            self.say(f"stage {i + 1} {st.label()}: probing {strength.field}={value}")
+            bundle, _ = self.stage_bundle(trial)
+            try:
+                new = run_stage(ckpt, bundle, trial, seed_i)
+            except OptionError as exc:
+                raise exc.named(f"stages[{i}].{exc.option}") from None
+            acc = _val_accuracy(new, self.bundle)
+            assert acc is not None  # a target needs val > 0 (config check)
+            new.metrics = {"val_accuracy": acc, "size_bytes": packed_size(new),
+                           "pipeline": {"key": key, "probe": True}}
+            self.cache.save(new, key, label)
+            return acc, new.metrics["size_bytes"], False
+
+        assert self.config.target is not None
+        result = bisect_strength(strength, start_value(st, strength), floor, run_probe,
+                                 probes=self.config.target.probes)
+        chosen = with_value(result.chosen) if result.chosen is not None else None
+        return chosen, result
+
+
+def _fine_tunes(st: Any) -> bool:
+    """Whether a stage trains (then it reads the whole training split)."""
+    if st.type == "finetune":
+        return True
+    return float(getattr(st, "finetune_epochs", 0) or 0) > 0 or float(
+        getattr(st, "qat_epochs", 0) or 0) > 0
 
 
 def _heatmaps_possible(config: PipelineConfig, steps: list[Checkpoint]) -> PipelineConfig:
@@ -483,8 +616,8 @@ def _remove_ours(out: Path, names: list[str], manifest: dict[str, str]) -> None:
 
 
 def _write_outputs(config: PipelineConfig, out: Path, baseline: Checkpoint,
-                   steps: list[Checkpoint], bundle: DatasetBundle, plots: bool
-                   ) -> dict[str, Path]:
+                   steps: list[Checkpoint], bundle: DatasetBundle, plots: bool,
+                   searches: list[dict[str, Any]] | None = None) -> dict[str, Path]:
     """Write the output set consistently: the previous run's report goes first (so new model
     files never stand next to an old report), then the models, plots and the new report;
     files the previous run wrote that this one does not (model.onnx after `export: {onnx:
@@ -499,7 +632,8 @@ def _write_outputs(config: PipelineConfig, out: Path, baseline: Checkpoint,
             old = _read_manifest(out)
             _remove_ours(out, list(REPORT_NAMES), old)
             with record_writes() as written:
-                files = write_outputs(config, out, baseline, steps, bundle, plots=plots)
+                files = write_outputs(config, out, baseline, steps, bundle, plots=plots,
+                                      searches=searches)
             mine = {p.name: p for p in written if p.parent == out}
             _remove_ours(out, [n for n in old if n not in mine], old)
             atomic_write_text(out / MANIFEST_NAME, json.dumps(

@@ -27,6 +27,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from xaicompress.calibration import reconstruct_layers, reestimate_batchnorm
 from xaicompress.checkpoint import Checkpoint
 from xaicompress.device import model_device
 from xaicompress.errors import XaiCompressError
@@ -171,6 +172,41 @@ def apply_plan(model: nn.Module, plan: dict[str, list[int]], example: Tensor) ->
         group.prune()
 
 
+def apply_plan_tracked(model: nn.Module, plan: dict[str, list[int]], example: Tensor
+                       ) -> dict[str, Tensor]:
+    """`apply_plan`, returning for every Conv2d / Linear the indices (in the model before
+    the cut) of the output channels it kept. Each layer's bias is temporarily replaced by
+    its channel indices, which the dependency graph prunes along with the channels."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    saved = {n: m.bias for n, m in layers.items()}
+    for m in layers.values():
+        m.bias = nn.Parameter(torch.arange(m.weight.shape[0], dtype=m.weight.dtype),
+                              requires_grad=False)
+    try:
+        apply_plan(model, plan, example)
+    finally:
+        kept = {n: m.bias.detach().round().long() for n, m in layers.items()}
+        for n, m in layers.items():
+            old = saved[n]
+            if old is None:
+                m.bias = None
+            else:
+                m.bias = nn.Parameter(old.detach()[kept[n]].clone(),
+                                      requires_grad=old.requires_grad)
+    return kept
+
+
+def _cut(model: nn.Module, plan: dict[str, list[int]], example: Tensor,
+         calibration: Dataset | None, seed: int) -> None:
+    """Apply the plan; with calibration data, then refit the layers that lost inputs."""
+    if calibration is None:
+        apply_plan(model, plan, example)
+        return
+    before = copy.deepcopy(model)
+    kept = apply_plan_tracked(model, plan, example)
+    reconstruct_layers(model, before, calibration, kept, seed=seed)
+
+
 def _channels(model: nn.Module, example: Tensor, ignored: list[nn.Module]) -> dict[str, int]:
     return {root: len(g[0].idxs)
             for root, g in PruningGraph.build(model, example).groups(ignored)}
@@ -306,6 +342,8 @@ def prune_structured(
     min_channels: int = 1,
     norm: str = "l1",
     max_layer_ratio: float | None = None,
+    bn_recalibration: bool = True,
+    reconstruct: bool = False,
     seed: int = 0,
 ) -> Checkpoint:
     """Remove `ratio` of the channels (filters / neurons) of `ckpt`, or enough to cut MACs by
@@ -318,7 +356,11 @@ def prune_structured(
     uses `samples` seeded-random items of it. Global scope: `norm` ("l1", "mean", "max")
     makes scores comparable across groups and `max_layer_ratio` caps the fraction of any
     group's original channels removed (None: halfway between the step's target and 1, see
-    `layer_cap`; 1.0: no cap); see `plan_removal`.
+    `layer_cap`; 1.0: no cap); see `plan_removal`. bn_recalibration: after every cut,
+    re-estimate the BatchNorm statistics on calibration samples of the training data
+    (`calibration.reestimate_batchnorm`), before any fine-tuning. reconstruct: before that,
+    refit every layer that lost input channels by least squares so that it reproduces the
+    uncut layer's outputs on calibration samples (`calibration.reconstruct_layers`).
     """
     crit = resolve_criterion(criterion)
     _check_structured_options(ckpt, ratio, scope, steps, finetune_epochs, finetune_lr, samples,
@@ -356,9 +398,13 @@ def prune_structured(
                                           max_layer_ratio, shape, example)
         else:
             fraction = targets[k]
-        apply_plan(model, plan_removal(scores, original, fraction, scope, min_channels, norm,
-                                       layer_cap(fraction, max_layer_ratio)), example)
-        step_log.append({"fraction": round(fraction, 6), "macs": count_macs(model, shape)})
+        _cut(model, plan_removal(scores, original, fraction, scope, min_channels, norm,
+                                 layer_cap(fraction, max_layer_ratio)), example,
+             train_set if reconstruct else None, seed + k)
+        bn = (reestimate_batchnorm(model, train_set, seed=seed + k)
+              if bn_recalibration and train_set is not None else 0)
+        step_log.append({"fraction": round(fraction, 6), "macs": count_macs(model, shape),
+                         "bn_reestimated": bn})
         if finetune_epochs > 0:
             out = finetune_checkpoint(out, train_set, epochs=finetune_epochs, lr=lr,
                                       seed=seed + k, description=f"fine-tune step {k + 1}/{steps}")
@@ -370,7 +416,7 @@ def prune_structured(
         "scope": scope, "steps": steps, "finetune_epochs": finetune_epochs,
         "finetune_lr": lr, "samples": samples, "macs_ratio": macs_ratio,
         "min_channels": min_channels, "norm": norm, "max_layer_ratio": max_layer_ratio,
-        "seed": seed,
+        "bn_recalibration": bn_recalibration, "reconstruct": reconstruct, "seed": seed,
         "channels": {n: [original[n], final.get(n, 0)] for n in original},
         "macs_before": macs0, "macs_after": count_macs(out.model, shape), "schedule": step_log,
         "excluded": excluded,

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from xaicompress.calibration import reestimate_batchnorm
 from xaicompress.checkpoint import Checkpoint
 from xaicompress.encoding import Mask
 from xaicompress.errors import XaiCompressError
@@ -108,6 +109,7 @@ def prune_unstructured(
     finetune_lr: float | None = None,
     samples: int = 512,
     norm: str = "none",
+    bn_recalibration: bool = True,
     seed: int = 0,
 ) -> Checkpoint:
     """Zero `ratio` of the weights of the selected layers ("fc", "conv" or "all"), ranked by
@@ -117,7 +119,8 @@ def prune_unstructured(
     bundle: a `DatasetBundle` (train split used) or a training `Dataset`.
     norm (global scope): "l1" ranks per-layer L1-normalised scores, "mean" scores relative to
     their layer's mean (L1-normalised times the layer's weight count), "none" raw scores
-    (classic global magnitude pruning with the l1 criterion).
+    (classic global magnitude pruning with the l1 criterion). bn_recalibration: re-estimate
+    the BatchNorm statistics on calibration samples after the masks are applied.
     """
     if norm not in NORMS:
         raise XaiCompressError(f"--norm {norm!r}: expected one of {', '.join(NORMS)}")
@@ -149,6 +152,8 @@ def prune_unstructured(
     for name, mask in masks.items():
         out.state.get(name).mask = Mask(mask)
     out.state.apply(model)
+    bn = (reestimate_batchnorm(model, train_set, seed=seed)
+          if bn_recalibration and train_set is not None else 0)
     if finetune_epochs > 0:
         out = finetune_checkpoint(out, train_set, epochs=finetune_epochs,
                                   lr=finetune_lr or PRUNE_FINETUNE_LR, seed=seed,
@@ -161,6 +166,7 @@ def prune_unstructured(
         "layers": layers, "scope": scope, "norm": norm, "finetune_epochs": finetune_epochs,
         "finetune_lr": finetune_lr or PRUNE_FINETUNE_LR,
         "samples": samples, "seed": seed, "sparsity": 1 - kept / total,
+        "bn_recalibration": bn_recalibration, "bn_reestimated": bn,
         "per_layer": {n: round(1 - float(m.float().mean()), 6) for n, m in masks.items()},
     })
     return out

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from xaicompress.calibration import correct_bias, reestimate_batchnorm
 from xaicompress.checkpoint import Checkpoint
 from xaicompress.encoding import Codebook
 from xaicompress.encoding.bitpack import index_bits
@@ -186,7 +187,8 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
                   finetune_lr: float | None = None,
                   relevance: Relevance | None = None, init: str = "linear",
                   weight_power: float = WEIGHT_POWER, uniform_mix: float = 0.0,
-                  assignment: str = "nearest") -> Checkpoint:
+                  assignment: str = "nearest", bias_correction: bool = True,
+                  bn_recalibration: bool = True) -> Checkpoint:
     """Share the weights of every Conv2d/Linear layer of a copy of `ckpt`.
 
     criterion: weights the k-means (`none` = plain k-means); bundle: a DatasetBundle (its
@@ -203,6 +205,9 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
     or "entropy" (`quant.entropy_share`: relevance-weighted entropy-constrained assignment
     with a zero cluster, one lambda under `avg_bits` entropy-coded bits per weight, pruned
     weights and the codebooks included; `clusters` = codebook size, default `ECQ_CLUSTERS`).
+    bias_correction / bn_recalibration: then, on calibration samples of the training data,
+    shift every layer's bias so its per-channel output mean is the float model's, and
+    re-estimate the BatchNorm statistics (`xaicompress.calibration`), before fine-tuning.
     Result: `state.get(layer).codebook` float32 (k,), `.indices` int64 (weight shape), model
     weights = codebook[indices] * mask. The input is not modified.
     """
@@ -265,12 +270,14 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
         chosen[name] = {"k": int(len(codebook)), "bits": index_bits(len(codebook)),
                         "weights": int(keep.sum())}
     out.state.apply(out.model)
+    calibrated = _calibrate(out, ckpt, train_set, list(layers), seed, bias_correction,
+                            bn_recalibration)
     out.history.append({"stage": "share", "criterion": repr(crit), "clusters": clusters
                         if not isinstance(clusters, Mapping) else dict(clusters),
                         "avg_bits": avg_bits, "layers": chosen, "samples": samples,
                         "codebook_dtype": codebook_dtype, "seed": seed, "init": init,
                         "weight_power": weight_power, "uniform_mix": uniform_mix,
-                        "assignment": assignment, **table})
+                        "assignment": assignment, **calibrated, **table})
     if finetune_epochs > 0:
         out = finetune_shared(out, train_set, epochs=finetune_epochs, lr=finetune_lr,
                               seed=seed)
@@ -344,6 +351,18 @@ def _share_entropy(out: Checkpoint, layers: Mapping[str, Any],
         out.state.get(name).mask = lc.mask
         out.state.get(name).weights = lc.weights
     return info
+def _calibrate(out: Checkpoint, reference: Checkpoint, train_set: Dataset, layers: list[str],
+               seed: int, bias_correction: bool, bn_recalibration: bool) -> dict[str, Any]:
+    """Bias correction against `reference` and BatchNorm re-estimation of `out` (in place);
+    what was done, for the history. Without data (a data-free criterion and no training
+    set) there is nothing to calibrate on."""
+    if train_set is None:
+        bias_correction = bn_recalibration = False
+    shifts = (correct_bias(out.model, reference.model, train_set, layers, seed=seed)
+              if bias_correction else {})
+    bn = reestimate_batchnorm(out.model, train_set, seed=seed) if bn_recalibration else 0
+    return {"bias_correction": bias_correction, "bias_shift": shifts,
+            "bn_recalibration": bn_recalibration, "bn_reestimated": bn}
 
 
 def _requested_clusters(clusters: int | Mapping[str, int], layers: Mapping[str, Any]

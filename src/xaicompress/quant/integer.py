@@ -16,12 +16,14 @@ sum_w R_w (w - Q_b(w))^2 under a storage budget with the exact MILP of `allocate
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from xaicompress.calibration import correct_bias, reestimate_batchnorm
 from xaicompress.checkpoint import Checkpoint
 from xaicompress.encoding import ActQuant, IntGrid, qmax
 from xaicompress.encoding.activation import remove_activation_quant
@@ -281,7 +283,8 @@ def _fit_packed_size(ckpt: Checkpoint, importance: dict[str, Tensor], bits: dict
 def quantize(ckpt: Checkpoint, criterion: Any, bundle: Any, *, avg_bits: float | None = None,
              size_kb: float | None = None, allocation: str = "milp", qat_epochs: float = 0,
              act_bits: int | None = None, samples: int = 512, seed: int = 0,
-             clip: str = "mse", qat_lr: float = 1e-3) -> Checkpoint:
+             clip: str = "mse", qat_lr: float = 1e-3, bias_correction: bool = True,
+             bn_recalibration: bool = True) -> Checkpoint:
     """Mixed-precision integer quantization of a copy of `ckpt`.
 
     criterion: a `Criterion` (or its spec string) giving per-weight relevance R_w.
@@ -295,6 +298,10 @@ def quantize(ckpt: Checkpoint, criterion: Any, bundle: Any, *, avg_bits: float |
         qat_lr; 1e-3 measured best of 1e-4 / 5e-4 / 1e-3 on lenet5 at 2 bits).
     act_bits: quantize the inputs of every quantized layer to this many bits (PTQ,
         calibrated on `samples` training items).
+    bias_correction: shift every quantized layer's bias so that its per-channel output mean
+        on calibration samples is the float model's (empirical bias correction, as AIMET and
+        NNCF); bn_recalibration: then re-estimate the BatchNorm statistics. Both before the
+        activations are calibrated and before QAT.
     Returns the new checkpoint; its state holds bits/scale (and act_bits/act_scale) per
     layer, its history a "quantize" entry with the chosen bits.
     """
@@ -327,14 +334,20 @@ def quantize(ckpt: Checkpoint, criterion: Any, bundle: Any, *, avg_bits: float |
             "budget_bits": info["budget_bits"], "used_bits": info["used_bits"],
             "achieved_avg_bits": info["avg_bits"], "weighted_error": info["error"],
             "bits": dict(bits), "act_bits": act_bits, "qat_epochs": qat_epochs,
-            "samples": samples, "seed": seed,
+            "samples": samples, "seed": seed, "bias_correction": bias_correction,
+            "bias_shift": shifts, "bn_recalibration": bn_recalibration, "bn_reestimated": bn,
         }
 
     floats = {n: m.weight.detach().clone() for n, m in layers.items()}
+    reference = copy.deepcopy(out.model) if bias_correction and train_set is not None else None
     apply_bits(out, bits, importance, clip)
     if size_kb is not None:
         bits, info = _fit_packed_size(out, importance, bits, info, float(size_kb),
                                       allocation, clip, floats)
+    shifts = (correct_bias(out.model, reference, train_set, list(layers), seed=seed)
+              if reference is not None else {})
+    bn = (reestimate_batchnorm(out.model, train_set, seed=seed)
+          if bn_recalibration and train_set is not None else 0)
     if act_bits is not None:
         scales = calibrate_activations(out.model, train_set, list(layers), act_bits,
                                        samples=samples, seed=seed)

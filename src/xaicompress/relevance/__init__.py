@@ -4,12 +4,13 @@ Layout: `base` (Relevance, the Criterion contract, AccumulatingCriterion, comput
 `registry` (criteria by name, spec parsing), `options` (checked option values), `rules`
 (the DeepLIFT rule table), `canonical` (tracing and rewriting a model), `engine` (one-pass
 DeepLIFT), `kernels` (per-unit / per-weight contributions), `references`, and one module
-per family of criteria: `deeplift`, `gradient` (taylor, gradxact, activation), `classic`
-(l1, random, none).
+per family of criteria: `deeplift`, `gradient` (taylor, gradxact, activation), `curvature`
+(hessian, fisher), `classic` (l1, random, none).
 """
 
 from xaicompress.relevance import (
     classic,  # noqa: F401  (register built-in criteria)
+    curvature,  # noqa: F401  (registers hessian, fisher)
     deeplift,  # noqa: F401  (registers deeplift)
     gradient,  # noqa: F401  (registers taylor, gradxact, activation)
 )

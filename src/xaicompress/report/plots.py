@@ -56,6 +56,31 @@ def plot_stages(report: dict[str, Any], path: str | Path) -> None:
     _save(fig, path)
 
 
+def plot_search(search: list[dict[str, Any]], base_val: float, path: str | Path) -> None:
+    """The accuracy budget's search: every probe's validation accuracy against its packed
+    size, one series per searched stage, the floor each had to keep and the chosen probe."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for k, rec in enumerate(search):
+        color = f"C{k % 10}"
+        probes = rec["probes"]
+        ax.plot([p["size_bytes"] / 1024 for p in probes], [p["val_accuracy"] for p in probes],
+                "o:", color=color, label=f"{rec['name']} ({rec['field']})", alpha=0.8)
+        for p in probes:
+            ax.annotate(f"{p['value']:g}", (p["size_bytes"] / 1024, p["val_accuracy"]),
+                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+            if p["value"] == rec["chosen"]:
+                ax.plot(p["size_bytes"] / 1024, p["val_accuracy"], "*", color=color,
+                        markersize=14)
+        ax.axhline(rec["floor"], color=color, linestyle="--", linewidth=0.8)
+    ax.axhline(base_val, color="black", linewidth=0.8, label="baseline (validation)")
+    ax.set_xscale("log")
+    ax.set_xlabel("packed size KB (log)")
+    ax.set_ylabel("validation accuracy %")
+    ax.set_title("accuracy budget: probes (star = chosen, dashed = floor)")
+    ax.legend(fontsize=8, loc="lower right")
+    _save(fig, path)
+
+
 def plot_layers(layers: dict[str, dict[str, Any]], path: str | Path) -> None:
     """Per layer: share of output units kept, sparsity, and bits per stored weight."""
     names = list(layers)

@@ -14,6 +14,10 @@ report.json (all sizes in bytes, accuracy in %, latency in ms for a batch of 64 
   deployables            per model file written: file, kind, bytes, ratio (baseline fp32
                          bytes / bytes), ratio_fp32_onnx, reads_it; ONNX files also their
                          accuracy and ort_latency_ms next to pytorch_latency_ms
+  val_accuracy           (baseline, stages, final) accuracy on the validation split carved
+                         from the training data, on which every choice is made
+  target, search         the accuracy budget and, per searched stage, its probes (value,
+                         validation accuracy, packed bytes, passed) and the value chosen
   files, config, title, version
 """
 
@@ -29,9 +33,10 @@ from xaicompress.checkpoint import Checkpoint, layer_widths
 from xaicompress.errors import XaiCompressError
 from xaicompress.version import __version__
 
-METRIC_KEYS = ("accuracy", "params", "nonzero_params", "macs", "size_bytes", "fp32_bytes",
-               "latency_ms")
-PLOT_NAMES = {"stages": "stages.png", "layers": "layers.png", "heatmaps": "heatmaps.png"}
+METRIC_KEYS = ("accuracy", "val_accuracy", "params", "nonzero_params", "macs", "size_bytes",
+               "fp32_bytes", "latency_ms")
+PLOT_NAMES = {"stages": "stages.png", "layers": "layers.png", "heatmaps": "heatmaps.png",
+              "search": "search.png"}
 
 
 def _metrics(ckpt: Checkpoint) -> dict[str, Any]:
@@ -72,10 +77,12 @@ def layer_summary(baseline: Checkpoint, final: Checkpoint,
 def build_report(config: Any, baseline: Checkpoint, steps: list[Checkpoint],
                  packed_size: int, files: dict[str, Path],
                  tensor_bits: dict[str, int] | None = None,
-                 deployables: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                 deployables: list[dict[str, Any]] | None = None,
+                 searches: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The report dict (see module docstring) from the measured checkpoints; tensor_bits:
     bits of every tensor in the final packed file (`PackedSize.tensor_bits`); deployables:
-    the model files written (`pipeline.outputs.describe_files`)."""
+    the model files written (`pipeline.outputs.describe_files`); searches: the accuracy
+    budget's search records (`pipeline.budget`)."""
     base = _metrics(baseline)
     base["seconds"] = baseline.metrics["pipeline"]["seconds"]
     stages = []
@@ -109,6 +116,8 @@ def build_report(config: Any, baseline: Checkpoint, steps: list[Checkpoint],
             "per_stage": [{"name": s["name"], **s["fidelity"]} for s in stages],
         },
         "layers": layer_summary(baseline, last, tensor_bits),
+        "target": config.model_dump(mode="json").get("target"),
+        "search": list(searches or []),
         "files": {k: v.name for k, v in files.items()},
         "deployables": list(deployables or []),
         "config": config.model_dump(mode="json"),
@@ -200,15 +209,17 @@ def report_markdown(report: dict[str, Any]) -> str:
              f"Data `{report['data']}`, seed {report['seed']}, xaicompress {report['version']}.",
              *_preprocess_line(report),
              "", "## Steps", "",
-             "| step | criterion | accuracy % | size KB | x smaller | params | non-zero | MACs "
-             "| latency ms | cosine | top-10% | agree % | seconds |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| step | criterion | accuracy % | validation % | size KB | x smaller | params "
+             "| non-zero | MACs | latency ms | cosine | top-10% | agree % | seconds |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in _rows(report):
         fd = r["fidelity"]
         lat = "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.2f}"
         sec = "-" if r.get("seconds") is None else f"{r['seconds']:.1f}"
+        val = "-" if r.get("val_accuracy") is None else f"{r['val_accuracy']:.2f}"
         lines.append(f"| {r['step']} | {r.get('criterion') or '-'} | {r['accuracy']:.2f} | "
-                     f"{kb(r['size_bytes'])} | {r['ratio']:.1f} | {_fmt_int(r['params'])} | "
+                     f"{val} | {kb(r['size_bytes'])} | {r['ratio']:.1f} | "
+                     f"{_fmt_int(r['params'])} | "
                      f"{_fmt_int(r['nonzero_params'])} | {_fmt_int(r['macs'])} | {lat} | "
                      f"{fd['cosine']:.3f} | {fd['top10_overlap']:.3f} | {fd['agreement']:.1f} "
                      f"| {sec} |")
@@ -225,6 +236,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | {u1}/{u0} | {lay['weights']:,} | {lay['sparsity'] * 100:.1f} "
                      f"| {lay['bits']} | {lay['clusters'] or '-'} | "
                      f"{'-' if coded is None else f'{coded:.3f}'} |")
+    lines += _search_markdown(report)
     plots = [(k, v) for k, v in report["files"].items() if k.startswith("plot_")]
     if plots:
         lines += ["", "## Plots", ""]
@@ -264,3 +276,28 @@ def _files_table(report: dict[str, Any]) -> list[str]:
               if not k.startswith("plot_") and k not in {d["kind"] for d in deploy}]
     return lines + ([""] + others if others else [])
 
+
+def _search_markdown(report: dict[str, Any]) -> list[str]:
+    """The accuracy budget's search path (empty without a target)."""
+    if not report.get("search"):
+        return []
+    base = report["baseline"].get("val_accuracy")
+    lines = ["", "## Accuracy budget", "",
+             f"At most {report['target']['max_drop']} pt below the baseline's validation "
+             f"accuracy ({base:.2f}%), spent evenly over the searched stages; each probe ran "
+             "the whole stage (at most "
+             f"{report['target'].get('probes', '-')} per stage). The test split was not read "
+             "while searching.", "",
+             "| stage | option | value | validation % | packed KB | within floor |",
+             "|---|---|---:|---:|---:|---|"]
+    for rec in report["search"]:
+        for p in rec["probes"]:
+            mark = "yes" if p["passed"] else "no"
+            if p["value"] == rec["chosen"]:
+                mark += " (chosen)"
+            lines.append(f"| {rec['name']} (floor {rec['floor']:.2f}%) | {rec['field']} | "
+                         f"{p['value']:g} | {p['val_accuracy']:.2f} | {kb(p['size_bytes'])} | "
+                         f"{mark} |")
+        if rec["chosen"] is None:
+            lines.append(f"| {rec['name']} | - | - | - | - | left out |")
+    return lines

@@ -1,0 +1,275 @@
+"""Post-training calibration from a few training samples: BatchNorm re-estimation and
+bias correction.
+
+Both repair what a compression step does to the *statistics* of a network without
+training it:
+
+- `reestimate_batchnorm` (adaptive BatchNorm, EagleEye, Li et al. 2020): after channels are
+  removed or weights rounded, the running mean / variance a BatchNorm stored describe the
+  old network's activations. They are reset and re-accumulated (cumulative average, every
+  batch weighted equally) from `samples` training images in inference mode for everything
+  but the BatchNorms, so Dropout stays off and no weight changes.
+- `correct_bias` (empirical bias correction, Nagel et al. 2019, as AIMET and NNCF apply it
+  after quantization): the per-channel mean of a compressed layer's output differs from the
+  float layer's; the difference, measured on the same images, is added to the layer's
+  bias. Layers without a bias are left to the BatchNorm that follows them (its re-estimated
+  mean absorbs the same shift).
+
+Every rank under torchrun reads the same samples (no sharded sampler), so the statistics
+are identical everywhere without a collective.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from xaicompress.data import subset
+from xaicompress.errors import XaiCompressError
+
+#: training images the calibrations read by default (the issue's post-training budget)
+CALIBRATION_SAMPLES = 1024
+#: images per forward pass: BatchNorm statistics average whole batches, so batches equal
+_BATCH = 128
+
+
+def _loader(dataset: Dataset, samples: int, seed: int) -> DataLoader:
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise XaiCompressError(f"calibration samples {samples!r}: expected a positive integer")
+    return DataLoader(subset(dataset, samples, seed=seed), batch_size=_BATCH, shuffle=False)
+
+
+def batchnorm_layers(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """Every BatchNorm (1d / 2d / 3d, SyncBatchNorm) that tracks running statistics."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+
+
+@torch.no_grad()
+def reestimate_batchnorm(model: nn.Module, dataset: Dataset, *,
+                         samples: int = CALIBRATION_SAMPLES, seed: int = 0) -> int:
+    """Reset and re-accumulate the running statistics of every BatchNorm of `model` (in
+    place) from `samples` seeded-random items (x, y) of `dataset`. Returns the number of
+    BatchNorm layers re-estimated (0: nothing to do, the model is untouched)."""
+    bns = batchnorm_layers(model)
+    if not bns:
+        return 0
+    loader = _loader(dataset, samples, seed)
+    was_training = model.training
+    momenta = {n: m.momentum for n, m in bns.items()}
+    model.eval()
+    for m in bns.values():
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches seen
+        m.train()
+    try:
+        for x, _y in loader:
+            model(x.float())
+    finally:
+        for n, m in bns.items():
+            m.momentum = momenta[n]
+        model.train(was_training)
+        for m in bns.values():
+            m.train(was_training)
+    return len(bns)
+
+
+def _weight_error_output(layer: nn.Module, x: Tensor, delta: Tensor) -> Tensor:
+    """The output the weight difference `delta` alone makes from the input `x`."""
+    if isinstance(layer, nn.Conv2d):
+        if layer.padding_mode != "zeros":
+            x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+            return F.conv2d(x, delta, None, layer.stride, 0, layer.dilation, layer.groups)
+        return F.conv2d(x, delta, None, layer.stride, layer.padding, layer.dilation,
+                        layer.groups)
+    return F.linear(x, delta)
+
+
+def correct_bias(model: nn.Module, reference: nn.Module, dataset: Dataset, layers: list[str],
+                 *, samples: int = CALIBRATION_SAMPLES, seed: int = 0) -> dict[str, float]:
+    """Shift the bias of each named Conv2d / Linear layer of `model` (in place) by the
+    per-channel mean of (W_ref - W) x over `samples` items of `dataset`, x the layer's input
+    in `model` and W_ref its weight in `reference` (the uncompressed model, same layer
+    names): the expected output error the compressed weights make (Nagel et al. 2019).
+
+    The error of each layer's own weights is measured, on the inputs the compressed
+    network really gives it, in one pass for all layers (a layer's shift does not undo the
+    errors of the layers before it, so shifts never add up twice). Returns layer -> mean
+    absolute shift applied; layers without a bias are skipped and absent.
+    """
+    modules = dict(model.named_modules())
+    refs = dict(reference.named_modules())
+    with_bias = [n for n in layers if isinstance(modules.get(n), (nn.Conv2d, nn.Linear))
+                 and modules[n].bias is not None and n in refs
+                 and refs[n].weight.shape == modules[n].weight.shape]
+    if not with_bias:
+        return {}
+    deltas = {n: (refs[n].weight.detach() - modules[n].weight.detach()).float()
+              for n in with_bias}
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def watch(name: str) -> Any:
+        def hook(layer: nn.Module, args: tuple[Any, ...]) -> None:
+            e = _weight_error_output(layer, args[0].detach().float(), deltas[name]).double()
+            dims = [0, *range(2, e.dim())] if isinstance(layer, nn.Conv2d) else \
+                list(range(e.dim() - 1))
+            sums[name] = sums.get(name, 0) + e.sum(dims)
+            counts[name] = counts.get(name, 0) + e.numel() // e.shape[1 if isinstance(
+                layer, nn.Conv2d) else -1]
+        return hook
+
+    handles = [modules[n].register_forward_pre_hook(watch(n)) for n in with_bias]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x, _y in _loader(dataset, samples, seed):
+                model(x.float())
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    shifts: dict[str, float] = {}
+    with torch.no_grad():
+        for n in with_bias:
+            if n in sums:
+                delta = (sums[n] / max(1, counts[n])).to(modules[n].bias.dtype)
+                modules[n].bias.add_(delta)
+                shifts[n] = float(delta.abs().mean())
+    return shifts
+
+
+#: output positions of each image a convolution's reconstruction samples, and the images
+#: it reads: rows of its least-squares problem (256 x 64 = 16,384 for at most ~600 unknowns)
+RECONSTRUCT_POSITIONS = 64
+RECONSTRUCT_SAMPLES = 256
+#: ridge of the least squares, relative to the mean diagonal of X^T X
+_RIDGE = 1e-3
+
+
+def _rows(layer: nn.Module, x: Tensor, g: torch.Generator) -> Tensor:
+    """The rows of a layer's least squares from its input x: im2col patches at sampled
+    output positions of a convolution (N * positions, Cin * kh * kw), or the inputs of a
+    Linear (N, in)."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+    n, d, p = cols.shape
+    k = min(p, RECONSTRUCT_POSITIONS)
+    pick = torch.randint(0, p, (n, k), generator=g)
+    return cols.gather(2, pick[:, None, :].expand(n, d, k)).transpose(1, 2).reshape(-1, d)
+
+
+def _targets(layer: nn.Module, y: Tensor, g: torch.Generator) -> Tensor:
+    """The reference outputs at the same rows as `_rows` (same generator state)."""
+    if isinstance(layer, nn.Linear):
+        return y.reshape(-1, y.shape[-1])
+    n, o = y.shape[:2]
+    p = y[0, 0].numel()
+    k = min(p, RECONSTRUCT_POSITIONS)
+    pick = torch.randint(0, p, (n, k), generator=g)
+    return y.reshape(n, o, p).gather(2, pick[:, None, :].expand(n, o, k)).transpose(
+        1, 2).reshape(-1, o)
+
+
+class _Stop(Exception):
+    """Raised by a hook once the layer being refitted has its input: the rest of the
+    forward pass is not needed."""
+
+
+def reconstruct_layers(model: nn.Module, reference: nn.Module, dataset: Dataset,
+                       kept: dict[str, Tensor], *, samples: int = RECONSTRUCT_SAMPLES,
+                       seed: int = 0) -> list[str]:
+    """Refit, in place, the weights and bias of every Conv2d / Linear of `model` that lost
+    input channels, by least squares on `samples` items of `dataset`: its inputs in the
+    pruned network against the outputs the same layer of `reference` (the network before
+    the cut) gives at the output channels it kept (`kept[name]`: their indices in
+    `reference`), as ThiNet and He et al. (2017) do after channel pruning.
+
+    Layers are refitted one after the other in definition order, each on the inputs the
+    network with the earlier layers already refitted gives it (fitting all at once counts
+    every earlier layer's loss twice: measured, it blew LeNet-5's logits up 4,000-fold);
+    each pass stops at the layer. Grouped convolutions are left as they are. Returns the
+    refitted layers.
+    """
+    modules, refs = dict(model.named_modules()), dict(reference.named_modules())
+    todo = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))
+            and n in refs and n in kept and getattr(m, "groups", 1) == 1
+            and m.weight.shape[1] < refs[n].weight.shape[1]]
+    if not todo:
+        return []
+    batches = [x.float() for x, _y in _loader(dataset, samples, seed)]
+
+    def gen(i: int, j: int) -> torch.Generator:  # the same positions in both networks
+        return torch.Generator().manual_seed(seed + 7919 * i + j)
+
+    targets: dict[str, list[Tensor]] = {n: [] for n in todo}
+    state = {"i": 0}
+    hooks = [refs[n].register_forward_hook(
+        lambda mod, _a, out, n=n, j=j: targets[n].append(
+            _targets(mod, out.detach()[:, kept[n]], gen(state["i"], j))))
+        for j, n in enumerate(todo)]
+    was = (model.training, reference.training)
+    model.eval()
+    reference.eval()
+    try:
+        with torch.no_grad():
+            for i, x in enumerate(batches):
+                state["i"] = i
+                reference(x)
+            for j, n in enumerate(todo):
+                _refit(model, modules[n], batches, targets[n], lambda i, j=j: gen(i, j))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was[0])
+        reference.train(was[1])
+    return todo
+
+
+def _refit(model: nn.Module, layer: nn.Module, batches: list[Tensor], targets: list[Tensor],
+           gen: Any) -> None:
+    """Least squares of one layer: its inputs in `model` (one pass per batch, stopped at
+    the layer) against `targets` (one per batch)."""
+    acc: dict[str, Tensor] = {}
+    state = {"i": 0}
+
+    def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+        rows = _rows(layer, args[0].detach(), gen(state["i"]))
+        rows = torch.cat([rows, torch.ones(len(rows), 1)], 1).double()
+        acc["gram"] = acc.get("gram", 0) + rows.t() @ rows
+        acc["cross"] = acc.get("cross", 0) + rows.t() @ targets[state["i"]].double()
+        raise _Stop
+
+    h = layer.register_forward_pre_hook(hook)
+    try:
+        for i, x in enumerate(batches):
+            state["i"] = i
+            try:
+                model(x)
+            except _Stop:
+                pass
+    finally:
+        h.remove()
+    if "gram" in acc:
+        _solve_into(layer, acc["gram"], acc["cross"])
+
+
+def _solve_into(layer: nn.Module, gram: Tensor, cross: Tensor) -> None:
+    d = gram.shape[0]
+    ridge = _RIDGE * float(gram.diagonal().mean()) + 1e-12
+    sol = torch.linalg.solve(gram + ridge * torch.eye(d, dtype=gram.dtype), cross)  # (d, o)
+    w, b = sol[:-1].t(), sol[-1]
+    with torch.no_grad():
+        layer.weight.copy_(w.reshape(layer.weight.shape).to(layer.weight.dtype))
+        if layer.bias is not None:
+            layer.bias.copy_(b.to(layer.bias.dtype))
+        else:  # no bias to hold the intercept: refit without it
+            sol = torch.linalg.solve(gram[:-1, :-1] + ridge * torch.eye(
+                d - 1, dtype=gram.dtype), cross[:-1])
+            layer.weight.copy_(sol.t().reshape(layer.weight.shape).to(layer.weight.dtype))

@@ -1,0 +1,164 @@
+"""The validation split, the post-training mode and the accuracy budget of `compress`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from xaicompress.data import load_dataset
+from xaicompress.data.holdout import calibration_bundle, carve_validation, dataset_labels
+from xaicompress.errors import XaiCompressError
+from xaicompress.pipeline import run_pipeline, validate_config
+from xaicompress.pipeline.budget import (
+    CLUSTER_GRID,
+    Strength,
+    bisect_strength,
+    stage_floors,
+    strength_of,
+)
+
+
+# ------------------------------------------------------------------ validation split
+def test_validation_is_carved_stratified_disjoint_and_fixed():
+    b = load_dataset("digits")
+    c = carve_validation(b, 0.1)
+    n = len(b.train)
+    assert len(c.val) == round(0.1 * n) and len(c.train) + len(c.val) == n
+    assert set(c.train.indices).isdisjoint(c.val.indices)
+    full = np.bincount(dataset_labels(b.train)) / n
+    val = np.bincount(dataset_labels(c.val), minlength=len(full)) / len(c.val)
+    assert np.abs(full - val).max() < 0.02  # stratified
+    assert carve_validation(b, 0.1).val.indices == c.val.indices  # same carve every run
+    assert c.test is b.test and c.mean == b.mean
+    with pytest.raises(XaiCompressError, match="val"):
+        carve_validation(b, 1.0)
+
+
+def test_calibration_bundle_reads_only_n_training_images():
+    b = carve_validation(load_dataset("digits"))
+    cb = calibration_bundle(b, 100, seed=3)
+    assert len(cb.train) == 100 and cb.val is b.val and cb.test is b.test
+
+
+# ------------------------------------------------------------------ bisection
+def test_bisection_finds_the_strongest_passing_ratio():
+    s = Strength("ratio", 0.0, 0.9)
+    calls = []
+
+    def probe(v):  # accuracy falls with the ratio, passing up to 0.62
+        calls.append(v)
+        return (99.0 if v <= 0.62 else 90.0), int(1000 * (1 - v)), False
+
+    r = bisect_strength(s, 0.5, 95.0, probe)
+    assert calls[0] == 0.5 and r.chosen is not None
+    assert 0.62 - 0.9 / 16 <= r.chosen <= 0.62
+    assert len(calls) <= 6 and all(p.passed == (p.value <= 0.62) for p in r.probes)
+
+
+def test_grid_search_chooses_the_smallest_passing_file():
+    s = strength_of(validate_config({"model": "lenet5", "stages": [
+        {"type": "share", "clusters": 16}]}).stages[0])
+    assert s.field == "clusters" and s.grid == CLUSTER_GRID
+
+    def probe(k):
+        return (98.0 if k >= 8 else 80.0), 100 * k, False
+
+    r = bisect_strength(s, 16, 97.0, probe)
+    assert r.chosen == 8
+
+
+def test_nothing_passes_then_the_weakest_is_tried_and_the_stage_left_out():
+    s = Strength("avg_bits", 8.0, 2.0)
+    seen = []
+    r = bisect_strength(s, 4, 99.0, lambda v: (seen.append(v) or 50.0, 10, False))
+    assert 8.0 in seen and r.chosen is None
+
+
+def test_floors_spend_the_budget_evenly_over_searched_stages():
+    cfg = validate_config({"model": "lenet5", "stages": [
+        {"type": "prune_structured"}, {"type": "finetune"}, {"type": "quantize",
+                                                               "avg_bits": 4}]})
+    assert stage_floors(98.0, 0.5, list(cfg.stages)) == [97.75, None, 97.5]
+
+
+def test_a_target_needs_a_validation_split():
+    with pytest.raises(XaiCompressError, match="val > 0"):
+        validate_config({"model": "lenet5", "val": 0, "target": {"max_drop": 0.5}})
+    with pytest.raises(XaiCompressError, match="max_drop"):
+        validate_config({"model": "lenet5", "target": {"max_drop": 0}})
+
+
+# ------------------------------------------------------------------ end to end
+TINY = {
+    "model": "lenet5", "data": "digits", "seed": 0, "train": {"epochs": 2},
+    "stages": [{"type": "quantize", "criterion": "none", "avg_bits": 4, "samples": 64}],
+    "export": {"onnx": False},
+    "report": {"fidelity": False, "heatmaps": 0, "latency_repeats": 1},
+}
+
+
+@pytest.mark.slow
+def test_post_training_stages_read_only_the_calibration_images(tmp_path, monkeypatch):
+    from xaicompress.pipeline import run as run_mod
+
+    seen = []
+    real = run_mod.run_stage
+
+    def spy(ckpt, bundle, st, seed):
+        seen.append((st.type, len(bundle.train)))
+        return real(ckpt, bundle, st, seed)
+
+    monkeypatch.setattr(run_mod, "run_stage", spy)
+    cfg = validate_config({**TINY, "calibration": 100, "stages": [
+        *TINY["stages"], {"type": "finetune", "epochs": 0.1}]})
+    res = run_pipeline(cfg, tmp_path / "out", plots=False)
+    n_train = round(0.9 * 1437)
+    assert seen == [("quantize", 100), ("finetune", n_train)]
+    assert res.report["baseline"]["val_accuracy"] > 0
+    assert all(s["val_accuracy"] is not None for s in res.report["stages"])
+
+
+@pytest.mark.slow
+def test_compress_max_drop_searches_keeps_the_budget_and_reuses_the_cache(tmp_path, run_cli):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "out"
+    code, _, err = run_cli("compress", "--config", cfg, "--out", out, "--max-drop", "1")
+    assert code == 0, err
+    rep = json.loads((out / "report.json").read_text())
+    (search,) = rep["search"]
+    assert rep["target"] == {"max_drop": 1.0} and search["field"] == "avg_bits"
+    assert search["probes"][0]["value"] == 4.0 and len(search["probes"]) >= 3
+    chosen = search["chosen"]
+    assert chosen is not None and rep["config"]["stages"][0]["avg_bits"] == 4
+    # the final model is the chosen probe, within the floor on validation
+    final_val = rep["final"]["val_accuracy"]
+    assert final_val >= search["floor"] - 1e-3
+    assert search["floor"] == pytest.approx(rep["baseline"]["val_accuracy"] - 1.0, abs=1e-3)
+    assert (out / "search.png").is_file() and "## Accuracy budget" in (
+        out / "report.md").read_text()
+    passing = [p for p in search["probes"] if p["passed"]]
+    assert rep["final"]["size_bytes"] == min(p["size_bytes"] for p in passing)
+    # a rerun probes nothing again and gives the same model
+    code, _, err = run_cli("compress", "--config", cfg, "--out", out, "--max-drop", "1",
+                           "--json")
+    assert code == 0, err
+    again = json.loads((out / "report.json").read_text())
+    assert all(p["cached"] for p in again["search"][0]["probes"])
+    assert again["final"] == {**again["final"], "size_bytes": rep["final"]["size_bytes"],
+                              "accuracy": rep["final"]["accuracy"]}
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--max-drop", "0"], "--max-drop"),
+    (["--calibration", "2000"], "--calibration"),
+    (["--val", "0.9"], "--val"),
+])
+def test_run_option_errors_name_the_flag(tmp_path, run_cli, args, match):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    code, _, err = run_cli("compress", "--config", cfg, "--out", tmp_path / "o", *args)
+    assert code == 2 and match in err and "Traceback" not in err

@@ -1,0 +1,178 @@
+"""Post-training calibration: BatchNorm re-estimation and bias correction, alone and as the
+steps run them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from xaicompress.calibration import batchnorm_layers, correct_bias, reestimate_batchnorm
+from xaicompress.checkpoint import Checkpoint, ModelSpec
+from xaicompress.data import load_dataset, subset
+from xaicompress.prune import prune_structured, prune_unstructured
+from xaicompress.quant.integer import quantize
+from xaicompress.train import accuracy, seed_everything, train
+
+
+def _fake(shape, n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.utils.data.TensorDataset(torch.randn(n, *shape, generator=g),
+                                          torch.randint(0, 10, (n,), generator=g))
+
+
+def _resnet(seed=0):
+    torch.manual_seed(seed)
+    spec = ModelSpec("resnet20", (3, 16, 16), 10, {"width": 0.5})
+    return Checkpoint(spec.build().eval(), spec, None)
+
+
+def _bn_inputs(model, data):
+    """Per-channel mean / variance of every BatchNorm's input over all of `data` at once,
+    the model in eval mode (the statistics the re-estimated network should hold, up to
+    the train-mode pass normalising by the biased batch variance: ~0.5% at depth 20)."""
+    seen = {}
+    hooks = [m.register_forward_pre_hook(
+        lambda _m, args, n=n: seen.__setitem__(n, args[0].detach()))
+        for n, m in batchnorm_layers(model).items()]
+    model.eval()
+    with torch.no_grad():
+        model(data.tensors[0])
+    for h in hooks:
+        h.remove()
+    return {n: (x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=True)) for n, x in seen.items()}
+
+
+def test_reestimated_statistics_are_those_of_the_calibration_samples():
+    ck = _resnet()
+    data = _fake((3, 16, 16), n=64)  # one batch: the cumulative average is its statistics
+    for m in batchnorm_layers(ck.model).values():  # stale statistics, as after a cut
+        m.running_mean.fill_(3.0)
+        m.running_var.fill_(0.01)
+    momenta = {n: m.momentum for n, m in batchnorm_layers(ck.model).items()}
+    assert reestimate_batchnorm(ck.model, data) == len(momenta) > 10
+    want = _bn_inputs(ck.model, data)
+    for n, m in batchnorm_layers(ck.model).items():
+        assert torch.allclose(m.running_mean, want[n][0], rtol=1e-2, atol=1e-2), n
+        assert torch.allclose(m.running_var, want[n][1], rtol=1e-2, atol=1e-2), n
+        assert m.momentum == momenta[n] and not m.training
+
+
+def test_a_model_without_batchnorm_is_untouched():
+    torch.manual_seed(0)
+    spec = ModelSpec("lenet5", (1, 28, 28), 10)
+    model = spec.build().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert reestimate_batchnorm(model, _fake((1, 28, 28))) == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_structured_pruning_reestimates_unless_switched_off(on):
+    ck = _resnet()
+    data = _fake((3, 16, 16), n=64)
+    out = prune_structured(ck, "l1", data, ratio=0.5, bn_recalibration=on)
+    want = _bn_inputs(out.model, data)
+    close = [torch.allclose(m.running_mean, want[n][0], rtol=1e-2, atol=1e-2)
+             for n, m in batchnorm_layers(out.model).items()]
+    assert all(close) if on else not all(close)
+    assert out.history[-1]["bn_recalibration"] is on
+    assert all(s["bn_reestimated"] == (len(close) if on else 0)
+               for s in out.history[-1]["schedule"])
+
+
+def test_unstructured_pruning_reestimates():
+    ck = _resnet()
+    data = _fake((3, 16, 16), n=64)
+    out = prune_unstructured(ck, "l1", data, ratio=0.8, layers="conv")
+    want = _bn_inputs(out.model, data)
+    for n, m in batchnorm_layers(out.model).items():
+        assert torch.allclose(m.running_mean, want[n][0], rtol=1e-2, atol=1e-2), n
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    b = load_dataset("mnist5k", seed=0)
+    b.train = subset(b.train, 1200, seed=0)
+    b.test = subset(b.test, 500, seed=0)
+    seed_everything(0)
+    spec = ModelSpec("lenet5", tuple(b.input_shape), b.num_classes)
+    model = train(spec.build(), b.train, epochs=3, lr=3e-3, seed=0)
+    return b, Checkpoint(model, spec, "mnist5k")
+
+
+def _layer_means(model, layer, x):
+    out = {}
+    h = dict(model.named_modules())[layer].register_forward_hook(
+        lambda _m, _a, y: out.__setitem__("y", y.detach()))
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    y = out["y"]
+    return y.mean([0, *range(2, y.dim())])
+
+
+def test_bias_correction_restores_the_first_layers_output_mean(lenet):
+    bundle, ck = lenet
+    q = quantize(ck, "none", bundle, avg_bits=2, allocation="uniform", bias_correction=False)
+    calib = subset(bundle.train, 256, seed=1)
+    x = torch.stack([calib[i][0] for i in range(len(calib))])
+    before = _layer_means(q.model, "conv1", x) - _layer_means(ck.model, "conv1", x)
+    shifts = correct_bias(q.model, ck.model, calib, ["conv1", "fc1"], samples=256)
+    after = _layer_means(q.model, "conv1", x) - _layer_means(ck.model, "conv1", x)
+    assert set(shifts) == {"conv1", "fc1"} and before.abs().max() > 1e-3
+    assert after.abs().max() < 1e-5  # its inputs are the data: the shift is exact there
+
+
+def test_quantize_with_bias_correction_is_recorded_and_not_worse(lenet):
+    bundle, ck = lenet
+    plain = quantize(ck, "none", bundle, avg_bits=3, allocation="uniform",
+                     bias_correction=False)
+    fixed = quantize(ck, "none", bundle, avg_bits=3, allocation="uniform")
+    entry = fixed.history[-1]
+    assert entry["bias_correction"] and set(entry["bias_shift"]) == {
+        "conv1", "conv2", "fc1", "fc2", "fc3"}
+    # same integer weights, only the fp32 biases moved
+    for name in entry["bias_shift"]:
+        assert torch.equal(fixed.state.get(name).grid.scale, plain.state.get(name).grid.scale)
+    assert accuracy(fixed.model, bundle.test) >= accuracy(plain.model, bundle.test) - 1.0
+
+
+def test_bias_correction_without_bias_layers_does_nothing():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), nn.Flatten(), nn.Linear(4 * 36, 3,
+                                                                                  bias=False))
+    assert correct_bias(model, model, _fake((1, 8, 8)), ["0", "2"]) == {}
+
+
+def test_tracked_cut_reports_the_kept_channels_and_restores_biases():
+    from xaicompress.prune.structured import apply_plan_tracked
+
+    ck = _resnet()
+    model = ck.model
+    before = {n: (m.bias.detach().clone() if m.bias is not None else None)
+              for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    kept = apply_plan_tracked(model, {"conv1": [0, 3]}, torch.zeros(1, 3, 16, 16))
+    assert kept["conv1"].tolist() == [i for i in range(8) if i not in (0, 3)]
+    assert model.conv1.weight.shape[0] == 6
+    for n, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if before[n] is None:
+                assert m.bias is None, n
+            else:
+                assert torch.equal(m.bias, before[n][kept[n]]), n
+
+
+def test_reconstruction_brings_the_cut_layers_outputs_back(lenet):
+    bundle, ck = lenet
+    calib = subset(bundle.train, 512, seed=2)
+    x = torch.stack([calib[i][0] for i in range(len(calib))])
+    plain = prune_structured(ck, "l1", calib, ratio=0.6, scope="layer")
+    fitted = prune_structured(ck, "l1", calib, ratio=0.6, scope="layer", reconstruct=True)
+    assert fitted.history[-1]["reconstruct"] is True
+    assert plain.model.fc1.weight.shape == fitted.model.fc1.weight.shape
+    # the logits (the classifier keeps all outputs) come closer to the uncut model's
+    want = ck.model(x).detach()
+    err = {k: float(((m.model(x) - want) ** 2).mean()) for k, m in
+           (("plain", plain), ("fitted", fitted))}
+    assert err["fitted"] < 0.5 * err["plain"], err
+    assert accuracy(fitted.model, bundle.test) > accuracy(plain.model, bundle.test)
