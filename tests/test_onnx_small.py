@@ -105,3 +105,14 @@ def test_cli_export_small(tmp_path, run_cli):
     assert code == 0, err
     names = {i.name for i in onnx.load(str(out)).graph.initializer}
     assert "fc1.weight.indices" in names and "fc1.weight" not in names
+
+
+def test_small_onnx_carries_preprocessing_and_its_stored_encodings(tmp_path):
+    ck = _base()
+    _codebook(ck, 8, True)
+    ck.state.apply(ck.model)
+    props = {p.key: p.value for p in onnx.load(export_small(ck, tmp_path / "s.onnx"))
+             .metadata_props}
+    # the model's metadata (export/metadata.py: architecture, and preprocessing when the
+    # checkpoint records one) survives the small file's own property
+    assert "xaicompress.stored" in props and props["xaicompress.model"] == ck.spec.name
