@@ -345,7 +345,8 @@ def write_results(quick: bool, status: dict[str, str]) -> Path:
 
     verdict_md, verdicts = verdicts_markdown(quick, status)
     order = ["training", "relevance", "relevance_speed", "pruning", "weight_sharing",
-             "mixed_precision", "pipeline", "entropy", "deploy", "robustness", "gpu"]
+             "mixed_precision", "pipeline", "entropy", "deploy", "revealcancel", "robustness",
+             "gpu"]
     sections = sorted(SECTIONS.glob("*.md"), key=lambda p: (order.index(p.stem) if p.stem in
                                                             order else len(order), p.stem))
     head = ["# xaicompress: results", "",
