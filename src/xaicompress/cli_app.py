@@ -128,6 +128,19 @@ def _option(name: str, variants: Mapping[str | None, FieldInfo], decls: tuple[st
                                                rich_help_panel=panel)])
 
 
+def _typed(ctx: typer.Context, params: list[inspect.Parameter],
+           kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Pop `params` out of `kwargs`; return those the user typed (command line or
+    environment), so defaults never override a config's values."""
+    given = {}
+    for p in params:
+        value = kwargs.pop(p.name)
+        source = ctx.get_parameter_source(p.name)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            given[p.name] = value
+    return given
+
+
 def model_options(models: Mapping[str | None, type[BaseModel]], *,
                   exclude: tuple[str, ...] = ("type", "name"),
                   flags: Mapping[str, tuple[str, ...]] | None = None,
@@ -157,12 +170,7 @@ def model_options(models: Mapping[str | None, type[BaseModel]], *,
                                 annotation=typer.Context)
 
         def command(ctx: typer.Context, **kwargs: Any) -> Any:
-            given = {}
-            for p in params:
-                value = kwargs.pop(p.name)
-                source = ctx.get_parameter_source(p.name)
-                if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
-                    given[p.name] = value
+            given = _typed(ctx, params, kwargs)  # pops them: before kwargs is unpacked
             return fn(**kwargs, options=given)
 
         command.__name__, command.__doc__ = fn.__name__, fn.__doc__
@@ -230,12 +238,7 @@ def runtime_options(*, amp: bool = True, enter: bool = True
         ctx_first = bool(own) and own[0].name == "ctx"
 
         def command(ctx: typer.Context, **kwargs: Any) -> Any:
-            given = {}
-            for p in params:
-                value = kwargs.pop(p.name)
-                source = ctx.get_parameter_source(p.name)
-                if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
-                    given[p.name] = value
+            given = _typed(ctx, params, kwargs)
             if ctx_first:
                 kwargs["ctx"] = ctx
             cfg = validate_options(RuntimeConfig, given, command=ctx.info_name or "command")
