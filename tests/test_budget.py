@@ -130,7 +130,7 @@ def test_compress_max_drop_searches_keeps_the_budget_and_reuses_the_cache(tmp_pa
     assert code == 0, err
     rep = json.loads((out / "report.json").read_text())
     (search,) = rep["search"]
-    assert rep["target"] == {"max_drop": 1.0} and search["field"] == "avg_bits"
+    assert rep["target"]["max_drop"] == 1.0 and search["field"] == "avg_bits"
     assert search["probes"][0]["value"] == 4.0 and len(search["probes"]) >= 3
     chosen = search["chosen"]
     assert chosen is not None and rep["config"]["stages"][0]["avg_bits"] == 4
