@@ -141,6 +141,19 @@ def _typed(ctx: typer.Context, params: list[inspect.Parameter],
     return given
 
 
+def _as_command(command: Callable[..., Any], fn: Callable[..., Any],
+                params: list[inspect.Parameter]) -> Callable[..., Any]:
+    """`command` dressed as `fn` for typer: its name and help, and the signature
+    (ctx, *params) typer reads the options from."""
+    ctx = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                            annotation=typer.Context)
+    command.__name__, command.__doc__ = fn.__name__, fn.__doc__
+    command.__module__ = fn.__module__
+    command.__signature__ = inspect.Signature([ctx, *params])  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in [ctx, *params]}
+    return command
+
+
 def model_options(models: Mapping[str | None, type[BaseModel]], *,
                   exclude: tuple[str, ...] = ("type", "name"),
                   flags: Mapping[str, tuple[str, ...]] | None = None,
@@ -166,18 +179,11 @@ def model_options(models: Mapping[str | None, type[BaseModel]], *,
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         own = [p for p in inspect.signature(fn, eval_str=True).parameters.values()
                if p.name != "options"]
-        ctx = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                annotation=typer.Context)
-
         def command(ctx: typer.Context, **kwargs: Any) -> Any:
             given = _typed(ctx, params, kwargs)  # pops them: before kwargs is unpacked
             return fn(**kwargs, options=given)
 
-        command.__name__, command.__doc__ = fn.__name__, fn.__doc__
-        command.__module__ = fn.__module__
-        command.__signature__ = inspect.Signature([ctx, *own, *params])  # type: ignore[attr-defined]
-        command.__annotations__ = {p.name: p.annotation for p in [ctx, *own, *params]}
-        return command
+        return _as_command(command, fn, [*own, *params])
 
     return deco
 
@@ -249,13 +255,6 @@ def runtime_options(*, amp: bool = True, enter: bool = True
             with use_runtime(cfg.runtime()):
                 return fn(**kwargs)
 
-        rest = own[1:] if ctx_first else own
-        ctx_p = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                  annotation=typer.Context)
-        command.__name__, command.__doc__ = fn.__name__, fn.__doc__
-        command.__module__ = fn.__module__
-        command.__signature__ = inspect.Signature([ctx_p, *rest, *params])  # type: ignore[attr-defined]
-        command.__annotations__ = {p.name: p.annotation for p in [ctx_p, *rest, *params]}
-        return command
+        return _as_command(command, fn, [*(own[1:] if ctx_first else own), *params])
 
     return deco
