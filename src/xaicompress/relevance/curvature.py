@@ -37,7 +37,7 @@ from xaicompress.relevance.base import (
     Sums,
     prunable_layers,
 )
-from xaicompress.relevance.gradient import GradientCriterion, _GradRun
+from xaicompress.relevance.gradient import GradientCriterion, _GradRun, summed_loss
 from xaicompress.relevance.kernels import conv_input, unit_contributions
 from xaicompress.relevance.registry import register_criterion
 
@@ -194,7 +194,7 @@ class Fisher(GradientCriterion):
         return run
 
     def objective(self, logits: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(logits, y.long(), reduction="sum")
+        return summed_loss(logits, y)
 
     def on_layer(self, run: _GradRun, sums: Sums, name: str, layer: nn.Module, x: Tensor,
                  z: Tensor, g: Tensor) -> None:

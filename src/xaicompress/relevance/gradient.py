@@ -80,6 +80,12 @@ def _model_dtype(model: nn.Module) -> Any:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+def summed_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """The loss criteria differentiate: cross-entropy summed over the batch (so the sums
+    over batches are sums over samples)."""
+    return F.cross_entropy(logits, y.long(), reduction="sum")
+
+
 class GradientCriterion(AccumulatingCriterion):
     """One forward + backward per batch of `objective(logits, y)` (a scalar); hooks on
     every Conv2d/Linear call `on_layer` with the layer's input x, output z and dT/dz.
@@ -140,7 +146,7 @@ class Taylor(GradientCriterion):
     """
 
     def objective(self, logits: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(logits, y.long(), reduction="sum")
+        return summed_loss(logits, y)
 
     def on_layer(self, run: _GradRun, sums: Sums, name: str, layer: nn.Module, x: Tensor,
                  z: Tensor, g: Tensor) -> None:
