@@ -35,19 +35,10 @@ def _same_logits(ckpt, path, spec, x):
         assert torch.equal(back.model(x), ckpt.model(x)), path.name
 
 
-#: random-weight squeeze-excitation models quantized to 6 bits give logits of ~1e4, where
-#: ONNX Runtime and PyTorch differ by 1e-3..1e-2 relative (measured 2026-12-01: efficientnet_b0
-#: 8.8 of 9,273 without BN re-estimation and bias correction, 232 of 16,986 with them), above
-#: the ONNX writer's tolerance, so it refuses to write: a known gap (docs/design.md)
-ONNX_GAP = {"torchvision:efficientnet_b0", "torchvision:regnet_y_400mf", "timm:efficientnet_b0"}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("spec", [pytest.param(s, marks=pytest.mark.xfail(
-    reason="ONNX writer tolerance on random-weight SE models (ONNX_GAP)", strict=False))
-    if s in ONNX_GAP else s for s in ZOO])
+@pytest.mark.parametrize("spec", ZOO)
 def test_zoo_model_through_every_step(spec, bundle, tmp_path):
-    from xaicompress.export.onnx import export_onnx, onnx_predict
+    from xaicompress.export.onnx import ROUNDOFF_FACTOR, export_onnx, float_roundoff, onnx_predict
     from xaicompress.export.packed import write_packed
     from xaicompress.importing import import_weights
     from xaicompress.prune.structured import prune_structured
@@ -81,6 +72,10 @@ def test_zoo_model_through_every_step(spec, bundle, tmp_path):
         _same_logits(c, write_packed(c, tmp_path / f"{name}.xcpk"), spec, x)
     export_onnx(quant, tmp_path / "m.onnx")  # verified against PyTorch before the rename
     with torch.no_grad():
-        assert (onnx_predict(tmp_path / "m.onnx", x) - quant.model(x)).abs().max() < 1e-3
+        want = quant.model(x)
+    # random-weight squeeze-excitation models come out ill-conditioned (logits ~1e4, PyTorch's
+    # own fp32 off its fp64 by percents): ONNX is held to that round-off, not to 1e-3
+    tolerance = 1e-4 * (1 + want.abs().max()) + ROUNDOFF_FACTOR * float_roundoff(quant.model, x)
+    assert (onnx_predict(tmp_path / "m.onnx", x) - want).abs().max() <= tolerance
     assert load_checkpoint(tmp_path / "quant.safetensors", model=spec).spec.preprocess == \
         bundle.preprocess

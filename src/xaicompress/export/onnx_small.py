@@ -37,7 +37,7 @@ from xaicompress.atomic import atomic_write_bytes, check_writable
 from xaicompress.checkpoint import Checkpoint, check_finite_model, probe_batch
 from xaicompress.encoding import LayerEncoding
 from xaicompress.errors import XaiCompressError
-from xaicompress.export.onnx import onnx_predict
+from xaicompress.export.onnx import ROUNDOFF_FACTOR, float_roundoff, onnx_predict
 from xaicompress.export.onnx_graph import effective_model, float_onnx
 
 
@@ -194,13 +194,17 @@ def small_bytes(ckpt: Checkpoint) -> bytes:
 def export_small(ckpt: Checkpoint, path: str | os.PathLike[str]) -> Path:
     """Write the small ONNX of `ckpt` to `path` atomically, after checking that
     onnxruntime reproduces the model's float outputs (activation quantization is not part
-    of this file) on the probe batch within 1e-4 * (1 + max |logit|)."""
+    of this file) on the probe batch within `verify_tolerance` without its activation term:
+    1e-4 * (1 + max |logit|) plus the model's own fp32 round-off."""
     check_writable(path)
     check_finite_model(ckpt, path)
     x = probe_batch(ckpt.spec.input_shape)
+    net = effective_model(ckpt)
     with torch.no_grad():
-        want = effective_model(ckpt)(x)
+        want = net(x)
     data = small_bytes(ckpt)
+    tolerance = (1e-4 * (1.0 + float(want.abs().max()))
+                 + ROUNDOFF_FACTOR * float_roundoff(net, x))
 
     def verify(tmp: Path) -> None:
         try:
@@ -209,7 +213,7 @@ def export_small(ckpt: Checkpoint, path: str | os.PathLike[str]) -> Path:
             raise XaiCompressError(f"{path}: not written: ONNX Runtime cannot run it "
                                    f"({type(exc).__name__}: {str(exc)[:200]})") from None
         diff = float((got - want).abs().max())
-        if not diff <= 1e-4 * (1.0 + float(want.abs().max())):
+        if not diff <= tolerance:
             raise XaiCompressError(f"{path}: not written: ONNX Runtime's outputs differ from "
                                    f"PyTorch's by {diff:.3g}; please report this bug")
 
