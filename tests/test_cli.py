@@ -5,6 +5,7 @@ import pytest
 from xaicompress.checkpoint import load_checkpoint
 
 
+@pytest.mark.slow
 def test_train_evaluate_roundtrip(tmp_path, run_cli):
     out = tmp_path / "m.safetensors"
     code, stdout, err = run_cli("train", "--model", "lenet5", "--data", "digits", "--epochs", "10",

@@ -94,7 +94,7 @@ def _same_state(ref: Checkpoint, got: Checkpoint) -> None:
             assert torch.equal(lc.grid.scale, back.grid.scale)
 
 
-@pytest.mark.parametrize("model", ["lenet5", "resnet20"])
+@pytest.mark.parametrize("model", ["lenet5", pytest.param("resnet20", marks=pytest.mark.slow)])
 def test_reload_gives_identical_outputs_for_every_kind(model, tmp_path):
     for kind, ck in _kinds(model).items():
         path = tmp_path / f"{kind}.xcpk"

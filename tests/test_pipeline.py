@@ -161,6 +161,7 @@ def test_interrupted_run_resumes_to_the_same_numbers(first_run, tmp_path, monkey
     assert (out_b / "model.xcpk").read_bytes() == (out_a / "model.xcpk").read_bytes()
 
 
+@pytest.mark.slow
 def test_changed_stage_recomputes_only_from_there(first_run, tmp_path):
     _, out_a = first_run
     out_b = tmp_path / "c"
@@ -173,6 +174,7 @@ def test_changed_stage_recomputes_only_from_there(first_run, tmp_path):
     assert res.report["layers"]["fc1"]["clusters"] == 4
 
 
+@pytest.mark.slow
 def test_start_from_a_user_checkpoint(first_run, tmp_path):
     _, out_a = first_run
     base = next((out_a / "cache").glob("00-baseline-*"))

@@ -21,11 +21,11 @@ from xaicompress.relevance import Relevance
 from xaicompress.train import accuracy, train
 
 MODELS = [
-    ("lenet5", {}, (1, 28, 28)),
-    ("lenet300", {}, (1, 28, 28)),
-    ("vgg11", {"width": 0.25}, (3, 32, 32)),
-    ("resnet20", {"width": 0.5}, (3, 32, 32)),
-    ("resnet56", {"width": 0.25}, (3, 16, 16)),
+    pytest.param("lenet5", {}, (1, 28, 28), id="lenet5"),
+    pytest.param("lenet300", {}, (1, 28, 28), id="lenet300"),
+    pytest.param("vgg11", {"width": 0.25}, (3, 32, 32), id="vgg11"),
+    pytest.param("resnet20", {"width": 0.5}, (3, 32, 32), id="resnet20"),
+    pytest.param("resnet56", {"width": 0.25}, (3, 16, 16), id="resnet56", marks=pytest.mark.slow),
 ]
 
 
@@ -41,7 +41,7 @@ def _fake_train(shape, n=64):
                                           torch.randint(0, 10, (n,), generator=g))
 
 
-@pytest.mark.parametrize("name,kw,shape", MODELS, ids=[m[0] for m in MODELS])
+@pytest.mark.parametrize("name,kw,shape", MODELS)
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_prune_shrinks_reloads_identically_and_is_pure(name, kw, shape, scope):
     ck = _ckpt(name, kw, shape)
@@ -141,6 +141,7 @@ def test_global_cap_and_norms_spread_the_cut_over_layers():
     assert sum(max(0, n0 - int(0.8 * n0 + 1e-9) - tight[n]) for n, n0 in sizes.items()) == 2
 
 
+@pytest.mark.slow
 def test_iterative_steps_and_macs_target():
     ck = _ckpt("lenet5", {}, (1, 28, 28))
     data = _fake_train((1, 28, 28))
@@ -157,6 +158,7 @@ def test_iterative_steps_and_macs_target():
         prune_structured(ck, "l1", data, macs_ratio=0.99, min_channels=4)
 
 
+@pytest.mark.slow
 def test_torch_pruning_importances_go_through_the_same_pruner():
     ck = _ckpt("resnet20", {"width": 0.5}, (3, 32, 32))
     data = _fake_train((3, 32, 32))
@@ -167,6 +169,7 @@ def test_torch_pruning_importances_go_through_the_same_pruner():
         assert all(p.grad is None for p in out.model.parameters())
 
 
+@pytest.mark.slow
 def test_trained_model_still_predicts_after_pruning(mnist):
     ck = _ckpt("lenet5", {}, (1, 28, 28))
     train(ck.model, subset(mnist.train, 2000, seed=0), epochs=2, lr=3e-3, seed=0)
@@ -199,6 +202,7 @@ def test_refuses_after_unstructured_masks():
         prune_structured(ck, "l1", _fake_train((1, 28, 28)))
 
 
+@pytest.mark.slow
 def test_cli_structured(run_cli, tmp_path):
     ck = _ckpt("lenet5", {}, (1, 28, 28))
     ck.data = "mnist5k"

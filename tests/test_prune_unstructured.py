@@ -119,6 +119,7 @@ def test_sparse_bytes_counts_positions_and_values():
     assert checkpoint_from_bytes(checkpoint_bytes(out)).state.layers["fc1"].mask.keep.sum() > 0
 
 
+@pytest.mark.slow
 def test_trained_lenet5_fc_80_percent_still_predicts(mnist):
     ck = _ckpt()
     train(ck.model, subset(mnist.train, 1500, seed=0), epochs=2, lr=3e-3, seed=0)
@@ -138,6 +139,7 @@ def test_bad_options(kw, msg):
         prune_unstructured(_ckpt(), "l1", _fake(), **kw)
 
 
+@pytest.mark.slow
 def test_cli_unstructured(run_cli, tmp_path):
     src = save_checkpoint(_ckpt(), tmp_path / "in.safetensors")
     out = tmp_path / "out.safetensors"

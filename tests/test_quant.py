@@ -32,6 +32,14 @@ def base(bundle):
                       metrics={"accuracy": accuracy(model, bundle.test)})
 
 
+@pytest.fixture(scope="module")
+def untrained(bundle):
+    """lenet5 as built: enough for the option checks, which never look at accuracy."""
+    seed_everything(0)
+    spec = ModelSpec("lenet5", tuple(bundle.input_shape), bundle.num_classes)
+    return Checkpoint(spec.build().eval(), spec, "mnist5k")
+
+
 def _on_grid(w: torch.Tensor, scale: torch.Tensor, bits: int) -> bool:
     q = w / scale.reshape(-1, *([1] * (w.dim() - 1)))
     return (bool(torch.allclose(q, q.round(), atol=1e-4))
@@ -65,6 +73,7 @@ def test_zero_channel_does_not_divide_by_zero():
     assert torch.isfinite(wq).all() and (wq[1] == 0).all()
 
 
+@pytest.mark.slow
 def test_quantize_stores_bits_and_keeps_accuracy(base, bundle, tmp_path):
     q = quantize(base, "l1", bundle, avg_bits=4, seed=0, samples=128)
     step = q.history[-1]
@@ -86,6 +95,7 @@ def test_quantize_stores_bits_and_keeps_accuracy(base, bundle, tmp_path):
     assert torch.equal(predict(back.model, bundle.test)[0], predict(q.model, bundle.test)[0])
 
 
+@pytest.mark.slow
 def test_milp_never_worse_than_uniform_in_its_objective(base, bundle):
     for avg in (2.5, 3.5):
         m = quantize(base, "l1", bundle, avg_bits=avg, seed=0).history[-1]
@@ -97,6 +107,7 @@ def test_milp_never_worse_than_uniform_in_its_objective(base, bundle):
     assert m["used_bits"] > u["used_bits"]
 
 
+@pytest.mark.slow
 def test_two_bits_is_a_real_loss_and_mse_clipping_helps(base, bundle):
     # the clipping alone: bias correction (tested in test_calibration.py) off
     acc = {clip: accuracy(quantize(base, "none", bundle, avg_bits=2, clip=clip,
@@ -106,6 +117,7 @@ def test_two_bits_is_a_real_loss_and_mse_clipping_helps(base, bundle):
     assert acc["max"] < base.metrics["accuracy"] - 1
 
 
+@pytest.mark.slow
 def test_pruned_weights_stay_zero_and_qat_keeps_the_grid(base, bundle):
     pruned = base.copy()
     w = pruned.model.fc1.weight
@@ -128,6 +140,7 @@ def test_pruned_weights_stay_zero_and_qat_keeps_the_grid(base, bundle):
     assert all(torch.equal(before[k], v) for k, v in q.model.state_dict().items())
 
 
+@pytest.mark.slow
 def test_activation_quantization_is_real_and_survives_save_load(base, bundle, tmp_path):
     q = quantize(base, "l1", bundle, avg_bits=4, act_bits=4, seed=0, samples=128)
     act = q.state.layers["fc2"].activation
@@ -154,6 +167,7 @@ def test_activation_quantization_is_real_and_survives_save_load(base, bundle, tm
     assert torch.equal(predict(q.copy().model, bundle.test)[0], logits)
 
 
+@pytest.mark.slow
 def test_size_kb_budget_fits_the_packed_file(base, bundle):
     from xaicompress.export.packed import packed_bytes
 
@@ -175,19 +189,20 @@ def test_size_kb_budget_fits_the_packed_file(base, bundle):
     ({"avg_bits": 3, "allocation": "greedy"}, "--allocation"),
     ({"avg_bits": -1}, "--avg-bits"),
 ])
-def test_bad_options_are_user_errors(base, bundle, kwargs, match):
+def test_bad_options_are_user_errors(untrained, bundle, kwargs, match):
     with pytest.raises(XaiCompressError, match=match):
-        quantize(base, "none", bundle, **kwargs)
+        quantize(untrained, "none", bundle, **kwargs)
 
 
-def test_weight_shared_layers_are_refused(base, bundle):
-    shared = base.copy()
+def test_weight_shared_layers_are_refused(untrained, bundle):
+    shared = untrained.copy()
     shared.state.get("fc3").weights = Codebook(
         torch.tensor([-0.1, 0.0, 0.1]), torch.ones_like(shared.model.fc3.weight, dtype=torch.int64))
     with pytest.raises(XaiCompressError, match="weight-shared"):
         quantize(shared, "none", bundle, avg_bits=4)
 
 
+@pytest.mark.slow
 def test_cli_quantize(base, tmp_path, run_cli):
     src = tmp_path / "base.safetensors"
     save_checkpoint(base, src)

@@ -26,7 +26,8 @@ def _rel_err(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize("name,shape,kw", MODELS)
+@pytest.mark.parametrize("name,shape,kw", [pytest.param(*m, marks=pytest.mark.slow)
+                                            if m[0] == "resnet20" else m for m in MODELS])
 def test_layers_match_captum_layerdeeplift(name, shape, kw):
     m = _model(name, shape, kw)
     g = torch.Generator().manual_seed(1)

@@ -80,6 +80,7 @@ def test_fisher_scores_are_the_mean_squared_gradient_times_half_w2():
     assert rel.units["fc"].shape == (3,) and (rel.units["fc"] >= 0).all()
 
 
+@pytest.mark.slow
 def test_hutchinson_trace_is_close_to_the_exact_hessian_trace():
     torch.manual_seed(0)
     net = Net().eval()
@@ -104,6 +105,7 @@ def test_hutchinson_trace_is_close_to_the_exact_hessian_trace():
                                        exact.clamp(min=0)]))[0, 1] > 0.8
 
 
+@pytest.mark.slow
 def test_curvature_criteria_drive_the_bit_allocation():
     from xaicompress.checkpoint import Checkpoint, ModelSpec
     from xaicompress.quant.integer import quantize

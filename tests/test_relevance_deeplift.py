@@ -98,6 +98,7 @@ def test_unit_and_weight_relevance_match_definition():
     torch.testing.assert_close(rel.weights["0"].double(), expect / 5, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_reference_and_target_options():
     m = _model("lenet5", (1, 28, 28), {}).float()
     loader = _loader(n=10, batch=5)
@@ -168,6 +169,7 @@ def test_convergence_warning_and_bad_options():
         get_criterion("deeplift").score(m, None)
 
 
+@pytest.mark.slow
 def test_relevance_is_deterministic_and_leaves_model_untouched():
     m = _model("vgg11", (3, 32, 32), {"width": 0.25}).float()
     before = {k: v.clone() for k, v in m.state_dict().items()}
@@ -197,6 +199,7 @@ def test_huge_blur_is_bounded_by_the_image():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_units_only_path_gives_the_same_units_without_weights():
     m = _model("resnet20", (3, 32, 32), {}).float()
     loader = _loader((3, 32, 32), n=12, batch=6)
@@ -223,6 +226,7 @@ def _tv(name, size=32):
                                                  ).double().eval(), size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf",
                                   "shufflenet_v2_x0_5"])
 def test_torchvision_cnns_sum_to_delta(name):
@@ -299,6 +303,7 @@ def test_engine_is_reused_and_invalidated_by_weight_and_structure_changes():
     assert DeepLiftEngine(m).inst is instrumented(m)
 
 
+@pytest.mark.slow
 def test_agrees_with_captum_deeplift_where_captum_is_exact():
     """timm's regnetx_002 (grouped convs, no reused modules, no functional ops): Captum's
     DeepLift sums to delta there, and our input maps equal its to float64 rounding."""

@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -63,6 +64,7 @@ def _worker(rank, world, store_path, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_equal_one_process(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     got = torch.load(tmp_path / "dist.pt")

@@ -102,6 +102,7 @@ def _vision(source, name):
     return import_timm().create_model(name, pretrained=False, num_classes=5).eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source,name", [
     ("torchvision", "mobilenet_v3_small"),  # depthwise convs, squeeze-excitation, Hardswish
     ("torchvision", "shufflenet_v2_x0_5"),  # grouped convs and a channel shuffle
