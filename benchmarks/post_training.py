@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, fmt, mean_std, write_json, write_section  # noqa: E402
+from _common import RESULTS, add_seeds, fmt, mean_std, write_json, write_section  # noqa: E402
 
 CELLS = RESULTS / "post_training_cells.json"
 DEEPLIFT = ["deeplift", "deeplift:reference=mean"]
@@ -52,6 +52,8 @@ EPOCHS = {"lenet5": 8, "resnet20": 4}
 CALIBRATION = 1024
 #: stage runs per searched stage in the budget part (the CLI default is 6; fewer to fit)
 PROBES = 4
+#: the split the budget's margin is chosen on (its probes' test drops are read for that)
+TUNING = "mnist5k?split=2"
 
 
 class Cells:
@@ -184,7 +186,38 @@ def run_bn(seeds: list[int], cells: Cells) -> None:
                         print(f"{key}: val {r['val']:.2f} test {r['test']:.2f}", flush=True)
 
 
-def run_budget(seeds: list[int], cells: Cells, specs: list[str], out_root: Path) -> None:
+def budget_key(spec: str, seed: int, margin: float | None, probes: int) -> str:
+    """Cell key of one budget run; margin None = the first version (no margin, val 0.1)."""
+    if margin is None:
+        return f"budget|{spec}|{seed}"
+    return f"budget|{spec}|{seed}|margin={margin:g}|probes={probes}"
+
+
+def _paired(base: Any, final: Any, data: Any) -> tuple[float, float]:
+    from xaicompress.pipeline.budget import correct_on, paired_drop
+
+    return paired_drop(correct_on(base.model, data), correct_on(final.model, data))
+
+
+def probe_population(out: Path, base: Any, bundle: Any) -> list[dict[str, float]]:
+    """Every probe a run left in OUT/cache, with its paired validation drop and SE and its
+    test drop: the population the margin is calibrated on (tuning split only)."""
+    from xaicompress.checkpoint import load_checkpoint
+
+    rows = []
+    for path in sorted((out / "cache").glob("*-probe-*.safetensors")):
+        ck = load_checkpoint(path, model="lenet5")
+        vd, vse = _paired(base, ck, bundle.val)
+        td, tse = _paired(base, ck, bundle.test)
+        rows.append({"stage": path.name.split("-")[0], "val_drop": vd, "val_se": vse,
+                     "test_drop": td, "test_se": tse})
+    return rows
+
+
+def run_budget(seeds: list[int], cells: Cells, specs: list[str], out_root: Path,
+               margin: float, probes: int, tuning: set[str]) -> None:
+    """`compress --max-drop 0.5 [--margin z]` of configs/lenet5-mnist.yaml per split and
+    seed (validation: the budget's default share, `BUDGET_VAL_FRACTION`)."""
     from xaicompress.pipeline import load_config, run_pipeline
     from xaicompress.pipeline.config import RunOptions
 
@@ -192,30 +225,37 @@ def run_budget(seeds: list[int], cells: Cells, specs: list[str], out_root: Path)
     cfg0 = load_config(root / "configs" / "lenet5-mnist.yaml")
     for spec in specs:
         for seed in seeds:
-            key = f"budget|{spec}|{seed}"
+            key = budget_key(spec, seed, margin, probes)
 
             def cell(sp=spec, sd=seed) -> dict[str, Any]:
                 cfg = cfg0.model_copy(update={"data": sp}).with_seed(sd).with_run_options(
-                    RunOptions(max_drop=0.5))
+                    RunOptions(max_drop=0.5, margin=margin))
                 cfg = cfg.model_copy(update={"target": cfg.target.model_copy(
-                    update={"probes": PROBES})})
+                    update={"probes": probes})})
                 cfg = cfg.model_copy(update={"export": cfg.export.model_copy(
                     update={"onnx": False})})
                 t0 = time.perf_counter()
-                res = run_pipeline(cfg, out_root / f"{sp.replace('?', '_')}-{sd}", plots=False)
-                rep = res.report
-                return {"ratio": rep["compression_ratio"], "test_drop": rep["accuracy_drop"],
-                        "val_drop": rep["baseline"]["val_accuracy"]
-                        - rep["final"]["val_accuracy"],
-                        "base_test": rep["baseline"]["accuracy"],
-                        "final_test": rep["final"]["accuracy"],
-                        "search": rep["search"], "seconds": time.perf_counter() - t0}
+                # probes do not depend on the margin: runs of one split and seed share a cache
+                out = out_root / f"{sp.replace('?', '_')}-{sd}"
+                res = run_pipeline(cfg, out, plots=False)
+                rep, bundle = res.report, res.bundle
+                vd, vse = _paired(res.baseline, res.final, bundle.val)
+                td, tse = _paired(res.baseline, res.final, bundle.test)
+                row = {"ratio": rep["compression_ratio"], "test_drop": rep["accuracy_drop"],
+                       "test_drop_paired": td, "test_se": tse, "val_drop": vd, "val_se": vse,
+                       "val_images": len(bundle.val), "margin": margin, "val": cfg.val,
+                       "base_test": rep["baseline"]["accuracy"],
+                       "final_test": rep["final"]["accuracy"],
+                       "search": rep["search"], "seconds": time.perf_counter() - t0}
+                if sp in tuning:
+                    row["population"] = probe_population(out, res.baseline, bundle)
+                return row
 
             hit = key in cells.data
             r = cells.get(key, cell)
             if not hit:
                 print(f"{key}: {r['ratio']:.1f}x test drop {r['test_drop']:.2f} val drop "
-                      f"{r['val_drop']:.2f}", flush=True)
+                      f"{r['val_drop']:.2f} ± {r['val_se']:.2f}", flush=True)
 
 
 # ------------------------------------------------------------------ summaries
@@ -318,10 +358,17 @@ def budget_table(cells: Cells, seeds: list[int], specs: list[str]) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="grid,bn,budget")
-    ap.add_argument("--seeds", default="0,1,2", help="comma list")
+    add_seeds(ap)
     ap.add_argument("--models", default="lenet5,resnet20", help="grid models (comma list)")
     ap.add_argument("--kinds", default="structured,structured_rec,unstructured,share,quantize")
-    ap.add_argument("--budget-data", default="mnist5k,mnist5k?split=1")
+    ap.add_argument("--budget-data", default="mnist5k,mnist5k?split=1",
+                    help="splits the budget is checked on (comma list)")
+    ap.add_argument("--tuning-data", default=TUNING,
+                    help="the split the margin is chosen on (its probes are evaluated too)")
+    ap.add_argument("--margin", type=float, default=None,
+                    help="the budget's margin in standard errors (default: the library's)")
+    ap.add_argument("--budget-probes", type=int, default=PROBES,
+                    help="stage runs per searched stage in the budget part")
     ap.add_argument("--out", default="/tmp/xaicompress-post-training",
                     help="folder of the budget runs' outputs and caches")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the tables")
@@ -334,7 +381,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     global OUT
     OUT = Path(args.out)
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = args.seeds
     models, kinds = args.models.split(","), args.kinds.split(",")
     parts, specs = args.parts.split(","), args.budget_data.split(",")
     cells = Cells(Path(args.cells))
@@ -342,7 +389,11 @@ def main(argv: list[str] | None = None) -> None:
         if "bn" in parts:
             run_bn(seeds, cells)
         if "budget" in parts:
-            run_budget(seeds, cells, specs, Path(args.out))
+            from xaicompress.pipeline.budget import MARGIN
+
+            margin = MARGIN if args.margin is None else args.margin
+            run_budget(seeds, cells, specs, Path(args.out) / "budget", margin,
+                       args.budget_probes, {args.tuning_data})
         if "grid" in parts:
             run_grid(models, seeds, cells, kinds)
     merged = Cells(CELLS)

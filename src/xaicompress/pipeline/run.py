@@ -29,7 +29,9 @@ from xaicompress.metrics import evaluate
 from xaicompress.pipeline.budget import (
     SearchResult,
     bisect_strength,
+    correct_on,
     packed_size,
+    paired_drop,
     stage_floors,
     start_value,
     strength_of,
@@ -437,7 +439,7 @@ def _run_stages(config: PipelineConfig, cache: StageCache, steps: list[Checkpoin
         say("baseline: cached")
     steps.append(baseline)
 
-    run = _StageRun(config, cache, bundle, _Fidelity(config, baseline, bundle), say)
+    run = _StageRun(config, cache, bundle, _Fidelity(config, baseline, bundle), say, baseline)
     floors = (stage_floors(baseline.metrics["val_accuracy"], config.target.max_drop,
                            list(config.stages))
               if config.target is not None else [None] * len(config.stages))
@@ -476,6 +478,17 @@ class _StageRun:
     bundle: DatasetBundle
     fidelity: _Fidelity
     say: Callable[[str], None]
+    baseline: Checkpoint | None = None
+    _base_correct: Any = None
+
+    def drop_of(self, model: Any) -> tuple[float, float]:
+        """`model`'s validation accuracy (%) and the standard error (points) of its drop
+        from the baseline, paired on the same validation images (`budget.paired_drop`)."""
+        assert self.bundle.val is not None and self.baseline is not None
+        if self._base_correct is None:
+            self._base_correct = correct_on(self.baseline.model, self.bundle.val)
+        correct = correct_on(model, self.bundle.val)
+        return float(correct.float().mean() * 100), paired_drop(self._base_correct, correct)[1]
 
     def measured(self) -> dict[str, Any]:
         """What a stage's stored measurements depend on besides the stage itself."""
@@ -550,23 +563,29 @@ class _StageRun:
             key = self.key(previous, trial, seed_i, probe=True)
             hit = self.cache.load(key, label)
             if hit is not None:
-                return float(hit.metrics["val_accuracy"]), int(hit.metrics["size_bytes"]), True
+                se = hit.metrics.get("val_drop_se")
+                if se is None:  # cached before the margin existed: measure it now
+                    se = self.drop_of(_placed(hit).model)[1]
+                return (float(hit.metrics["val_accuracy"]), float(se),
+                        int(hit.metrics["size_bytes"]), True)
             self.say(f"stage {i + 1} {st.label()}: probing {strength.field}={value}")
             bundle, _ = self.stage_bundle(trial)
             try:
                 new = run_stage(ckpt, bundle, trial, seed_i)
             except OptionError as exc:
                 raise exc.named(f"stages[{i}].{exc.option}") from None
-            acc = _val_accuracy(new, self.bundle)
-            assert acc is not None  # a target needs val > 0 (config check)
-            new.metrics = {"val_accuracy": acc, "size_bytes": packed_size(new),
+            acc, se = self.drop_of(new.model)  # a target needs val > 0 (config check)
+            new.metrics = {"val_accuracy": acc, "val_drop_se": se,
+                           "size_bytes": packed_size(new),
                            "pipeline": {"key": key, "probe": True}}
             self.cache.save(new, key, label)
-            return acc, new.metrics["size_bytes"], False
+            return acc, se, new.metrics["size_bytes"], False
 
-        assert self.config.target is not None
+        target = self.config.target
+        assert target is not None and self.baseline is not None
+        bound = float(self.baseline.metrics["val_accuracy"]) - target.max_drop
         result = bisect_strength(strength, start_value(st, strength), floor, run_probe,
-                                 probes=self.config.target.probes)
+                                 probes=target.probes, bound=bound, margin=target.margin)
         chosen = with_value(result.chosen) if result.chosen is not None else None
         return chosen, result
 
