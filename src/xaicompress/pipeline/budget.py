@@ -16,7 +16,12 @@ to pass) and the strongest: the first probe is the value the config gives, each 
 the whole stage (its fine-tuning included) from the previous stage's chosen checkpoint,
 and the stage keeps, among the probes that passed, the one with the smallest packed file
 (`export.packed.packed_report(ckpt).file_bytes`, the one definition of size). When no probe
-passes, the weakest setting is tried; if that fails too the stage is left out.
+passes, the weakest setting is tried; if that fails too, the searched stage just before it
+backs off to its next weaker passing probe and the stage is searched again
+(`pipeline.run.BACK_OFFS` times at most); only then is the stage left out. (Greedy
+stages spend the budget first come, first served: without the back-off, a pruning stage
+that took its whole share left entropy sharing, whose weakest setting still costs a few
+tenths of a point, no room, and the run ended at 10x.)
 
 The probes are cached like stages (`OUT/cache`), keyed by the previous stage and the
 probe's options, so a rerun searches nothing twice; the test split is never read while

@@ -445,24 +445,66 @@ def _run_stages(config: PipelineConfig, cache: StageCache, steps: list[Checkpoin
               if config.target is not None else [None] * len(config.stages))
     ckpt = baseline
     n = len(config.stages)
+    prev: _Searched | None = None  # the stage just run, when it was searched
     for i, st in enumerate(track(config.stages, "compress", total=n)):
         floor = floors[i]
         search = None
         if floor is not None:
-            st, search = run.search(i, st, key, ckpt, floor)
+            chosen, search = run.search(i, st, key, ckpt, floor)
+            for _ in range(BACK_OFFS):
+                if chosen is not None or prev is None or not prev.weaker():
+                    break
+                say(f"stage {i + 1}/{n}: no setting keeps the budget; stage {prev.index + 1} "
+                    f"backs off to {prev.result.field}={prev.result.chosen}")
+                key, ckpt = run.back_off(prev, steps, cached)
+                chosen, search = run.search(i, st, key, ckpt, floor)
+            record = {"stage": i, "name": st.label(), "type": st.type, **search.as_dict()}
             if searches is not None:
-                searches.append({"stage": i, "name": config.stages[i].label(),
-                                 "type": st.type if st is not None else
-                                 config.stages[i].type, **search.as_dict()})
-            if st is None:
+                searches.append(record)
+            if chosen is None:
                 say(f"stage {i + 1}/{n}: left out (no setting keeps the budget)")
+                prev = None
                 continue
+            prev = _Searched(i, st, key, ckpt, search, record)
+            st = chosen
+        else:
+            prev = None
         key, hit, was_cached = run.stage(i, st, key, ckpt, search)
         cached.append(was_cached)
         steps.append(hit)
         ckpt = hit
     steps.pop(0)
     return baseline, cached
+
+
+#: how many times a searched stage that keeps the budget at no setting may make the stage
+#: before it back off to its next weaker passing probe (each costs one more search)
+BACK_OFFS = 2
+
+
+@dataclass
+class _Searched:
+    """A searched stage as it was run: what a later stage needs to make it back off."""
+
+    index: int
+    stage: Any  # the configured stage (its strength at the config's value)
+    key_before: str
+    ckpt_before: Checkpoint
+    result: SearchResult
+    record: dict[str, Any]
+
+    def weaker(self) -> bool:
+        """Move `result.chosen` to the next weaker probe that passed (a larger file);
+        False when there is none."""
+        sizes = {p.value: p.size_bytes for p in self.result.probes}
+        now = sizes[self.result.chosen] if self.result.chosen is not None else 0
+        bigger = [p for p in self.result.probes if p.passed and p.size_bytes > now]
+        if not bigger:
+            return False
+        self.result.chosen = min(bigger, key=lambda p: p.size_bytes).value
+        self.record.update(chosen=self.result.chosen,
+                           backed_off=int(self.record.get("backed_off", 0)) + 1)
+        return True
 
 
 def _placed_or_none(ckpt: Checkpoint | None) -> Checkpoint | None:
@@ -544,6 +586,17 @@ class _StageRun:
             hit.metrics["pipeline"]["search"] = search.as_dict()
         return key, hit, was_cached
 
+    def back_off(self, prev: _Searched, steps: list[Checkpoint], cached: list[bool]
+                 ) -> tuple[str, Checkpoint]:
+        """Run `prev`'s stage again at its (new) chosen value, a probe already cached, in
+        place of the last step; returns the key and checkpoint the next stage starts from."""
+        assert prev.result.chosen is not None
+        st = _with_value(prev.stage, prev.result.chosen)
+        key, hit, was_cached = self.stage(prev.index, st, prev.key_before, prev.ckpt_before,
+                                          prev.result)
+        steps[-1], cached[-1] = hit, was_cached
+        return key, hit
+
     def search(self, i: int, st: Any, previous: str, ckpt: Checkpoint, floor: float
                ) -> tuple[Any, SearchResult]:
         """The stage with its strength chosen under the budget (None: left out)."""
@@ -553,10 +606,7 @@ class _StageRun:
         label = f"{i + 1:02d}-{st.type}-probe"
 
         def with_value(value: float) -> Any:
-            data = {**st.model_dump(exclude_unset=True), "type": st.type,
-                    strength.field: int(value) if strength.grid else float(value)}
-            data.update({c: None for c in strength.clear})
-            return stage_model(st.type).model_validate(data)
+            return _with_value(st, value)
 
         def run_probe(value: float) -> tuple[float, int, bool]:
             trial = with_value(value)
@@ -588,6 +638,16 @@ class _StageRun:
                                  probes=target.probes, bound=bound, margin=target.margin)
         chosen = with_value(result.chosen) if result.chosen is not None else None
         return chosen, result
+
+
+def _with_value(st: Any, value: float) -> Any:
+    """Stage `st` with its searched strength set to `value`."""
+    strength = strength_of(st)
+    assert strength is not None
+    data = {**st.model_dump(exclude_unset=True), "type": st.type,
+            strength.field: int(value) if strength.grid else float(value)}
+    data.update({c: None for c in strength.clear})
+    return stage_model(st.type).model_validate(data)
 
 
 def _fine_tunes(st: Any) -> bool:
