@@ -608,7 +608,7 @@ class _StageRun:
         def with_value(value: float) -> Any:
             return _with_value(st, value)
 
-        def run_probe(value: float) -> tuple[float, int, bool]:
+        def run_probe(value: float) -> tuple[float, float, int, bool]:
             trial = with_value(value)
             key = self.key(previous, trial, seed_i, probe=True)
             hit = self.cache.load(key, label)
