@@ -14,8 +14,10 @@ from xaicompress.errors import XaiCompressError
 from xaicompress.pipeline import run_pipeline, validate_config
 from xaicompress.pipeline.budget import (
     CLUSTER_GRID,
+    MARGIN,
     Strength,
     bisect_strength,
+    paired_drop,
     stage_floors,
     strength_of,
 )
@@ -50,7 +52,7 @@ def test_bisection_finds_the_strongest_passing_ratio():
 
     def probe(v):  # accuracy falls with the ratio, passing up to 0.62
         calls.append(v)
-        return (99.0 if v <= 0.62 else 90.0), int(1000 * (1 - v)), False
+        return (99.0 if v <= 0.62 else 90.0), 0.0, int(1000 * (1 - v)), False
 
     r = bisect_strength(s, 0.5, 95.0, probe)
     assert calls[0] == 0.5 and r.chosen is not None
@@ -64,7 +66,7 @@ def test_grid_search_chooses_the_smallest_passing_file():
     assert s.field == "clusters" and s.grid == CLUSTER_GRID
 
     def probe(k):
-        return (98.0 if k >= 8 else 80.0), 100 * k, False
+        return (98.0 if k >= 8 else 80.0), 0.0, 100 * k, False
 
     r = bisect_strength(s, 16, 97.0, probe)
     assert r.chosen == 8
@@ -73,8 +75,87 @@ def test_grid_search_chooses_the_smallest_passing_file():
 def test_nothing_passes_then_the_weakest_is_tried_and_the_stage_left_out():
     s = Strength("avg_bits", 8.0, 2.0)
     seen = []
-    r = bisect_strength(s, 4, 99.0, lambda v: (seen.append(v) or 50.0, 10, False))
+    r = bisect_strength(s, 4, 99.0, lambda v: (seen.append(v) or 50.0, 0.0, 10, False))
     assert 8.0 in seen and r.chosen is None
+
+
+def test_paired_drop_counts_only_the_images_the_two_disagree_on():
+    import torch
+
+    base = torch.tensor([True] * 396 + [False] * 4)
+    same = base.clone()
+    assert paired_drop(base, same) == (0.0, 0.0)
+    probe = base.clone()
+    probe[:3] = False  # 3 images lost, 1 gained: drop 2 images of 400 = 0.5 pt
+    probe[396] = True
+    drop, se = paired_drop(base, probe)
+    d = torch.zeros(400, dtype=torch.float64)
+    d[:3], d[396] = 1.0, -1.0
+    assert drop == pytest.approx(0.5) and se == pytest.approx(float(d.std()) / 20 * 100)
+    assert se == pytest.approx(0.5, abs=1e-3)  # sqrt((4 - 400 * 0.005**2) / 399) / 20
+    with pytest.raises(ValueError, match="equal"):
+        paired_drop(base, probe[:10])
+
+
+def test_the_margin_refuses_a_drop_within_budget_by_luck():
+    """A probe 0.25 pt below the baseline keeps a 0.5 pt budget as measured, but its drop
+    plus `MARGIN` standard errors (0.5 pt: it disagrees with the baseline on many images)
+    does not: refused, and the weaker probe that is also sure enough is chosen."""
+    s = Strength("ratio", 0.0, 0.9)
+    base = 98.0
+
+    def probe(v):  # ratio <= 0.3: 0.1 pt below, SE 0.1; stronger: 0.25 pt below, SE 0.5
+        return (base - 0.1, 0.1, 1000 - int(1000 * v), False) if v <= 0.3 else \
+            (base - 0.25, 0.5, 1000 - int(1000 * v), False)
+
+    plain = bisect_strength(s, 0.6, base - 0.5, probe, margin=0.0, bound=base - 0.5)
+    assert plain.chosen is not None and plain.chosen > 0.3  # the lucky probe is kept
+    sure = bisect_strength(s, 0.6, base - 0.5, probe, bound=base - 0.5)
+    assert sure.margin == MARGIN and 0.25 + MARGIN * 0.5 > 0.5  # refused by the margin only
+    assert not [p for p in sure.probes if p.value > 0.3 and p.passed]
+    assert sure.chosen is not None and sure.chosen <= 0.3
+    rec = sure.as_dict()
+    assert rec["bound"] == base - 0.5 and rec["probes"][0]["drop_se"] == 0.5
+
+
+def test_margin_is_declared_once_and_a_budget_gets_a_larger_validation_split():
+    import inspect
+
+    from xaicompress.data.holdout import BUDGET_VAL_FRACTION, VAL_FRACTION
+    from xaicompress.pipeline.config import RunOptions, TargetConfig
+
+    assert TargetConfig(max_drop=0.5).margin == MARGIN
+    assert inspect.signature(bisect_strength).parameters["margin"].default == MARGIN
+    assert RunOptions.model_fields["margin"].description == \
+        TargetConfig.model_fields["margin"].description
+    assert validate_config({"model": "lenet5"}).val == VAL_FRACTION
+    budget = validate_config({"model": "lenet5", "target": {"max_drop": 0.5}})
+    assert budget.val == BUDGET_VAL_FRACTION and BUDGET_VAL_FRACTION > VAL_FRACTION
+    assert validate_config({"model": "lenet5", "val": 0.3,
+                            "target": {"max_drop": 0.5}}).val == 0.3
+    cli = validate_config({"model": "lenet5"}).with_run_options(
+        RunOptions(max_drop=0.5, margin=1.0))
+    assert cli.target.margin == 1.0 and cli.val == BUDGET_VAL_FRACTION
+    with pytest.raises(XaiCompressError, match="--margin: applies to an accuracy budget"):
+        validate_config({"model": "lenet5"}).with_run_options(RunOptions(margin=1.0))
+    with pytest.raises(XaiCompressError, match="margin"):
+        validate_config({"model": "lenet5", "target": {"max_drop": 0.5, "margin": -1}})
+
+
+def test_a_stage_that_keeps_the_budget_nowhere_backs_the_one_before_off():
+    """The last searched stage's weaker passing probe is taken next (a larger file), once
+    per call, and the report record says so; nothing weaker left: no back-off."""
+    from xaicompress.pipeline.budget import Probe, SearchResult
+    from xaicompress.pipeline.run import _Searched
+
+    res = SearchResult("ratio", 97.0, [Probe(0.8, 97.5, 300, True), Probe(0.9, 97.1, 200, True),
+                                       Probe(0.95, 96.0, 100, False), Probe(0.5, 98.0, 500, True)],
+                       chosen=0.9)
+    record = {"chosen": 0.9}
+    prev = _Searched(1, None, "key", None, res, record)
+    assert prev.weaker() and res.chosen == 0.8 and record == {"chosen": 0.8, "backed_off": 1}
+    assert prev.weaker() and res.chosen == 0.5 and record["backed_off"] == 2
+    assert not prev.weaker() and res.chosen == 0.5
 
 
 def test_floors_spend_the_budget_evenly_over_searched_stages():
@@ -156,6 +237,8 @@ def test_compress_max_drop_searches_keeps_the_budget_and_reuses_the_cache(tmp_pa
     (["--max-drop", "0"], "--max-drop"),
     (["--calibration", "2000"], "--calibration"),
     (["--val", "0.9"], "--val"),
+    (["--max-drop", "1", "--margin", "-1"], "--margin"),
+    (["--margin", "1"], "--margin"),
 ])
 def test_run_option_errors_name_the_flag(tmp_path, run_cli, args, match):
     cfg = tmp_path / "tiny.yaml"

@@ -313,6 +313,38 @@ def test_keep_best_never_returns_a_worse_training_loss():
     assert np.isclose(loss(good), min(h["train_loss"]), rtol=1e-2)
 
 
+def test_the_best_finetuning_state_is_chosen_on_the_validation_split():
+    """Given a validation set, the state kept is the one of lowest validation loss, not
+    training loss: from a model fitted to validation labels that disagree with every
+    training label, each step of training makes the validation loss worse, so the start
+    is kept, where the training loss keeps a later state."""
+    from types import SimpleNamespace
+
+    data = _data(64)
+    x, y = data.tensors
+    val = TensorDataset(x, (y + 1) % 10)
+    start = finetune_shared(share_weights(_ckpt(), "none", None, clusters=4), val, epochs=4,
+                            keep_best=False)
+
+    def loss(ck, labels):
+        with torch.no_grad():
+            return float(F.cross_entropy(ck.model(x), labels))
+
+    by_train = finetune_shared(start, data, epochs=2)
+    assert by_train.history[-1]["best_by"] == "train_loss"
+    assert by_train.history[-1]["kept_step"] > 0 and loss(by_train, y) < loss(start, y)
+    assert loss(by_train, (y + 1) % 10) > loss(start, (y + 1) % 10)  # worse on validation
+    by_val = finetune_shared(start, data, epochs=2, val_set=val)
+    h = by_val.history[-1]
+    assert h["best_by"] == "val_loss" and len(h["val_loss"]) == 3 and "train_loss" not in h
+    assert h["kept_step"] == 0 and np.isclose(h["val_loss"][0], min(h["val_loss"]))
+    assert np.isclose(loss(by_val, (y + 1) % 10), loss(start, (y + 1) % 10), rtol=1e-3)
+    # the share step passes the bundle's validation split on
+    bundle = SimpleNamespace(train=data, val=val)
+    step = share_weights(_ckpt(), "none", bundle, clusters=4, finetune_epochs=1)
+    assert step.history[-1]["best_by"] == "val_loss" and len(step.history[-1]["val_loss"]) == 2
+
+
 def test_sharing_and_finetuning_option_errors():
     ck = _ckpt()
     with pytest.raises(XaiCompressError, match="--init"):

@@ -20,6 +20,10 @@ from xaicompress.errors import XaiCompressError
 
 #: the default share of the training data held out for validation
 VAL_FRACTION = 0.1
+#: the share held out when an accuracy budget is given and `val` is not (`target:`): twice
+#: the images make the standard error of a measured drop 1.4x smaller, at the cost of a
+#: baseline trained on 80% of the training split instead of 90%
+BUDGET_VAL_FRACTION = 0.2
 #: the seed of the carve (fixed, never the run's seed)
 HOLDOUT_SEED = 0
 

@@ -49,10 +49,11 @@ from pydantic import (
     model_validator,
 )
 
-from xaicompress.data.holdout import VAL_FRACTION
+from xaicompress.data.holdout import BUDGET_VAL_FRACTION, VAL_FRACTION
 from xaicompress.device import AMP_CHOICES, DEVICE_CHOICES, Runtime, make_runtime
 from xaicompress.errors import XaiCompressError
 from xaicompress.export.calibration import CALIBRATION_METHODS
+from xaicompress.pipeline.budget import MARGIN
 from xaicompress.prune.structured import NORMS as STRUCTURED_NORMS
 from xaicompress.prune.unstructured import LAYER_KINDS
 from xaicompress.prune.unstructured import NORMS as UNSTRUCTURED_NORMS
@@ -440,6 +441,7 @@ class RuntimeConfig(_Strict):
 #: the most training images the post-training mode reads (`calibration`)
 MAX_CALIBRATION = 1024
 MaxDrop = Annotated[float, Field(gt=0, le=100)]
+Margin = Annotated[float, Field(ge=0, le=10)]
 Calibration = Annotated[int, Field(ge=1, le=MAX_CALIBRATION)]
 ValFraction = Annotated[float, Field(ge=0, le=0.5)]
 #: help of the run-level options, shared by the config fields and `compress`'s flags
@@ -450,7 +452,11 @@ RUN_HELP = {
     "calibration": "Post-training: every stage that does not fine-tune reads only this many "
                    "training images (scores, BatchNorm statistics, bias correction).",
     "val": "Share of the training data held out as the validation split every choice is "
-           "made on (0 = none; the budget needs one).",
+           f"made on (0 = none; the budget needs one). Default {VAL_FRACTION}, "
+           f"{BUDGET_VAL_FRACTION} with a budget.",
+    "margin": "Standard errors of the paired validation drop (baseline and probe on the same "
+              "images) added to the drop before it is compared with the budget: a probe whose "
+              "drop looks within budget by luck is refused (0 = the drop as measured).",
 }
 
 
@@ -460,6 +466,7 @@ class TargetConfig(_Strict):
     max_drop: MaxDrop = Field(description=RUN_HELP["max_drop"])
     probes: Annotated[int, Field(ge=2, le=20)] = Field(6, description=(
         "Stage runs each searched stage may take (the first at the config's value)."))
+    margin: Margin = Field(MARGIN, description=RUN_HELP["margin"])
 
 
 class RunOptions(_Strict):
@@ -469,6 +476,7 @@ class RunOptions(_Strict):
     max_drop: MaxDrop | None = Field(None, description=RUN_HELP["max_drop"])
     calibration: Calibration | None = Field(None, description=RUN_HELP["calibration"])
     val: ValFraction | None = Field(None, description=RUN_HELP["val"])
+    margin: Margin | None = Field(None, description=RUN_HELP["margin"])
 
 
 class PipelineConfig(RuntimeConfig):
@@ -495,6 +503,15 @@ class PipelineConfig(RuntimeConfig):
     @classmethod
     def _model_str(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _budget_val(cls, data: Any) -> Any:
+        """A budget chooses on the validation split: without `val`, it gets a larger one
+        (`BUDGET_VAL_FRACTION`) than the default."""
+        if isinstance(data, dict) and data.get("target") is not None and "val" not in data:
+            return {**data, "val": BUDGET_VAL_FRACTION}
+        return data
 
     @field_validator("data")
     @classmethod
@@ -554,6 +571,11 @@ class PipelineConfig(RuntimeConfig):
         data = self.model_dump(exclude_unset=True)
         if options.max_drop is not None:
             data["target"] = {**data.get("target", {}), "max_drop": options.max_drop}
+        if options.margin is not None:
+            if "target" not in data:
+                raise XaiCompressError("--margin: applies to an accuracy budget; give "
+                                       "--max-drop (or target: in the config)")
+            data["target"] = {**data["target"], "margin": options.margin}
         for key in ("calibration", "val"):
             if getattr(options, key) is not None:
                 data[key] = getattr(options, key)

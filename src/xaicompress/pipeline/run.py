@@ -29,7 +29,9 @@ from xaicompress.metrics import evaluate
 from xaicompress.pipeline.budget import (
     SearchResult,
     bisect_strength,
+    correct_on,
     packed_size,
+    paired_drop,
     stage_floors,
     start_value,
     strength_of,
@@ -437,30 +439,72 @@ def _run_stages(config: PipelineConfig, cache: StageCache, steps: list[Checkpoin
         say("baseline: cached")
     steps.append(baseline)
 
-    run = _StageRun(config, cache, bundle, _Fidelity(config, baseline, bundle), say)
+    run = _StageRun(config, cache, bundle, _Fidelity(config, baseline, bundle), say, baseline)
     floors = (stage_floors(baseline.metrics["val_accuracy"], config.target.max_drop,
                            list(config.stages))
               if config.target is not None else [None] * len(config.stages))
     ckpt = baseline
     n = len(config.stages)
+    prev: _Searched | None = None  # the stage just run, when it was searched
     for i, st in enumerate(track(config.stages, "compress", total=n)):
         floor = floors[i]
         search = None
         if floor is not None:
-            st, search = run.search(i, st, key, ckpt, floor)
+            chosen, search = run.search(i, st, key, ckpt, floor)
+            for _ in range(BACK_OFFS):
+                if chosen is not None or prev is None or not prev.weaker():
+                    break
+                say(f"stage {i + 1}/{n}: no setting keeps the budget; stage {prev.index + 1} "
+                    f"backs off to {prev.result.field}={prev.result.chosen}")
+                key, ckpt = run.back_off(prev, steps, cached)
+                chosen, search = run.search(i, st, key, ckpt, floor)
+            record = {"stage": i, "name": st.label(), "type": st.type, **search.as_dict()}
             if searches is not None:
-                searches.append({"stage": i, "name": config.stages[i].label(),
-                                 "type": st.type if st is not None else
-                                 config.stages[i].type, **search.as_dict()})
-            if st is None:
+                searches.append(record)
+            if chosen is None:
                 say(f"stage {i + 1}/{n}: left out (no setting keeps the budget)")
+                prev = None
                 continue
+            prev = _Searched(i, st, key, ckpt, search, record)
+            st = chosen
+        else:
+            prev = None
         key, hit, was_cached = run.stage(i, st, key, ckpt, search)
         cached.append(was_cached)
         steps.append(hit)
         ckpt = hit
     steps.pop(0)
     return baseline, cached
+
+
+#: how many times a searched stage that keeps the budget at no setting may make the stage
+#: before it back off to its next weaker passing probe (each costs one more search)
+BACK_OFFS = 2
+
+
+@dataclass
+class _Searched:
+    """A searched stage as it was run: what a later stage needs to make it back off."""
+
+    index: int
+    stage: Any  # the configured stage (its strength at the config's value)
+    key_before: str
+    ckpt_before: Checkpoint
+    result: SearchResult
+    record: dict[str, Any]
+
+    def weaker(self) -> bool:
+        """Move `result.chosen` to the next weaker probe that passed (a larger file);
+        False when there is none."""
+        sizes = {p.value: p.size_bytes for p in self.result.probes}
+        now = sizes[self.result.chosen] if self.result.chosen is not None else 0
+        bigger = [p for p in self.result.probes if p.passed and p.size_bytes > now]
+        if not bigger:
+            return False
+        self.result.chosen = min(bigger, key=lambda p: p.size_bytes).value
+        self.record.update(chosen=self.result.chosen,
+                           backed_off=int(self.record.get("backed_off", 0)) + 1)
+        return True
 
 
 def _placed_or_none(ckpt: Checkpoint | None) -> Checkpoint | None:
@@ -476,6 +520,17 @@ class _StageRun:
     bundle: DatasetBundle
     fidelity: _Fidelity
     say: Callable[[str], None]
+    baseline: Checkpoint | None = None
+    _base_correct: Any = None
+
+    def drop_of(self, model: Any) -> tuple[float, float]:
+        """`model`'s validation accuracy (%) and the standard error (points) of its drop
+        from the baseline, paired on the same validation images (`budget.paired_drop`)."""
+        assert self.bundle.val is not None and self.baseline is not None
+        if self._base_correct is None:
+            self._base_correct = correct_on(self.baseline.model, self.bundle.val)
+        correct = correct_on(model, self.bundle.val)
+        return float(correct.float().mean() * 100), paired_drop(self._base_correct, correct)[1]
 
     def measured(self) -> dict[str, Any]:
         """What a stage's stored measurements depend on besides the stage itself."""
@@ -531,6 +586,17 @@ class _StageRun:
             hit.metrics["pipeline"]["search"] = search.as_dict()
         return key, hit, was_cached
 
+    def back_off(self, prev: _Searched, steps: list[Checkpoint], cached: list[bool]
+                 ) -> tuple[str, Checkpoint]:
+        """Run `prev`'s stage again at its (new) chosen value, a probe already cached, in
+        place of the last step; returns the key and checkpoint the next stage starts from."""
+        assert prev.result.chosen is not None
+        st = _with_value(prev.stage, prev.result.chosen)
+        key, hit, was_cached = self.stage(prev.index, st, prev.key_before, prev.ckpt_before,
+                                          prev.result)
+        steps[-1], cached[-1] = hit, was_cached
+        return key, hit
+
     def search(self, i: int, st: Any, previous: str, ckpt: Checkpoint, floor: float
                ) -> tuple[Any, SearchResult]:
         """The stage with its strength chosen under the budget (None: left out)."""
@@ -540,35 +606,48 @@ class _StageRun:
         label = f"{i + 1:02d}-{st.type}-probe"
 
         def with_value(value: float) -> Any:
-            data = {**st.model_dump(exclude_unset=True), "type": st.type,
-                    strength.field: int(value) if strength.grid else float(value)}
-            data.update({c: None for c in strength.clear})
-            return stage_model(st.type).model_validate(data)
+            return _with_value(st, value)
 
-        def run_probe(value: float) -> tuple[float, int, bool]:
+        def run_probe(value: float) -> tuple[float, float, int, bool]:
             trial = with_value(value)
             key = self.key(previous, trial, seed_i, probe=True)
             hit = self.cache.load(key, label)
             if hit is not None:
-                return float(hit.metrics["val_accuracy"]), int(hit.metrics["size_bytes"]), True
+                se = hit.metrics.get("val_drop_se")
+                if se is None:  # cached before the margin existed: measure it now
+                    se = self.drop_of(_placed(hit).model)[1]
+                return (float(hit.metrics["val_accuracy"]), float(se),
+                        int(hit.metrics["size_bytes"]), True)
             self.say(f"stage {i + 1} {st.label()}: probing {strength.field}={value}")
             bundle, _ = self.stage_bundle(trial)
             try:
                 new = run_stage(ckpt, bundle, trial, seed_i)
             except OptionError as exc:
                 raise exc.named(f"stages[{i}].{exc.option}") from None
-            acc = _val_accuracy(new, self.bundle)
-            assert acc is not None  # a target needs val > 0 (config check)
-            new.metrics = {"val_accuracy": acc, "size_bytes": packed_size(new),
+            acc, se = self.drop_of(new.model)  # a target needs val > 0 (config check)
+            new.metrics = {"val_accuracy": acc, "val_drop_se": se,
+                           "size_bytes": packed_size(new),
                            "pipeline": {"key": key, "probe": True}}
             self.cache.save(new, key, label)
-            return acc, new.metrics["size_bytes"], False
+            return acc, se, new.metrics["size_bytes"], False
 
-        assert self.config.target is not None
+        target = self.config.target
+        assert target is not None and self.baseline is not None
+        bound = float(self.baseline.metrics["val_accuracy"]) - target.max_drop
         result = bisect_strength(strength, start_value(st, strength), floor, run_probe,
-                                 probes=self.config.target.probes)
+                                 probes=target.probes, bound=bound, margin=target.margin)
         chosen = with_value(result.chosen) if result.chosen is not None else None
         return chosen, result
+
+
+def _with_value(st: Any, value: float) -> Any:
+    """Stage `st` with its searched strength set to `value`."""
+    strength = strength_of(st)
+    assert strength is not None
+    data = {**st.model_dump(exclude_unset=True), "type": st.type,
+            strength.field: int(value) if strength.grid else float(value)}
+    data.update({c: None for c in strength.clear})
+    return stage_model(st.type).model_validate(data)
 
 
 def _fine_tunes(st: Any) -> bool:

@@ -138,7 +138,8 @@ def _finetune(ckpt: Checkpoint, bundle: DatasetBundle, st: FinetuneStage,
     if any(lc.codebook is not None for lc in layers):
         from xaicompress.quant.share_finetune import finetune_shared
 
-        return finetune_shared(ckpt, bundle.train, epochs=st.epochs, seed=seed, **given)
+        return finetune_shared(ckpt, bundle.train, epochs=st.epochs, seed=seed,
+                               val_set=bundle.val, **given)
     if any(lc.grid is not None for lc in layers):
         from xaicompress.quant.qat import qat_train
 

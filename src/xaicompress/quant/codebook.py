@@ -195,7 +195,8 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
     train split scores relevance and fine-tunes) or a training Dataset.
     clusters: k for every layer, or layer -> k; exclusive with `avg_bits` (B), which picks
     k = 2^b per layer with `allocate_bits` under the size of B bits everywhere.
-    finetune_epochs: then train the centroids (`finetune_shared`, lr `finetune_lr`).
+    finetune_epochs: then train the centroids (`finetune_shared`, lr `finetune_lr`; its best
+    state chosen on `bundle.val` when the bundle has a validation split).
     relevance: scores already computed by `criterion` on this model (skips scoring; lets a
     caller share one model at several k without rescoring).
     init: k-means start (`INITS`); weight_power, uniform_mix: shape the per-weight sample
@@ -279,8 +280,9 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
                         "weight_power": weight_power, "uniform_mix": uniform_mix,
                         "assignment": assignment, **calibrated, **table})
     if finetune_epochs > 0:
+        # the best fine-tuning state is chosen on the validation split when the bundle has one
         out = finetune_shared(out, train_set, epochs=finetune_epochs, lr=finetune_lr,
-                              seed=seed)
+                              seed=seed, val_set=getattr(bundle, "val", None))
     if assignment == "entropy" and codebook_dtype == "fp16":
         round_vectors(out, codebook_dtype)
     return out

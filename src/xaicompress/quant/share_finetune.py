@@ -5,8 +5,13 @@ the gradients of a centroid's members into that centroid. The optimiser is Adam,
 is about its learning rate whatever the gradient's size: so each codebook's rate is set
 relative to the spread of that layer's weights (`lr_scale` * std), not to 1/k, which made the
 step of a narrow layer's centroids as large as the layer itself and diverged at k = 2.
-Biases, BatchNorm and unshared layers train at `other_lr`; the best state by training loss
-(the start included) is kept, so fine-tuning never returns a model worse on its own data.
+Biases, BatchNorm and unshared layers train at `other_lr`; the best state (the start
+included) is kept: by the loss on the validation split when one is given (`val_set`, what
+the pipeline and the share stage pass: `bundle.val`), so the choice is made on data the
+fine-tuning does not train on; by the training loss when none is (a library call without
+one), so fine-tuning never returns a model worse on its own data. The loss, not the accuracy:
+on a few hundred images the accuracy moves by whole images and ties; the cross-entropy is a
+finer, less selection-prone reading of the same images.
 """
 
 from __future__ import annotations
@@ -84,9 +89,10 @@ def centroid_lr(weights: torch.Tensor, mask: torch.Tensor | None = None,
 
 
 @torch.no_grad()
-def _train_loss(model: nn.Module, train_set: Dataset, batch_size: int = 512) -> float:
-    """Mean cross-entropy over `train_set`; under torch.distributed each rank scores its shard
-    and the sums are added, so every rank sees the same number (and keeps the same state)."""
+def _mean_loss(model: nn.Module, train_set: Dataset, batch_size: int = 512) -> float:
+    """Mean cross-entropy over `train_set` (or a validation set); under torch.distributed
+    each rank scores its shard and the sums are added, so every rank sees the same number
+    (and keeps the same state)."""
     was = model.training
     model.eval()
     total, n = 0.0, 0
@@ -160,7 +166,8 @@ def _unparametrize(model: nn.Module, shared: dict[str, Codebook]) -> dict[str, t
 
 @dataclass
 class _Run:
-    """One fine-tuning run: the loop, and the best state by training loss."""
+    """One fine-tuning run: the loop, and the best state by the loss on `select_set` (the
+    validation split, or the training split when there is none)."""
 
     out: Checkpoint
     train_set: Dataset
@@ -170,6 +177,7 @@ class _Run:
     augment: int | None
     keep_best: bool
     amp: str = "off"
+    select_set: Dataset | None = None
     losses: list[float] = field(default_factory=list)
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     step: int = 0
@@ -178,7 +186,8 @@ class _Run:
         return {k: v.detach().clone() for k, v in self.out.model.state_dict().items()}
 
     def record(self) -> None:
-        self.losses.append(_train_loss(self.out.model, self.train_set))
+        data = self.select_set if self.select_set is not None else self.train_set
+        self.losses.append(_mean_loss(self.out.model, data))
         # NaN never compares smaller: a diverged state is never kept
         if self.best is None or self.losses[-1] < self.best[0]:
             self.best = (self.losses[-1], self.step, self.snapshot())
@@ -234,16 +243,17 @@ def finetune_shared(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1,
                     lr: float | None = None, seed: int = 0, batch_size: int = BATCH_SIZE,
                     lr_scale: float = LR_SCALE, other_lr: float = OTHER_LR,
                     clip: float | None = CLIP_NORM, keep_best: bool = True,
-                    augment: int | None = 0, centroid_lrs: Mapping[str, float] | None = None
-                    ) -> Checkpoint:
+                    augment: int | None = 0, centroid_lrs: Mapping[str, float] | None = None,
+                    val_set: Dataset | None = None) -> Checkpoint:
     """Train the centroids of every shared layer of a copy of `ckpt` (indices fixed).
 
     train_set: (x (C, H, W), label) pairs. epochs may be fractional; the cosine schedule
     spans them all. lr: one Adam rate for every parameter (overrides the two below);
     lr_scale: codebook rate = lr_scale * std of the layer's kept weights; other_lr: rate of
     biases, BatchNorm and unshared layers (their masks / integer grids re-imposed after every
-    step). clip: max global gradient norm (None = off). keep_best: evaluate the training
-    loss at the start and after every epoch and keep the best state. augment: random shifts
+    step). clip: max global gradient norm (None = off). keep_best: evaluate the loss at the
+    start and after every epoch and keep the best state: on `val_set` (the validation
+    split) when given, else on `train_set`. augment: random shifts
     of up to this many pixels. centroid_lrs: layer -> codebook rate, for the layers it names
     (overrides lr and lr_scale there). Pruned weights stay zero; centroids are rounded to their
     codebook dtype at the end so packing stays lossless. The input is not modified.
@@ -263,7 +273,7 @@ def finetune_shared(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1,
     others = CompressionState({n: lc for n, lc in out.state.layers.items() if n not in shared})
     run = _Run(out, train_set, _param_groups(out.model, shared, rates,
                                              lr if lr is not None else other_lr),
-               others, clip, augment, keep_best, runtime().amp)
+               others, clip, augment, keep_best, runtime().amp, val_set)
     seed_everything(seed)
     loader = make_loader(train_set, batch_size, shuffle=True, seed=seed)
     try:
@@ -281,6 +291,7 @@ def finetune_shared(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1,
     out.history.append({"stage": "finetune_shared", "epochs": epochs, "seed": seed,
                         "lr": lr, "lr_scale": lr_scale, "other_lr": other_lr, "clip": clip,
                         "centroid_lr": rates, "batch_size": batch_size, "augment": augment,
-                        "train_loss": run.losses,
+                        "best_by": "val_loss" if val_set is not None else "train_loss",
+                        ("val_loss" if val_set is not None else "train_loss"): run.losses,
                         "kept_step": run.best[1] if run.best else run.step})
     return out

@@ -282,22 +282,27 @@ def _search_markdown(report: dict[str, Any]) -> list[str]:
     if not report.get("search"):
         return []
     base = report["baseline"].get("val_accuracy")
+    margin = report["target"].get("margin", 0.0)
     lines = ["", "## Accuracy budget", "",
              f"At most {report['target']['max_drop']} pt below the baseline's validation "
-             f"accuracy ({base:.2f}%), spent evenly over the searched stages; each probe ran "
-             "the whole stage (at most "
-             f"{report['target'].get('probes', '-')} per stage). The test split was not read "
-             "while searching.", "",
-             "| stage | option | value | validation % | packed KB | within floor |",
-             "|---|---|---:|---:|---:|---|"]
+             f"accuracy ({base:.2f}%), spent evenly over the searched stages; a probe passes "
+             f"when it keeps its stage's floor and its drop plus {margin:g} standard errors "
+             "(paired, on the same validation images) stays within the whole budget; each "
+             "probe ran the whole stage (at most "
+             f"{report['target'].get('probes', '-')} per stage). The chosen probe was picked "
+             "among several on these images, so its validation drop is optimistic; the test "
+             "split was not read while searching.", "",
+             "| stage | option | value | validation % | drop ± SE pt | packed KB | passed |",
+             "|---|---|---:|---:|---:|---:|---|"]
     for rec in report["search"]:
         for p in rec["probes"]:
             mark = "yes" if p["passed"] else "no"
             if p["value"] == rec["chosen"]:
                 mark += " (chosen)"
+            drop = f"{base - p['val_accuracy']:.2f} ± {p.get('drop_se', 0.0):.2f}"
             lines.append(f"| {rec['name']} (floor {rec['floor']:.2f}%) | {rec['field']} | "
-                         f"{p['value']:g} | {p['val_accuracy']:.2f} | {kb(p['size_bytes'])} | "
-                         f"{mark} |")
+                         f"{p['value']:g} | {p['val_accuracy']:.2f} | {drop} | "
+                         f"{kb(p['size_bytes'])} | {mark} |")
         if rec["chosen"] is None:
             lines.append(f"| {rec['name']} | - | - | - | - | left out |")
     return lines
