@@ -146,15 +146,27 @@ def evaluate(models: list[str], seeds: list[int], splits: tuple[str, ...], dc: b
     return rows
 
 
-def tune(model: str, seeds: list[int], budgets: list[float]) -> list[dict[str, Any]]:
-    """The validation sweep: shipped config with other share budgets on TUNE_SPLIT."""
-    rows = []
+def tune(model: str, seeds: list[int], budgets: list[float], share: dict[str, Any] | None = None,
+         unstructured: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The validation sweep: shipped config with other share budgets (and the share /
+    unstructured options given) on TUNE_SPLIT; appended to the sweep's earlier rows (a
+    row of the same options and seed is replaced)."""
+    path = RESULTS / f"entropy_tune_{model}.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
     for b in budgets:
         for seed in seeds:
-            r = run(model, TUNE_SPLIT, seed, f"tune{b}", share={"avg_bits": b})
+            variant = {"share": {**(share or {}), "avg_bits": b}}
+            if unstructured:
+                variant["unstructured"] = unstructured
+            tag = "tune-" + "-".join(f"{k}{v}" for part in variant.values()
+                                     for k, v in sorted(part.items()))
+            r = run(model, TUNE_SPLIT, seed, tag, **variant)
+            rows = [x for x in rows if (x["variant"], x["seed"]) != (r["variant"], seed)]
             rows.append(r)
+            write_json(f"entropy_tune_{model}", rows)
             print(json.dumps({k: r[k] for k in ("model", "seed", "ratio", "drop",
-                                                "file_bytes")} | {"avg_bits": b}), flush=True)
+                                                "file_bytes", "wall_s")} | variant),
+                  flush=True)
     return rows
 
 
@@ -242,6 +254,9 @@ def main() -> None:
     ap.add_argument("--no-plain", action="store_true", help="skip the plain assignment")
     ap.add_argument("--tune", default=None, help="model: the validation sweep instead")
     ap.add_argument("--budgets", default="0.3,0.4,0.5,0.6")
+    ap.add_argument("--share", default=None, help="with --tune: JSON of share options")
+    ap.add_argument("--unstructured", default=None,
+                    help="with --tune: JSON of unstructured-pruning options")
     ap.add_argument("--merge", action="store_true", help="combine the per-model results "
                     "(entropy_<model>.json) into entropy.json / docs/results/entropy.md")
     args = ap.parse_args()
@@ -253,8 +268,9 @@ def main() -> None:
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.tune:
-        rows = tune(args.tune, seeds, [float(b) for b in args.budgets.split(",")])
-        write_json(f"entropy_tune_{args.tune}", rows)
+        tune(args.tune, seeds, [float(b) for b in args.budgets.split(",")],
+             json.loads(args.share) if args.share else None,
+             json.loads(args.unstructured) if args.unstructured else None)
         return
     rows = evaluate(args.models.split(","), seeds, tuple(args.data.split(",")),
                     not args.no_dc, not args.no_plain)

@@ -59,6 +59,7 @@ from xaicompress.prune.unstructured import NORMS as UNSTRUCTURED_NORMS
 from xaicompress.quant.codebook import ALLOC_BITS, CODEBOOK_DTYPES, INITS, WEIGHT_POWER
 from xaicompress.quant.entropy_share import ASSIGNMENTS
 from xaicompress.quant.integer import ALLOCATIONS, BITS_CHOICES, CLIP_MODES
+from xaicompress.quant.share_qat import FINETUNES
 from xaicompress.validation import describe
 
 # Every option is declared once, here: type, default, documented range and help. The CLI
@@ -214,7 +215,13 @@ class ShareStage(CriterionStage):
         "nearest", description="nearest (k-means) or entropy (relevance-weighted "
         "entropy-constrained assignment with a zero cluster, ECQx; needs avg_bits, clusters = "
         "codebook size).")
-    finetune_epochs: Epochs = Field(0, description="Epochs of centroid fine-tuning.")
+    finetune_epochs: Epochs = Field(0, description="Epochs of centroid fine-tuning (or of "
+                                    "quantization-aware training, finetune qat).")
+    finetune: Literal[FINETUNES] = Field(  # type: ignore[valid-type]
+        "centroids", description="centroids (train the centroids, indices fixed) or qat "
+        "(assignment entropy: train full-precision latent weights through the shared ones, "
+        "re-run the assignment under the same budget twice an epoch, keep the best state on "
+        "the validation split; ECQx).")
     finetune_lr: LearningRate | None = Field(None, description=(
         "One learning rate for the centroid fine-tuning (default: scaled per layer)."))
     codebook_dtype: Literal[tuple(CODEBOOK_DTYPES)] = Field(  # type: ignore[valid-type]
@@ -230,6 +237,9 @@ class ShareStage(CriterionStage):
 
     @model_validator(mode="after")
     def _one_budget(self) -> ShareStage:
+        if self.finetune == "qat" and self.assignment != "entropy":
+            raise ValueError("finetune qat re-runs the entropy-constrained assignment: it "
+                             "needs assignment entropy")
         if self.assignment == "entropy":
             if self.avg_bits is None or isinstance(self.clusters, dict):
                 raise ValueError("assignment entropy needs avg_bits (and at most one clusters "

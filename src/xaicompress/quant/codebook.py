@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from xaicompress.calibration import correct_bias, reestimate_batchnorm
 from xaicompress.checkpoint import Checkpoint
-from xaicompress.encoding import Codebook
+from xaicompress.encoding import Codebook, LayerEncoding
 from xaicompress.encoding.bitpack import index_bits
 from xaicompress.encoding.codebook import CODEBOOK_BITS, CODEBOOK_DTYPES, round_to_dtype
 from xaicompress.errors import XaiCompressError
@@ -33,6 +33,7 @@ from xaicompress.progress import track
 from xaicompress.quant.allocate import allocate_bits
 from xaicompress.quant.entropy_share import ASSIGNMENTS, ECQ_CLUSTERS, LayerData, share_entropy
 from xaicompress.quant.share_finetune import finetune_shared
+from xaicompress.quant.share_qat import FINETUNES, finetune_qat
 from xaicompress.relevance import Criterion, Relevance, compute_relevance, get_criterion
 from xaicompress.relevance.base import prunable_layers
 
@@ -187,8 +188,8 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
                   finetune_lr: float | None = None,
                   relevance: Relevance | None = None, init: str = "linear",
                   weight_power: float = WEIGHT_POWER, uniform_mix: float = 0.0,
-                  assignment: str = "nearest", bias_correction: bool = True,
-                  bn_recalibration: bool = True) -> Checkpoint:
+                  assignment: str = "nearest", finetune: str = "centroids",
+                  bias_correction: bool = True, bn_recalibration: bool = True) -> Checkpoint:
     """Share the weights of every Conv2d/Linear layer of a copy of `ckpt`.
 
     criterion: weights the k-means (`none` = plain k-means); bundle: a DatasetBundle (its
@@ -205,6 +206,10 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
     or "entropy" (`quant.entropy_share`: relevance-weighted entropy-constrained assignment
     with a zero cluster, one lambda under `avg_bits` entropy-coded bits per weight, pruned
     weights and the codebooks included; `clusters` = codebook size, default `ECQ_CLUSTERS`).
+    finetune: "centroids" (train the centroids, indices fixed: `finetune_shared`) or "qat"
+    (entropy assignment only: quantization-aware training of latent weights with the
+    assignment recomputed under the same budget during training and the best state on
+    `bundle.val`, `quant.share_qat`).
     bias_correction / bn_recalibration: then, on calibration samples of the training data,
     shift every layer's bias so its per-channel output mean is the float model's, and
     re-estimate the BatchNorm statistics (`xaicompress.calibration`), before fine-tuning.
@@ -213,6 +218,7 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
     """
     _check_budget(clusters, avg_bits, assignment)
     _check_options(codebook_dtype, finetune_epochs, init, weight_power, uniform_mix)
+    _check_finetune(finetune, assignment)
     train_set: Dataset = getattr(bundle, "train", bundle)
     crit = get_criterion(criterion) if isinstance(criterion, str) else criterion
 
@@ -242,10 +248,12 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
 
     results: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     table: dict[str, Any] = {}
+    before, assigner = {n: m.weight.detach().clone() for n, m in layers.items()}, None
     if assignment == "entropy":
         assert avg_bits is not None
-        table = _share_entropy(out, layers, data, float(avg_bits), clusters, codebook_dtype,
-                               seed, init)
+        assigner = entropy_assigner(data, float(avg_bits), clusters, codebook_dtype, seed,
+                                    init)
+        table = _share_entropy(out, layers, assigner)
     elif ks is None:
         assert avg_bits is not None
         results, table = _allocate(data, float(avg_bits), codebook_dtype, seed, init)
@@ -279,11 +287,30 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
                         "weight_power": weight_power, "uniform_mix": uniform_mix,
                         "assignment": assignment, **calibrated, **table})
     if finetune_epochs > 0:
-        out = finetune_shared(out, train_set, epochs=finetune_epochs, lr=finetune_lr,
-                              seed=seed)
+        out = _finetune(out, bundle, finetune, finetune_epochs, finetune_lr, seed,
+                        (before, data, assigner))
     if assignment == "entropy" and codebook_dtype == "fp16":
         round_vectors(out, codebook_dtype)
     return out
+
+
+def _finetune(out: Checkpoint, bundle: Any, finetune: str, epochs: float, lr: float | None,
+              seed: int, qat: tuple[Mapping[str, torch.Tensor], Mapping[str, Any], Any]
+              ) -> Checkpoint:
+    """Centroid fine-tuning, or (finetune qat) quantization-aware training from the weights
+    before sharing with the entropy assignment: qat = (weights, the layers' (kept weights,
+    sample weights, flat keep), assigner)."""
+    train_set: Dataset = getattr(bundle, "train", bundle)
+    before, data, assigner = qat
+    if finetune != "qat" or assigner is None:
+        return finetune_shared(out, train_set, epochs=epochs, lr=lr, seed=seed)
+    rel = {}
+    for n, (_, sw, keep) in data.items():
+        r = np.zeros(keep.size, dtype=np.float32)
+        r[keep] = sw
+        rel[n] = torch.from_numpy(r).reshape(before[n].shape)
+    return finetune_qat(out, before, rel, assigner, train_set, getattr(bundle, "val", None),
+                        epochs=epochs, lr=lr, seed=seed)
 
 
 def round_vectors(ckpt: Checkpoint, codebook_dtype: str) -> None:
@@ -313,6 +340,15 @@ def _check_options(codebook_dtype: str, finetune_epochs: float, init: str,
         raise XaiCompressError(f"uniform mix {uniform_mix}: expected a number from 0 to 1")
 
 
+def _check_finetune(finetune: str, assignment: str) -> None:
+    if finetune not in FINETUNES:
+        raise XaiCompressError(f"--finetune {finetune!r}: expected one of "
+                               f"{', '.join(FINETUNES)}")
+    if finetune == "qat" and assignment != "entropy":
+        raise XaiCompressError("--finetune qat: quantization-aware sharing re-runs the "
+                               "entropy-constrained assignment; use --assignment entropy")
+
+
 def _check_budget(clusters: Any, avg_bits: float | None, assignment: str) -> None:
     if assignment not in ASSIGNMENTS:
         raise XaiCompressError(f"--assignment {assignment!r}: expected one of "
@@ -331,26 +367,46 @@ def _check_budget(clusters: Any, avg_bits: float | None, assignment: str) -> Non
                                "--avg-bits B")
 
 
+def entropy_assigner(data: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+                     avg_bits: float, clusters: Any, codebook_dtype: str, seed: int, init: str
+                     ) -> Callable[[Mapping[str, torch.Tensor]],
+                                   tuple[dict[str, LayerEncoding], dict[str, Any]]]:
+    """The entropy-constrained assignment of these layers as a function of their weights:
+    layer -> weight (the module's shape) -> (layer -> encoding within `avg_bits` coded bits
+    per weight, what was chosen). data: layer -> (kept weights, sample weights, flat keep);
+    the sample weights (relevance) and the kept positions stay those of `data`, so the
+    quantization-aware training (`share_qat`) re-assigns its latent weights with it."""
+    k = int(clusters) if clusters is not None else ECQ_CLUSTERS
+    keeps = {n: d[2] for n, d in data.items()}
+
+    def assign(weights: Mapping[str, torch.Tensor], starts: Mapping[str, Any] | None = None
+               ) -> tuple[dict[str, LayerEncoding], dict[str, Any]]:
+        """starts: layer -> start centroids (default: `initial_centroids` of `init`)."""
+        prepared = {}
+        for name, (_, sw, keep) in data.items():
+            v = weights[name].detach().float().reshape(-1).cpu().numpy()[keep]
+            # the assignment's own rounds are Lloyd's (lambda = 0 is k-means): a start suffices
+            start = (np.asarray(starts[name], dtype=np.float64) if starts is not None
+                     else initial_centroids(v, sw, k, init, seed) if v.size else np.zeros(1))
+            prepared[name] = LayerData(v, sw, int(keep.size - keep.sum()), start)
+        return share_entropy(prepared, keeps, weights, avg_bits, codebook_dtype)
+
+    return assign
+
+
 def _share_entropy(out: Checkpoint, layers: Mapping[str, Any],
-                   data: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
-                   avg_bits: float, clusters: Any, codebook_dtype: str, seed: int, init: str
+                   assign: Callable[[Mapping[str, torch.Tensor]],
+                                    tuple[dict[str, LayerEncoding], dict[str, Any]]]
                    ) -> dict[str, Any]:
     """Entropy-constrained sharing of every layer into `out.state` (codebook and the mask
     of the zero cluster); returns the history fields."""
-    k = int(clusters) if clusters is not None else ECQ_CLUSTERS
-    prepared = {}
-    for name in track(list(layers), "k-means start per layer"):
-        v, sw, keep = data[name]
-        # the assignment's own rounds are Lloyd's (lambda = 0 is k-means): a start suffices
-        start = initial_centroids(v, sw, k, init, seed) if v.size else np.zeros(1)
-        prepared[name] = LayerData(v, sw, int(keep.size - keep.sum()), start)
-    weights = {n: m.weight.detach() for n, m in layers.items()}
-    encs, info = share_entropy(prepared, {n: d[2] for n, d in data.items()}, weights,
-                               avg_bits, codebook_dtype)
+    encs, info = assign({n: m.weight.detach() for n, m in layers.items()})
     for name, lc in encs.items():
         out.state.get(name).mask = lc.mask
         out.state.get(name).weights = lc.weights
     return info
+
+
 def _calibrate(out: Checkpoint, reference: Checkpoint, train_set: Dataset, layers: list[str],
                seed: int, bias_correction: bool, bn_recalibration: bool) -> dict[str, Any]:
     """Bias correction against `reference` and BatchNorm re-estimation of `out` (in place);
