@@ -41,7 +41,8 @@ TUNE_SPLIT = "mnist5k?split=2"
 
 
 def _config(model: str, data: str, share: dict[str, Any] | None = None,
-            unstructured: dict[str, Any] | None = None) -> Any:
+            unstructured: dict[str, Any] | None = None,
+            structured: dict[str, Any] | None = None) -> Any:
     from xaicompress.pipeline import load_config
     from xaicompress.pipeline.config import validate_config
 
@@ -58,8 +59,40 @@ def _config(model: str, data: str, share: dict[str, Any] | None = None,
                 st.pop("clusters")
         if st["type"] == "prune_unstructured" and unstructured is not None:
             st.update(unstructured)
+        if st["type"] == "prune_structured" and structured is not None:
+            st.update(structured)
     raw.pop("name", None)
     return validate_config(raw, f"{model} variant")
+
+
+#: finetune_qat keyword arguments (library constants, not options) a tuning run sets
+QAT_KWARGS: dict[str, float] = {}
+
+
+def _qat_cache() -> Path:
+    """The stage cache of a run with QAT_KWARGS: a folder of its own (the stage keys do not
+    see library constants), seeded with the shared cache's entries before the share stage."""
+    import shutil
+
+    if not QAT_KWARGS:
+        return CACHE
+    folder = CACHE.parent / ("entropy-qat-" + "-".join(f"{k}{v}" for k, v in
+                                                          sorted(QAT_KWARGS.items())))
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in CACHE.glob("0[0-2]-*.safetensors"):
+        if not (folder / f.name).exists():
+            shutil.copy2(f, folder / f.name)
+    return folder
+
+
+def _patch_qat() -> None:
+    import functools
+
+    from xaicompress.quant import codebook, share_qat
+
+    if QAT_KWARGS:
+        kw = {k: int(v) if k in ("reassigns", "augment") else v for k, v in QAT_KWARGS.items()}
+        codebook.finetune_qat = functools.partial(share_qat.finetune_qat, **kw)
 
 
 def run(model: str, data: str, seed: int, tag: str, **variant: Any) -> dict[str, Any]:
@@ -69,10 +102,14 @@ def run(model: str, data: str, seed: int, tag: str, **variant: Any) -> dict[str,
 
     cfg = _config(model, data, **variant).with_seed(seed)
     safe = data.replace("?", "_").replace("=", "")
+    if QAT_KWARGS:
+        tag += "-qat-" + "-".join(f"{k}{v}" for k, v in sorted(QAT_KWARGS.items()))
+        variant = {**variant, "qat_kwargs": dict(QAT_KWARGS)}
     folder = RESULTS / "entropy" / f"{model}-{safe}-seed{seed}-{tag}"
     folder.parent.mkdir(parents=True, exist_ok=True)
+    _patch_qat()
     t0 = time.perf_counter()
-    res = run_pipeline(cfg, folder, cache_dir=CACHE, plots=False)
+    res = run_pipeline(cfg, folder, cache_dir=_qat_cache(), plots=False)
     wall = time.perf_counter() - t0
     raw = packed_bytes(res.final)
     enc = _median_time(lambda: packed_bytes(res.final))
@@ -147,23 +184,28 @@ def evaluate(models: list[str], seeds: list[int], splits: tuple[str, ...], dc: b
 
 
 def tune(model: str, seeds: list[int], budgets: list[float], share: dict[str, Any] | None = None,
-         unstructured: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+         unstructured: dict[str, Any] | None = None,
+         structured: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The validation sweep: shipped config with other share budgets (and the share /
     unstructured options given) on TUNE_SPLIT; appended to the sweep's earlier rows (a
     row of the same options and seed is replaced)."""
     path = RESULTS / f"entropy_tune_{model}.json"
-    rows = json.loads(path.read_text()) if path.is_file() else []
+    rows: list[dict[str, Any]] = []
     for b in budgets:
         for seed in seeds:
             variant = {"share": {**(share or {}), "avg_bits": b}}
             if unstructured:
                 variant["unstructured"] = unstructured
+            if structured:
+                variant["structured"] = structured
             tag = "tune-" + "-".join(f"{k}{v}" for part in variant.values()
                                      for k, v in sorted(part.items()))
             r = run(model, TUNE_SPLIT, seed, tag, **variant)
-            rows = [x for x in rows if (x["variant"], x["seed"]) != (r["variant"], seed)]
             rows.append(r)
-            write_json(f"entropy_tune_{model}", rows)
+            # read again just before writing: two sweeps may run side by side
+            old = json.loads(path.read_text()) if path.is_file() else []
+            write_json(f"entropy_tune_{model}", [
+                x for x in old if (x["variant"], x["seed"]) != (r["variant"], seed)] + [r])
             print(json.dumps({k: r[k] for k in ("model", "seed", "ratio", "drop",
                                                 "file_bytes", "wall_s")} | variant),
                   flush=True)
@@ -230,7 +272,10 @@ def _validation() -> str:
              "| model | share options | seed | x smaller | drop (pt) |", "|---|---|---:|---:|---:|"]
     for p in sorted(RESULTS.glob("entropy_tune_*.json")):
         for r in json.loads(p.read_text()):
-            lines.append(f"| {r['model']} | `{json.dumps(r['variant'].get('share', {}))}` | "
+            opts = {k: v for k, v in r["variant"].items() if k != "share"}
+            opts = json.dumps(r["variant"].get("share", {})) + (
+                f" {json.dumps(opts)}" if opts else "")
+            lines.append(f"| {r['model']} | `{opts}` | "
                          f"{r['seed']} | {r['ratio']:.1f} | {r['drop']:.1f} |")
     return "\n".join(lines) + "\n\n"
 
@@ -255,6 +300,10 @@ def main() -> None:
     ap.add_argument("--tune", default=None, help="model: the validation sweep instead")
     ap.add_argument("--budgets", default="0.3,0.4,0.5,0.6")
     ap.add_argument("--share", default=None, help="with --tune: JSON of share options")
+    ap.add_argument("--qat", default=None, help="with --tune: finetune_qat keyword "
+                    "arguments, e.g. latent_scale=0.05,other_lr=0.01,reassigns=4")
+    ap.add_argument("--structured", default=None,
+                    help="with --tune: JSON of structured-pruning options")
     ap.add_argument("--unstructured", default=None,
                     help="with --tune: JSON of unstructured-pruning options")
     ap.add_argument("--merge", action="store_true", help="combine the per-model results "
@@ -267,10 +316,14 @@ def main() -> None:
 
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.qat:
+        QAT_KWARGS.update({k: float(v) for k, v in (kv.split("=") for kv in
+                                                     args.qat.split(","))})
     if args.tune:
         tune(args.tune, seeds, [float(b) for b in args.budgets.split(",")],
              json.loads(args.share) if args.share else None,
-             json.loads(args.unstructured) if args.unstructured else None)
+             json.loads(args.unstructured) if args.unstructured else None,
+             json.loads(args.structured) if args.structured else None)
         return
     rows = evaluate(args.models.split(","), seeds, tuple(args.data.split(",")),
                     not args.no_dc, not args.no_plain)
