@@ -215,10 +215,11 @@ def tune(model: str, seeds: list[int], budgets: list[float], share: dict[str, An
 def markdown(rows: list[dict[str, Any]], seeds: list[int]) -> str:
     lines = ["## Entropy coding and entropy-constrained sharing (issue 18)", "",
              "`python benchmarks/entropy.py`: the shipped configs (relevance-weighted "
-             "entropy-constrained sharing, entropy-coded packed file), the same with plain "
-             "(unweighted) entropy-constrained assignment at the same budget, and Deep "
-             "Compression's recipe (magnitude pruning, plain k-means, entropy coding) at no "
-             f"larger a file; seeds {', '.join(map(str, seeds))}; configs chosen on "
+             "entropy-constrained sharing with quantization-aware training, `finetune: qat`, "
+             "entropy-coded packed file), the same with plain (unweighted) entropy-constrained "
+             "assignment at the same budget, and (unless `--no-dc`) Deep Compression's recipe "
+             "(magnitude pruning, plain k-means, entropy coding) at no larger a file; seeds "
+             f"{', '.join(map(str, seeds))}; configs chosen on "
              f"`{TUNE_SPLIT}`, reported on the test splits of `mnist5k` and `mnist5k?split=1`. "
              "x smaller = fp32 weights / packed file bytes; drop = baseline - final accuracy "
              "(points).", "",
@@ -239,7 +240,9 @@ def markdown(rows: list[dict[str, Any]], seeds: list[int]) -> str:
                      f"{fmt([r['file_bytes'] for r in rs], 0)} | "
                      f"{fmt([r['encode_ms'] for r in rs], 1)} | "
                      f"{fmt([r['decode_ms'] for r in rs], 1)} | {goal} |")
-    lines += ["", "Bits per weight after coding, per layer (shipped config, first seed, "
+    lines += ["", "Relevance-weighted minus plain assignment at the same budget (paired by seed, "
+              "accuracy points; goal >= +0.5): " + "; ".join(_paired(rows)) + ".",
+              "", "Bits per weight after coding, per layer (shipped config, first seed, "
               "`mnist5k`; indices, positions, codebook and scales included, / all weights of "
               "the layer):", ""]
     for r in rows:
@@ -249,6 +252,22 @@ def markdown(rows: list[dict[str, Any]], seeds: list[int]) -> str:
                 f"{100 * lay['sparsity']:.0f}% zero)" for n, lay in r["layers"].items()
                 if lay.get("coded_bits_per_weight") is not None))
     return "\n".join(lines)
+
+
+def _paired(rows: list[dict[str, Any]]) -> list[str]:
+    """Per model and data: mean ± std over seeds of plain drop - shipped drop."""
+    by = {(r["model"], r["data"], r["tag"], r["seed"]): r for r in rows}
+    out = []
+    for (model, data, tag, seed) in sorted(by):
+        if tag != "shipped" or (model, data, "plain", seed) not in by:
+            continue
+        if out and out[-1][0] == (model, data):
+            out[-1][1].append(by[(model, data, "plain", seed)]["drop"] - by[
+                (model, data, tag, seed)]["drop"])
+        else:
+            out.append(((model, data), [by[(model, data, "plain", seed)]["drop"] - by[
+                (model, data, tag, seed)]["drop"]]))
+    return [f"{m} `{d}` {fmt(v)} pt ({len(v)} seeds)" for (m, d), v in out]
 
 
 def merge() -> None:
@@ -266,17 +285,24 @@ def merge() -> None:
 
 
 def _validation() -> str:
-    """The validation runs (TUNE_SPLIT) the configs were chosen from."""
-    lines = [f"Validation runs on `{TUNE_SPLIT}` (seed 0 unless noted; the share stage's "
-             "options as changed from the config of the time):", "",
-             "| model | share options | seed | x smaller | drop (pt) |", "|---|---|---:|---:|---:|"]
+    """The validation runs (TUNE_SPLIT) the configs were chosen from, one row per variant."""
+    lines = [f"Validation runs on `{TUNE_SPLIT}` (the share stage's options as changed from "
+             "the config of the time; `qat_kwargs`: `finetune_qat` constants of the run, "
+             "rows without them and with `finetune: qat` ran at the final defaults; older "
+             "rows predate the QAT share):", "",
+             "| model | options | seeds | x smaller | drop (pt) |", "|---|---|---|---:|---:|"]
     for p in sorted(RESULTS.glob("entropy_tune_*.json")):
+        groups: dict[str, list[dict[str, Any]]] = {}
         for r in json.loads(p.read_text()):
             opts = {k: v for k, v in r["variant"].items() if k != "share"}
-            opts = json.dumps(r["variant"].get("share", {})) + (
+            key = json.dumps(r["variant"].get("share", {})) + (
                 f" {json.dumps(opts)}" if opts else "")
-            lines.append(f"| {r['model']} | `{opts}` | "
-                         f"{r['seed']} | {r['ratio']:.1f} | {r['drop']:.1f} |")
+            groups.setdefault(f"{r['model']}|{key}", []).append(r)
+        for key, rs in groups.items():
+            model, opts = key.split("|", 1)
+            seeds = ", ".join(str(r["seed"]) for r in rs)
+            lines.append(f"| {model} | `{opts}` | {seeds} | {fmt([r['ratio'] for r in rs], 1)} "
+                         f"| {fmt([r['drop'] for r in rs])} |")
     return "\n".join(lines) + "\n\n"
 
 
