@@ -193,7 +193,7 @@ def tune(model: str, seeds: list[int], budgets: list[float], share: dict[str, An
     rows: list[dict[str, Any]] = []
     for b in budgets:
         for seed in seeds:
-            variant = {"share": {**(share or {}), "avg_bits": b}}
+            variant = {"share": {"avg_bits": b, **(share or {})}}  # share wins
             if unstructured:
                 variant["unstructured"] = unstructured
             if structured:
@@ -323,6 +323,8 @@ def main() -> None:
     ap.add_argument("--data", default=",".join(SPLITS))
     ap.add_argument("--no-dc", action="store_true", help="skip Deep Compression's recipe")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain assignment")
+    ap.add_argument("--fresh", action="store_true", help="drop the model's earlier rows "
+                    "(default: keep those of other data / seeds / variants)")
     ap.add_argument("--tune", default=None, help="model: the validation sweep instead")
     ap.add_argument("--budgets", default="0.3,0.4,0.5,0.6")
     ap.add_argument("--share", default=None, help="with --tune: JSON of share options")
@@ -354,8 +356,15 @@ def main() -> None:
     rows = evaluate(args.models.split(","), seeds, tuple(args.data.split(",")),
                     not args.no_dc, not args.no_plain)
     for model in args.models.split(","):
-        write_json(f"entropy_{model}", {"seeds": seeds,
-                                        "rows": [r for r in rows if r["model"] == model]})
+        # rows of other data / seeds (a run per split side by side) are kept
+        p = RESULTS / f"entropy_{model}.json"
+        new = [r for r in rows if r["model"] == model]
+        done = {(r["data"], r["seed"], r["tag"]) for r in new}
+        old = [r for r in json.loads(p.read_text())["rows"] if (r["data"], r["seed"], r["tag"])
+               not in done and r["data"] in args.data.split(",") + list(SPLITS)] \
+            if p.is_file() and not args.fresh else []
+        write_json(f"entropy_{model}", {"seeds": sorted({r["seed"] for r in old + new}),
+                                        "rows": old + new})
     merge()
 
 

@@ -128,3 +128,19 @@ def test_qat_option_errors():
         ShareStage(type="share", clusters=4, finetune="qat")
     assert ShareStage(type="share", avg_bits=0.9, assignment="entropy",
                       finetune="qat").finetune == "qat"
+
+
+def test_size_kb_budget_holds_the_packed_file():
+    from xaicompress.export.packed import packed_report
+
+    ck = _pruned()
+    bundle = SimpleNamespace(train=_data(64), val=_data(48, seed=1))
+    for kw in ({}, {"finetune": "qat", "finetune_epochs": 0.5, "finetune_lr": 3e-3}):
+        sh = share_weights(ck, "l1", bundle, size_kb=1.5, assignment="entropy", samples=32,
+                           **kw)
+        size = packed_report(sh).file_bytes
+        assert 0.9 * 1536 <= size <= 1536  # the budget is used, and held
+    with pytest.raises(XaiCompressError, match="--size-kb"):
+        share_weights(ck, "l1", bundle, size_kb=1.5, clusters=4)
+    with pytest.raises(ValidationError, match="size_kb"):
+        ShareStage(type="share", size_kb=2.0, avg_bits=0.9, assignment="entropy")

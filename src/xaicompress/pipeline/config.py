@@ -211,6 +211,9 @@ class ShareStage(CriterionStage):
         f"({min(ALLOC_BITS)}..{max(ALLOC_BITS)}), clusters per layer from the bit-allocation "
         "solver; entropy: entropy-coded bits per weight, pruned weights, positions and "
         "codebooks included.")
+    size_kb: Annotated[float, Field(gt=0, le=2**20)] | None = Field(None, description=(
+        "assignment entropy, instead of avg_bits: budget as the packed file's size in KiB "
+        "(header and biases included; the weights get what the rest leaves)."))
     assignment: Literal[ASSIGNMENTS] = Field(  # type: ignore[valid-type]
         "nearest", description="nearest (k-means) or entropy (relevance-weighted "
         "entropy-constrained assignment with a zero cluster, ECQx; needs avg_bits, clusters = "
@@ -241,10 +244,13 @@ class ShareStage(CriterionStage):
             raise ValueError("finetune qat re-runs the entropy-constrained assignment: it "
                              "needs assignment entropy")
         if self.assignment == "entropy":
-            if self.avg_bits is None or isinstance(self.clusters, dict):
-                raise ValueError("assignment entropy needs avg_bits (and at most one clusters "
-                                 "number, the codebook size)")
+            if (self.avg_bits is None) == (self.size_kb is None) or isinstance(self.clusters,
+                                                                                dict):
+                raise ValueError("assignment entropy needs exactly one of avg_bits and "
+                                 "size_kb (and at most one clusters number, the codebook size)")
             return self
+        if self.size_kb is not None:
+            raise ValueError("size_kb is a budget of assignment entropy")
         if (self.clusters is None) == (self.avg_bits is None):
             raise ValueError("give exactly one of clusters and avg_bits")
         if self.avg_bits is not None and self.avg_bits < min(ALLOC_BITS):

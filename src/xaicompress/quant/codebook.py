@@ -183,7 +183,8 @@ def layer_sample_weights(rel: Relevance | None, name: str, shape: tuple[int, ...
 # ----------------------------------------------------------------- the step
 def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
                   clusters: int | Mapping[str, int] | None = None,
-                  avg_bits: float | None = None, finetune_epochs: float = 0,
+                  avg_bits: float | None = None, size_kb: float | None = None,
+                  finetune_epochs: float = 0,
                   samples: int = 512, codebook_dtype: str = "fp16", seed: int = 0,
                   finetune_lr: float | None = None,
                   relevance: Relevance | None = None, init: str = "linear",
@@ -206,6 +207,9 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
     or "entropy" (`quant.entropy_share`: relevance-weighted entropy-constrained assignment
     with a zero cluster, one lambda under `avg_bits` entropy-coded bits per weight, pruned
     weights and the codebooks included; `clusters` = codebook size, default `ECQ_CLUSTERS`).
+    size_kb (entropy only, instead of avg_bits): the packed file's size in KiB; the
+    assignment gets the bits per weight the rest of the file (header, biases) leaves
+    (`size_budget_bits`), so the ratio holds whatever number of weights pruning kept.
     finetune: "centroids" (train the centroids, indices fixed: `finetune_shared`) or "qat"
     (entropy assignment only: quantization-aware training of latent weights with the
     assignment recomputed under the same budget during training and the best state on
@@ -216,7 +220,7 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
     Result: `state.get(layer).codebook` float32 (k,), `.indices` int64 (weight shape), model
     weights = codebook[indices] * mask. The input is not modified.
     """
-    _check_budget(clusters, avg_bits, assignment)
+    _check_budget(clusters, avg_bits, assignment, size_kb)
     _check_options(codebook_dtype, finetune_epochs, init, weight_power, uniform_mix)
     _check_finetune(finetune, assignment)
     train_set: Dataset = getattr(bundle, "train", bundle)
@@ -250,9 +254,9 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
     table: dict[str, Any] = {}
     before, assigner = {n: m.weight.detach().clone() for n, m in layers.items()}, None
     if assignment == "entropy":
-        assert avg_bits is not None
-        assigner = entropy_assigner(data, float(avg_bits), clusters, codebook_dtype, seed,
-                                    init)
+        avg_bits = float(avg_bits) if size_kb is None else size_budget_bits(
+            out, layers, data, float(size_kb), clusters, codebook_dtype, seed, init)
+        assigner = entropy_assigner(data, avg_bits, clusters, codebook_dtype, seed, init)
         table = _share_entropy(out, layers, assigner)
     elif ks is None:
         assert avg_bits is not None
@@ -282,7 +286,8 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
                             bn_recalibration)
     out.history.append({"stage": "share", "criterion": repr(crit), "clusters": clusters
                         if not isinstance(clusters, Mapping) else dict(clusters),
-                        "avg_bits": avg_bits, "layers": chosen, "samples": samples,
+                        "avg_bits": avg_bits, "size_kb": size_kb, "layers": chosen,
+                        "samples": samples,
                         "codebook_dtype": codebook_dtype, "seed": seed, "init": init,
                         "weight_power": weight_power, "uniform_mix": uniform_mix,
                         "assignment": assignment, **calibrated, **table})
@@ -349,14 +354,20 @@ def _check_finetune(finetune: str, assignment: str) -> None:
                                "entropy-constrained assignment; use --assignment entropy")
 
 
-def _check_budget(clusters: Any, avg_bits: float | None, assignment: str) -> None:
+def _check_budget(clusters: Any, avg_bits: float | None, assignment: str,
+                  size_kb: float | None = None) -> None:
     if assignment not in ASSIGNMENTS:
         raise XaiCompressError(f"--assignment {assignment!r}: expected one of "
                                f"{', '.join(ASSIGNMENTS)}")
+    if size_kb is not None and (assignment != "entropy" or avg_bits is not None or not (
+            math.isfinite(size_kb) and size_kb > 0)):
+        raise XaiCompressError(f"--size-kb {size_kb}: a positive size, the budget of "
+                               "entropy-constrained sharing (--assignment entropy) instead of "
+                               "--avg-bits")
     if assignment == "entropy":
-        if avg_bits is None:
+        if avg_bits is None and size_kb is None:
             raise XaiCompressError("entropy-constrained sharing needs --avg-bits B (entropy-"
-                                   "coded bits per weight)")
+                                   "coded bits per weight) or --size-kb S")
         if clusters is not None and (isinstance(clusters, Mapping) or not (
                 isinstance(clusters, (int, np.integer)) and 2 <= clusters <= MAX_CLUSTERS)):
             raise XaiCompressError(f"--clusters {clusters!r}: entropy-constrained sharing "
@@ -365,6 +376,48 @@ def _check_budget(clusters: Any, avg_bits: float | None, assignment: str) -> Non
     if (clusters is None) == (avg_bits is None):
         raise XaiCompressError("weight sharing: give exactly one of --clusters K and "
                                "--avg-bits B")
+
+
+#: bytes the file may grow after the size budget is fitted (a re-assignment's stream lengths
+#: in the header); kept free below size_kb
+SIZE_MARGIN_BYTES = 8
+
+
+def size_budget_bits(out: Checkpoint, layers: Mapping[str, Any],
+                     data: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+                     size_kb: float, clusters: Any, codebook_dtype: str, seed: int, init: str
+                     ) -> float:
+    """The coded bits per weight of the shared layers under which the packed file (header,
+    biases at the stage's rounding, every stream) takes at most size_kb KiB less
+    `SIZE_MARGIN_BYTES`: the rest of the file is measured, then the real file of the
+    assignment is packed and the bits lowered by any excess (a few rounds)."""
+    from xaicompress.export.packed import packed_report  # export imports quant: call time
+
+    target = 8 * (1024 * size_kb - SIZE_MARGIN_BYTES)
+    n = sum(d[2].size for d in data.values())
+    trial = out.copy()
+    if codebook_dtype == "fp16":
+        round_vectors(trial, codebook_dtype)
+    rep = packed_report(trial)
+    bits = (target - (8 * rep.file_bytes - sum(rep.tensor_bits.get(f"{name}.weight", 0)
+                                                for name in layers))) / max(n, 1)
+    weights = {name: m.weight.detach() for name, m in layers.items()}
+    for _ in range(6):
+        if not bits > 0:
+            break
+        encs, _ = entropy_assigner(data, bits, clusters, codebook_dtype, seed, init)(weights)
+        for name, lc in encs.items():
+            trial.state.get(name).mask, trial.state.get(name).weights = lc.mask, lc.weights
+        trial.state.apply(trial.model)
+        rep = packed_report(trial)
+        real = 8 * rep.file_bytes
+        if real <= target:
+            return bits
+        # below what the weights really took (the assignment may not use all it was given)
+        used = sum(rep.tensor_bits.get(f"{name}.weight", 0) for name in layers)
+        bits = min(bits, used / max(n, 1)) - (real - target) / max(n, 1)
+    raise XaiCompressError(f"--size-kb {size_kb}: the file does not fit (the rest of the "
+                           "model alone is about that large)")
 
 
 def entropy_assigner(data: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
