@@ -41,7 +41,8 @@ TUNE_SPLIT = "mnist5k?split=2"
 
 
 def _config(model: str, data: str, share: dict[str, Any] | None = None,
-            unstructured: dict[str, Any] | None = None) -> Any:
+            unstructured: dict[str, Any] | None = None,
+            structured: dict[str, Any] | None = None) -> Any:
     from xaicompress.pipeline import load_config
     from xaicompress.pipeline.config import validate_config
 
@@ -58,8 +59,40 @@ def _config(model: str, data: str, share: dict[str, Any] | None = None,
                 st.pop("clusters")
         if st["type"] == "prune_unstructured" and unstructured is not None:
             st.update(unstructured)
+        if st["type"] == "prune_structured" and structured is not None:
+            st.update(structured)
     raw.pop("name", None)
     return validate_config(raw, f"{model} variant")
+
+
+#: finetune_qat keyword arguments (library constants, not options) a tuning run sets
+QAT_KWARGS: dict[str, float] = {}
+
+
+def _qat_cache() -> Path:
+    """The stage cache of a run with QAT_KWARGS: a folder of its own (the stage keys do not
+    see library constants), seeded with the shared cache's entries before the share stage."""
+    import shutil
+
+    if not QAT_KWARGS:
+        return CACHE
+    folder = CACHE.parent / ("entropy-qat-" + "-".join(f"{k}{v}" for k, v in
+                                                          sorted(QAT_KWARGS.items())))
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in CACHE.glob("0[0-2]-*.safetensors"):
+        if not (folder / f.name).exists():
+            shutil.copy2(f, folder / f.name)
+    return folder
+
+
+def _patch_qat() -> None:
+    import functools
+
+    from xaicompress.quant import codebook, share_qat
+
+    if QAT_KWARGS:
+        kw = {k: int(v) if k in ("reassigns", "augment") else v for k, v in QAT_KWARGS.items()}
+        codebook.finetune_qat = functools.partial(share_qat.finetune_qat, **kw)
 
 
 def run(model: str, data: str, seed: int, tag: str, **variant: Any) -> dict[str, Any]:
@@ -69,10 +102,14 @@ def run(model: str, data: str, seed: int, tag: str, **variant: Any) -> dict[str,
 
     cfg = _config(model, data, **variant).with_seed(seed)
     safe = data.replace("?", "_").replace("=", "")
+    if QAT_KWARGS:
+        tag += "-qat-" + "-".join(f"{k}{v}" for k, v in sorted(QAT_KWARGS.items()))
+        variant = {**variant, "qat_kwargs": dict(QAT_KWARGS)}
     folder = RESULTS / "entropy" / f"{model}-{safe}-seed{seed}-{tag}"
     folder.parent.mkdir(parents=True, exist_ok=True)
+    _patch_qat()
     t0 = time.perf_counter()
-    res = run_pipeline(cfg, folder, cache_dir=CACHE, plots=False)
+    res = run_pipeline(cfg, folder, cache_dir=_qat_cache(), plots=False)
     wall = time.perf_counter() - t0
     raw = packed_bytes(res.final)
     enc = _median_time(lambda: packed_bytes(res.final))
@@ -146,25 +183,43 @@ def evaluate(models: list[str], seeds: list[int], splits: tuple[str, ...], dc: b
     return rows
 
 
-def tune(model: str, seeds: list[int], budgets: list[float]) -> list[dict[str, Any]]:
-    """The validation sweep: shipped config with other share budgets on TUNE_SPLIT."""
-    rows = []
+def tune(model: str, seeds: list[int], budgets: list[float], share: dict[str, Any] | None = None,
+         unstructured: dict[str, Any] | None = None,
+         structured: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The validation sweep: shipped config with other share budgets (and the share /
+    unstructured options given) on TUNE_SPLIT; appended to the sweep's earlier rows (a
+    row of the same options and seed is replaced)."""
+    path = RESULTS / f"entropy_tune_{model}.json"
+    rows: list[dict[str, Any]] = []
     for b in budgets:
         for seed in seeds:
-            r = run(model, TUNE_SPLIT, seed, f"tune{b}", share={"avg_bits": b})
+            variant = {"share": {"avg_bits": b, **(share or {})}}  # share wins
+            if unstructured:
+                variant["unstructured"] = unstructured
+            if structured:
+                variant["structured"] = structured
+            tag = "tune-" + "-".join(f"{k}{v}" for part in variant.values()
+                                     for k, v in sorted(part.items()))
+            r = run(model, TUNE_SPLIT, seed, tag, **variant)
             rows.append(r)
+            # read again just before writing: two sweeps may run side by side
+            old = json.loads(path.read_text()) if path.is_file() else []
+            write_json(f"entropy_tune_{model}", [
+                x for x in old if (x["variant"], x["seed"]) != (r["variant"], seed)] + [r])
             print(json.dumps({k: r[k] for k in ("model", "seed", "ratio", "drop",
-                                                "file_bytes")} | {"avg_bits": b}), flush=True)
+                                                "file_bytes", "wall_s")} | variant),
+                  flush=True)
     return rows
 
 
 def markdown(rows: list[dict[str, Any]], seeds: list[int]) -> str:
     lines = ["## Entropy coding and entropy-constrained sharing (issue 18)", "",
              "`python benchmarks/entropy.py`: the shipped configs (relevance-weighted "
-             "entropy-constrained sharing, entropy-coded packed file), the same with plain "
-             "(unweighted) entropy-constrained assignment at the same budget, and Deep "
-             "Compression's recipe (magnitude pruning, plain k-means, entropy coding) at no "
-             f"larger a file; seeds {', '.join(map(str, seeds))}; configs chosen on "
+             "entropy-constrained sharing with quantization-aware training, `finetune: qat`, "
+             "entropy-coded packed file), the same with plain (unweighted) entropy-constrained "
+             "assignment at the same budget, and (unless `--no-dc`) Deep Compression's recipe "
+             "(magnitude pruning, plain k-means, entropy coding) at no larger a file; seeds "
+             f"{', '.join(map(str, seeds))}; configs chosen on "
              f"`{TUNE_SPLIT}`, reported on the test splits of `mnist5k` and `mnist5k?split=1`. "
              "x smaller = fp32 weights / packed file bytes; drop = baseline - final accuracy "
              "(points).", "",
@@ -185,7 +240,9 @@ def markdown(rows: list[dict[str, Any]], seeds: list[int]) -> str:
                      f"{fmt([r['file_bytes'] for r in rs], 0)} | "
                      f"{fmt([r['encode_ms'] for r in rs], 1)} | "
                      f"{fmt([r['decode_ms'] for r in rs], 1)} | {goal} |")
-    lines += ["", "Bits per weight after coding, per layer (shipped config, first seed, "
+    lines += ["", "Relevance-weighted minus plain assignment at the same budget (paired by seed, "
+              "accuracy points; goal >= +0.5): " + "; ".join(_paired(rows)) + ".",
+              "", "Bits per weight after coding, per layer (shipped config, first seed, "
               "`mnist5k`; indices, positions, codebook and scales included, / all weights of "
               "the layer):", ""]
     for r in rows:
@@ -195,6 +252,22 @@ def markdown(rows: list[dict[str, Any]], seeds: list[int]) -> str:
                 f"{100 * lay['sparsity']:.0f}% zero)" for n, lay in r["layers"].items()
                 if lay.get("coded_bits_per_weight") is not None))
     return "\n".join(lines)
+
+
+def _paired(rows: list[dict[str, Any]]) -> list[str]:
+    """Per model and data: mean ± std over seeds of plain drop - shipped drop."""
+    by = {(r["model"], r["data"], r["tag"], r["seed"]): r for r in rows}
+    out = []
+    for (model, data, tag, seed) in sorted(by):
+        if tag != "shipped" or (model, data, "plain", seed) not in by:
+            continue
+        if out and out[-1][0] == (model, data):
+            out[-1][1].append(by[(model, data, "plain", seed)]["drop"] - by[
+                (model, data, tag, seed)]["drop"])
+        else:
+            out.append(((model, data), [by[(model, data, "plain", seed)]["drop"] - by[
+                (model, data, tag, seed)]["drop"]]))
+    return [f"{m} `{d}` {fmt(v)} pt ({len(v)} seeds)" for (m, d), v in out]
 
 
 def merge() -> None:
@@ -212,14 +285,24 @@ def merge() -> None:
 
 
 def _validation() -> str:
-    """The validation runs (TUNE_SPLIT) the configs were chosen from."""
-    lines = [f"Validation runs on `{TUNE_SPLIT}` (seed 0 unless noted; the share stage's "
-             "options as changed from the config of the time):", "",
-             "| model | share options | seed | x smaller | drop (pt) |", "|---|---|---:|---:|---:|"]
+    """The validation runs (TUNE_SPLIT) the configs were chosen from, one row per variant."""
+    lines = [f"Validation runs on `{TUNE_SPLIT}` (the share stage's options as changed from "
+             "the config of the time; `qat_kwargs`: `finetune_qat` constants of the run, "
+             "rows without them and with `finetune: qat` ran at the final defaults; older "
+             "rows predate the QAT share):", "",
+             "| model | options | seeds | x smaller | drop (pt) |", "|---|---|---|---:|---:|"]
     for p in sorted(RESULTS.glob("entropy_tune_*.json")):
+        groups: dict[str, list[dict[str, Any]]] = {}
         for r in json.loads(p.read_text()):
-            lines.append(f"| {r['model']} | `{json.dumps(r['variant'].get('share', {}))}` | "
-                         f"{r['seed']} | {r['ratio']:.1f} | {r['drop']:.1f} |")
+            opts = {k: v for k, v in r["variant"].items() if k != "share"}
+            key = json.dumps(r["variant"].get("share", {})) + (
+                f" {json.dumps(opts)}" if opts else "")
+            groups.setdefault(f"{r['model']}|{key}", []).append(r)
+        for key, rs in groups.items():
+            model, opts = key.split("|", 1)
+            seeds = ", ".join(str(r["seed"]) for r in rs)
+            lines.append(f"| {model} | `{opts}` | {seeds} | {fmt([r['ratio'] for r in rs], 1)} "
+                         f"| {fmt([r['drop'] for r in rs])} |")
     return "\n".join(lines) + "\n\n"
 
 
@@ -240,8 +323,17 @@ def main() -> None:
     ap.add_argument("--data", default=",".join(SPLITS))
     ap.add_argument("--no-dc", action="store_true", help="skip Deep Compression's recipe")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain assignment")
+    ap.add_argument("--fresh", action="store_true", help="drop the model's earlier rows "
+                    "(default: keep those of other data / seeds / variants)")
     ap.add_argument("--tune", default=None, help="model: the validation sweep instead")
     ap.add_argument("--budgets", default="0.3,0.4,0.5,0.6")
+    ap.add_argument("--share", default=None, help="with --tune: JSON of share options")
+    ap.add_argument("--qat", default=None, help="with --tune: finetune_qat keyword "
+                    "arguments, e.g. latent_scale=0.05,other_lr=0.01,reassigns=4")
+    ap.add_argument("--structured", default=None,
+                    help="with --tune: JSON of structured-pruning options")
+    ap.add_argument("--unstructured", default=None,
+                    help="with --tune: JSON of unstructured-pruning options")
     ap.add_argument("--merge", action="store_true", help="combine the per-model results "
                     "(entropy_<model>.json) into entropy.json / docs/results/entropy.md")
     args = ap.parse_args()
@@ -252,15 +344,27 @@ def main() -> None:
 
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.qat:
+        QAT_KWARGS.update({k: float(v) for k, v in (kv.split("=") for kv in
+                                                     args.qat.split(","))})
     if args.tune:
-        rows = tune(args.tune, seeds, [float(b) for b in args.budgets.split(",")])
-        write_json(f"entropy_tune_{args.tune}", rows)
+        tune(args.tune, seeds, [float(b) for b in args.budgets.split(",")],
+             json.loads(args.share) if args.share else None,
+             json.loads(args.unstructured) if args.unstructured else None,
+             json.loads(args.structured) if args.structured else None)
         return
     rows = evaluate(args.models.split(","), seeds, tuple(args.data.split(",")),
                     not args.no_dc, not args.no_plain)
     for model in args.models.split(","):
-        write_json(f"entropy_{model}", {"seeds": seeds,
-                                        "rows": [r for r in rows if r["model"] == model]})
+        # rows of other data / seeds (a run per split side by side) are kept
+        p = RESULTS / f"entropy_{model}.json"
+        new = [r for r in rows if r["model"] == model]
+        done = {(r["data"], r["seed"], r["tag"]) for r in new}
+        old = [r for r in json.loads(p.read_text())["rows"] if (r["data"], r["seed"], r["tag"])
+               not in done and r["data"] in args.data.split(",") + list(SPLITS)] \
+            if p.is_file() and not args.fresh else []
+        write_json(f"entropy_{model}", {"seeds": sorted({r["seed"] for r in old + new}),
+                                        "rows": old + new})
     merge()
 
 

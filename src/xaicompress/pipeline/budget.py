@@ -137,7 +137,7 @@ def strength_of(stage: Any) -> Strength | None:
             return Strength("avg_bits", *ENTROPY_BITS)
         if stage.clusters is not None:
             return Strength("clusters", CLUSTER_GRID[0], CLUSTER_GRID[-1], CLUSTER_GRID)
-        return Strength("avg_bits", 8.0, 1.0)
+        return Strength("avg_bits", 8.0, 1.0, clear=("size_kb",))
     if kind == "quantize":
         return Strength("avg_bits", 8.0, 2.0, clear=("size_kb",))
     return None

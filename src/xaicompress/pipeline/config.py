@@ -60,6 +60,7 @@ from xaicompress.prune.unstructured import NORMS as UNSTRUCTURED_NORMS
 from xaicompress.quant.codebook import ALLOC_BITS, CODEBOOK_DTYPES, INITS, WEIGHT_POWER
 from xaicompress.quant.entropy_share import ASSIGNMENTS
 from xaicompress.quant.integer import ALLOCATIONS, BITS_CHOICES, CLIP_MODES
+from xaicompress.quant.share_qat import FINETUNES
 from xaicompress.validation import describe
 
 # Every option is declared once, here: type, default, documented range and help. The CLI
@@ -211,11 +212,20 @@ class ShareStage(CriterionStage):
         f"({min(ALLOC_BITS)}..{max(ALLOC_BITS)}), clusters per layer from the bit-allocation "
         "solver; entropy: entropy-coded bits per weight, pruned weights, positions and "
         "codebooks included.")
+    size_kb: Annotated[float, Field(gt=0, le=2**20)] | None = Field(None, description=(
+        "assignment entropy, instead of avg_bits: budget as the packed file's size in KiB "
+        "(header and biases included; the weights get what the rest leaves)."))
     assignment: Literal[ASSIGNMENTS] = Field(  # type: ignore[valid-type]
         "nearest", description="nearest (k-means) or entropy (relevance-weighted "
         "entropy-constrained assignment with a zero cluster, ECQx; needs avg_bits, clusters = "
         "codebook size).")
-    finetune_epochs: Epochs = Field(0, description="Epochs of centroid fine-tuning.")
+    finetune_epochs: Epochs = Field(0, description="Epochs of centroid fine-tuning (or of "
+                                    "quantization-aware training, finetune qat).")
+    finetune: Literal[FINETUNES] = Field(  # type: ignore[valid-type]
+        "centroids", description="centroids (train the centroids, indices fixed) or qat "
+        "(assignment entropy: train full-precision latent weights through the shared ones, "
+        "re-run the assignment under the same budget twice an epoch, keep the best state on "
+        "the validation split; ECQx).")
     finetune_lr: LearningRate | None = Field(None, description=(
         "One learning rate for the centroid fine-tuning (default: scaled per layer)."))
     codebook_dtype: Literal[tuple(CODEBOOK_DTYPES)] = Field(  # type: ignore[valid-type]
@@ -231,11 +241,17 @@ class ShareStage(CriterionStage):
 
     @model_validator(mode="after")
     def _one_budget(self) -> ShareStage:
+        if self.finetune == "qat" and self.assignment != "entropy":
+            raise ValueError("finetune qat re-runs the entropy-constrained assignment: it "
+                             "needs assignment entropy")
         if self.assignment == "entropy":
-            if self.avg_bits is None or isinstance(self.clusters, dict):
-                raise ValueError("assignment entropy needs avg_bits (and at most one clusters "
-                                 "number, the codebook size)")
+            if (self.avg_bits is None) == (self.size_kb is None) or isinstance(self.clusters,
+                                                                                dict):
+                raise ValueError("assignment entropy needs exactly one of avg_bits and "
+                                 "size_kb (and at most one clusters number, the codebook size)")
             return self
+        if self.size_kb is not None:
+            raise ValueError("size_kb is a budget of assignment entropy")
         if (self.clusters is None) == (self.avg_bits is None):
             raise ValueError("give exactly one of clusters and avg_bits")
         if self.avg_bits is not None and self.avg_bits < min(ALLOC_BITS):

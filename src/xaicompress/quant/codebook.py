@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from xaicompress.calibration import correct_bias, reestimate_batchnorm
 from xaicompress.checkpoint import Checkpoint
-from xaicompress.encoding import Codebook
+from xaicompress.encoding import Codebook, LayerEncoding
 from xaicompress.encoding.bitpack import index_bits
 from xaicompress.encoding.codebook import CODEBOOK_BITS, CODEBOOK_DTYPES, round_to_dtype
 from xaicompress.errors import XaiCompressError
@@ -33,6 +33,7 @@ from xaicompress.progress import track
 from xaicompress.quant.allocate import allocate_bits
 from xaicompress.quant.entropy_share import ASSIGNMENTS, ECQ_CLUSTERS, LayerData, share_entropy
 from xaicompress.quant.share_finetune import finetune_shared
+from xaicompress.quant.share_qat import FINETUNES, finetune_qat
 from xaicompress.relevance import Criterion, Relevance, compute_relevance, get_criterion
 from xaicompress.relevance.base import prunable_layers
 
@@ -182,13 +183,14 @@ def layer_sample_weights(rel: Relevance | None, name: str, shape: tuple[int, ...
 # ----------------------------------------------------------------- the step
 def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
                   clusters: int | Mapping[str, int] | None = None,
-                  avg_bits: float | None = None, finetune_epochs: float = 0,
+                  avg_bits: float | None = None, size_kb: float | None = None,
+                  finetune_epochs: float = 0,
                   samples: int = 512, codebook_dtype: str = "fp16", seed: int = 0,
                   finetune_lr: float | None = None,
                   relevance: Relevance | None = None, init: str = "linear",
                   weight_power: float = WEIGHT_POWER, uniform_mix: float = 0.0,
-                  assignment: str = "nearest", bias_correction: bool = True,
-                  bn_recalibration: bool = True) -> Checkpoint:
+                  assignment: str = "nearest", finetune: str = "centroids",
+                  bias_correction: bool = True, bn_recalibration: bool = True) -> Checkpoint:
     """Share the weights of every Conv2d/Linear layer of a copy of `ckpt`.
 
     criterion: weights the k-means (`none` = plain k-means); bundle: a DatasetBundle (its
@@ -206,14 +208,22 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
     or "entropy" (`quant.entropy_share`: relevance-weighted entropy-constrained assignment
     with a zero cluster, one lambda under `avg_bits` entropy-coded bits per weight, pruned
     weights and the codebooks included; `clusters` = codebook size, default `ECQ_CLUSTERS`).
+    size_kb (entropy only, instead of avg_bits): the packed file's size in KiB; the
+    assignment gets the bits per weight the rest of the file (header, biases) leaves
+    (`size_budget_bits`), so the ratio holds whatever number of weights pruning kept.
+    finetune: "centroids" (train the centroids, indices fixed: `finetune_shared`) or "qat"
+    (entropy assignment only: quantization-aware training of latent weights with the
+    assignment recomputed under the same budget during training and the best state on
+    `bundle.val`, `quant.share_qat`).
     bias_correction / bn_recalibration: then, on calibration samples of the training data,
     shift every layer's bias so its per-channel output mean is the float model's, and
     re-estimate the BatchNorm statistics (`xaicompress.calibration`), before fine-tuning.
     Result: `state.get(layer).codebook` float32 (k,), `.indices` int64 (weight shape), model
     weights = codebook[indices] * mask. The input is not modified.
     """
-    _check_budget(clusters, avg_bits, assignment)
+    _check_budget(clusters, avg_bits, assignment, size_kb)
     _check_options(codebook_dtype, finetune_epochs, init, weight_power, uniform_mix)
+    _check_finetune(finetune, assignment)
     train_set: Dataset = getattr(bundle, "train", bundle)
     crit = get_criterion(criterion) if isinstance(criterion, str) else criterion
 
@@ -243,10 +253,12 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
 
     results: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     table: dict[str, Any] = {}
+    before, assigner = {n: m.weight.detach().clone() for n, m in layers.items()}, None
     if assignment == "entropy":
-        assert avg_bits is not None
-        table = _share_entropy(out, layers, data, float(avg_bits), clusters, codebook_dtype,
-                               seed, init)
+        avg_bits = float(avg_bits) if size_kb is None else size_budget_bits(
+            out, layers, data, float(size_kb), clusters, codebook_dtype, seed, init)
+        assigner = entropy_assigner(data, avg_bits, clusters, codebook_dtype, seed, init)
+        table = _share_entropy(out, layers, assigner)
     elif ks is None:
         assert avg_bits is not None
         results, table = _allocate(data, float(avg_bits), codebook_dtype, seed, init)
@@ -275,17 +287,38 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
                             bn_recalibration)
     out.history.append({"stage": "share", "criterion": repr(crit), "clusters": clusters
                         if not isinstance(clusters, Mapping) else dict(clusters),
-                        "avg_bits": avg_bits, "layers": chosen, "samples": samples,
+                        "avg_bits": avg_bits, "size_kb": size_kb, "layers": chosen,
+                        "samples": samples,
                         "codebook_dtype": codebook_dtype, "seed": seed, "init": init,
                         "weight_power": weight_power, "uniform_mix": uniform_mix,
                         "assignment": assignment, **calibrated, **table})
     if finetune_epochs > 0:
-        # the best fine-tuning state is chosen on the validation split when the bundle has one
-        out = finetune_shared(out, train_set, epochs=finetune_epochs, lr=finetune_lr,
-                              seed=seed, val_set=getattr(bundle, "val", None))
+        out = _finetune(out, bundle, finetune, finetune_epochs, finetune_lr, seed,
+                        (before, data, assigner))
     if assignment == "entropy" and codebook_dtype == "fp16":
         round_vectors(out, codebook_dtype)
     return out
+
+
+def _finetune(out: Checkpoint, bundle: Any, finetune: str, epochs: float, lr: float | None,
+              seed: int, qat: tuple[Mapping[str, torch.Tensor], Mapping[str, Any], Any]
+              ) -> Checkpoint:
+    """Centroid fine-tuning, or (finetune qat) quantization-aware training from the weights
+    before sharing with the entropy assignment: qat = (weights, the layers' (kept weights,
+    sample weights, flat keep), assigner)."""
+    train_set: Dataset = getattr(bundle, "train", bundle)
+    before, data, assigner = qat
+    if finetune != "qat" or assigner is None:
+        # the best fine-tuning state is chosen on the validation split when the bundle has one
+        return finetune_shared(out, train_set, epochs=epochs, lr=lr, seed=seed,
+                               val_set=getattr(bundle, "val", None))
+    rel = {}
+    for n, (_, sw, keep) in data.items():
+        r = np.zeros(keep.size, dtype=np.float32)
+        r[keep] = sw
+        rel[n] = torch.from_numpy(r).reshape(before[n].shape)
+    return finetune_qat(out, before, rel, assigner, train_set, getattr(bundle, "val", None),
+                        epochs=epochs, lr=lr, seed=seed)
 
 
 def round_vectors(ckpt: Checkpoint, codebook_dtype: str) -> None:
@@ -315,14 +348,29 @@ def _check_options(codebook_dtype: str, finetune_epochs: float, init: str,
         raise XaiCompressError(f"uniform mix {uniform_mix}: expected a number from 0 to 1")
 
 
-def _check_budget(clusters: Any, avg_bits: float | None, assignment: str) -> None:
+def _check_finetune(finetune: str, assignment: str) -> None:
+    if finetune not in FINETUNES:
+        raise XaiCompressError(f"--finetune {finetune!r}: expected one of "
+                               f"{', '.join(FINETUNES)}")
+    if finetune == "qat" and assignment != "entropy":
+        raise XaiCompressError("--finetune qat: quantization-aware sharing re-runs the "
+                               "entropy-constrained assignment; use --assignment entropy")
+
+
+def _check_budget(clusters: Any, avg_bits: float | None, assignment: str,
+                  size_kb: float | None = None) -> None:
     if assignment not in ASSIGNMENTS:
         raise XaiCompressError(f"--assignment {assignment!r}: expected one of "
                                f"{', '.join(ASSIGNMENTS)}")
+    if size_kb is not None and (assignment != "entropy" or avg_bits is not None or not (
+            math.isfinite(size_kb) and size_kb > 0)):
+        raise XaiCompressError(f"--size-kb {size_kb}: a positive size, the budget of "
+                               "entropy-constrained sharing (--assignment entropy) instead of "
+                               "--avg-bits")
     if assignment == "entropy":
-        if avg_bits is None:
+        if avg_bits is None and size_kb is None:
             raise XaiCompressError("entropy-constrained sharing needs --avg-bits B (entropy-"
-                                   "coded bits per weight)")
+                                   "coded bits per weight) or --size-kb S")
         if clusters is not None and (isinstance(clusters, Mapping) or not (
                 isinstance(clusters, (int, np.integer)) and 2 <= clusters <= MAX_CLUSTERS)):
             raise XaiCompressError(f"--clusters {clusters!r}: entropy-constrained sharing "
@@ -333,26 +381,88 @@ def _check_budget(clusters: Any, avg_bits: float | None, assignment: str) -> Non
                                "--avg-bits B")
 
 
+#: bytes the file may grow after the size budget is fitted (a re-assignment's stream lengths
+#: in the header); kept free below size_kb
+SIZE_MARGIN_BYTES = 8
+
+
+def size_budget_bits(out: Checkpoint, layers: Mapping[str, Any],
+                     data: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+                     size_kb: float, clusters: Any, codebook_dtype: str, seed: int, init: str
+                     ) -> float:
+    """The coded bits per weight of the shared layers under which the packed file (header,
+    biases at the stage's rounding, every stream) takes at most size_kb KiB less
+    `SIZE_MARGIN_BYTES`: the rest of the file is measured, then the real file of the
+    assignment is packed and the bits lowered by any excess (a few rounds)."""
+    from xaicompress.export.packed import packed_report  # export imports quant: call time
+
+    target = 8 * (1024 * size_kb - SIZE_MARGIN_BYTES)
+    n = sum(d[2].size for d in data.values())
+    trial = out.copy()
+    if codebook_dtype == "fp16":
+        round_vectors(trial, codebook_dtype)
+    rep = packed_report(trial)
+    bits = (target - (8 * rep.file_bytes - sum(rep.tensor_bits.get(f"{name}.weight", 0)
+                                                for name in layers))) / max(n, 1)
+    weights = {name: m.weight.detach() for name, m in layers.items()}
+    for _ in range(6):
+        if not bits > 0:
+            break
+        encs, _ = entropy_assigner(data, bits, clusters, codebook_dtype, seed, init)(weights)
+        for name, lc in encs.items():
+            trial.state.get(name).mask, trial.state.get(name).weights = lc.mask, lc.weights
+        trial.state.apply(trial.model)
+        rep = packed_report(trial)
+        real = 8 * rep.file_bytes
+        if real <= target:
+            return bits
+        # below what the weights really took (the assignment may not use all it was given)
+        used = sum(rep.tensor_bits.get(f"{name}.weight", 0) for name in layers)
+        bits = min(bits, used / max(n, 1)) - (real - target) / max(n, 1)
+    raise XaiCompressError(f"--size-kb {size_kb}: the file does not fit (the rest of the "
+                           "model alone is about that large)")
+
+
+def entropy_assigner(data: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+                     avg_bits: float, clusters: Any, codebook_dtype: str, seed: int, init: str
+                     ) -> Callable[[Mapping[str, torch.Tensor]],
+                                   tuple[dict[str, LayerEncoding], dict[str, Any]]]:
+    """The entropy-constrained assignment of these layers as a function of their weights:
+    layer -> weight (the module's shape) -> (layer -> encoding within `avg_bits` coded bits
+    per weight, what was chosen). data: layer -> (kept weights, sample weights, flat keep);
+    the sample weights (relevance) and the kept positions stay those of `data`, so the
+    quantization-aware training (`share_qat`) re-assigns its latent weights with it."""
+    k = int(clusters) if clusters is not None else ECQ_CLUSTERS
+    keeps = {n: d[2] for n, d in data.items()}
+
+    def assign(weights: Mapping[str, torch.Tensor], starts: Mapping[str, Any] | None = None
+               ) -> tuple[dict[str, LayerEncoding], dict[str, Any]]:
+        """starts: layer -> start centroids (default: `initial_centroids` of `init`)."""
+        prepared = {}
+        for name, (_, sw, keep) in data.items():
+            v = weights[name].detach().float().reshape(-1).cpu().numpy()[keep]
+            # the assignment's own rounds are Lloyd's (lambda = 0 is k-means): a start suffices
+            start = (np.asarray(starts[name], dtype=np.float64) if starts is not None
+                     else initial_centroids(v, sw, k, init, seed) if v.size else np.zeros(1))
+            prepared[name] = LayerData(v, sw, int(keep.size - keep.sum()), start)
+        return share_entropy(prepared, keeps, weights, avg_bits, codebook_dtype)
+
+    return assign
+
+
 def _share_entropy(out: Checkpoint, layers: Mapping[str, Any],
-                   data: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
-                   avg_bits: float, clusters: Any, codebook_dtype: str, seed: int, init: str
+                   assign: Callable[[Mapping[str, torch.Tensor]],
+                                    tuple[dict[str, LayerEncoding], dict[str, Any]]]
                    ) -> dict[str, Any]:
     """Entropy-constrained sharing of every layer into `out.state` (codebook and the mask
     of the zero cluster); returns the history fields."""
-    k = int(clusters) if clusters is not None else ECQ_CLUSTERS
-    prepared = {}
-    for name in track(list(layers), "k-means start per layer"):
-        v, sw, keep = data[name]
-        # the assignment's own rounds are Lloyd's (lambda = 0 is k-means): a start suffices
-        start = initial_centroids(v, sw, k, init, seed) if v.size else np.zeros(1)
-        prepared[name] = LayerData(v, sw, int(keep.size - keep.sum()), start)
-    weights = {n: m.weight.detach() for n, m in layers.items()}
-    encs, info = share_entropy(prepared, {n: d[2] for n, d in data.items()}, weights,
-                               avg_bits, codebook_dtype)
+    encs, info = assign({n: m.weight.detach() for n, m in layers.items()})
     for name, lc in encs.items():
         out.state.get(name).mask = lc.mask
         out.state.get(name).weights = lc.weights
     return info
+
+
 def _calibrate(out: Checkpoint, reference: Checkpoint, train_set: Dataset, layers: list[str],
                seed: int, bias_correction: bool, bn_recalibration: bool) -> dict[str, Any]:
     """Bias correction against `reference` and BatchNorm re-estimation of `out` (in place);
