@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from xaicompress.checkpoint import Checkpoint
 from xaicompress.data import make_loader
 from xaicompress.device import autocast, grad_scaler, model_device, runtime, to_model_device
+from xaicompress.distributed import world_size
 from xaicompress.encoding import Codebook, CompressionState
 from xaicompress.encoding.codebook import codebook_dtype_of, round_to_dtype
 from xaicompress.errors import XaiCompressError
@@ -275,7 +276,8 @@ def finetune_shared(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1,
                                              lr if lr is not None else other_lr),
                others, clip, augment, keep_best, runtime().amp, val_set)
     seed_everything(seed)
-    loader = make_loader(train_set, batch_size, shuffle=True, seed=seed)
+    # batch_size is the global batch, as in train.train: each of N ranks takes 1/N of it
+    loader = make_loader(train_set, max(1, batch_size // world_size()), shuffle=True, seed=seed)
     try:
         run.train(loader, max(1, int(round(epochs * len(loader)))))
     finally:

@@ -43,6 +43,7 @@ from torch.utils.data import Dataset
 from xaicompress.checkpoint import Checkpoint
 from xaicompress.data import make_loader
 from xaicompress.device import autocast, grad_scaler, model_device, runtime, to_model_device
+from xaicompress.distributed import world_size
 from xaicompress.encoding import CompressionState, LayerEncoding
 from xaicompress.errors import XaiCompressError
 from xaicompress.quant.share_finetune import (
@@ -258,7 +259,8 @@ class _QatRun:
 
 
 def _batches(train_set: Dataset, batch_size: int, seed: int) -> Iterator[Any]:
-    loader = make_loader(train_set, batch_size, shuffle=True, seed=seed)
+    # batch_size is the global batch, as in train.train: each of N ranks takes 1/N of it
+    loader = make_loader(train_set, max(1, batch_size // world_size()), shuffle=True, seed=seed)
     epoch = 0
     while True:
         if hasattr(loader.sampler, "set_epoch"):
