@@ -299,7 +299,7 @@ def _row(r: dict[str, Any]) -> str:
     if "error" in r:
         return f"| {r['model']} | " + (f"{r['user_accuracy']:.2f} | " if "user_accuracy" in r
                                        else "") + f"failed: {r['error'][:160]} |"
-    return (f"| {r['model']} | {r['steps']} | {r['user_accuracy']:.2f} | "
+    return (f"| {r['model']} | {r.get('epochs', '')} ({r['steps']}) | {r['user_accuracy']:.2f} | "
             f"{r['import_accuracy']:.2f} | {r['baseline_accuracy']:.2f} | "
             f"{r['final_accuracy']:.2f} | {r['drop']:.2f} | {r['ratio']:.1f}x | "
             f"{r['fp32_bytes'] / 1e6:.2f} MB | {r['packed_bytes'] / 1e3:.0f} kB | "
@@ -315,8 +315,8 @@ def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"--test {args.test}` (seed {args.seed}): {args.train} train / {args.test} test RGB "
         "PNGs written from mnist5k (the gray digits saved as RGB). **User** (plain PyTorch, "
         "no xaicompress code): torchvision ImageFolder + Resize 32 x 32 + ToTensor + "
-        f"ImageNet Normalize, random init, {args.epochs} epochs of Adam (lr 2e-3, cosine "
-        "decay to 0, batch 64, no augmentation), own test accuracy, "
+        f"ImageNet Normalize, random init, {args.epochs} epochs (per model in the table) of "
+        "Adam (lr 2e-3, cosine decay to 0, batch 64, no augmentation), own test accuracy, "
         "`torch.save(model.state_dict())`. `mynet:build` is the hand-written CNN (F.relu, "
         "one nn.ReLU used three times, BatchNorm, a residual add) in the user's `mynet.py`. "
         "**xaicompress**, as typed: `xaicompress import mine.pth --model SPEC --data "
@@ -327,9 +327,9 @@ def _markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "1 epoch QAT, 1 epoch fine-tuning; 10 % of the training folder held out for "
         "validation) with `checkpoint:` the imported file; squeezenet1_1 (no Linear layer: "
         "`layers: fc` is refused) prunes `layers: conv`. One thread per process.", "",
-        "| model | user steps | user acc % | import acc % | compress baseline % | final % | "
-        "drop pt | ratio | fp32 | packed | model.onnx | max Δ logit reload (files) | ONNX Δ "
-        "| train s | import s | compress s |",
+        "| model | user epochs (steps) | user acc % | import acc % | compress baseline % | "
+        "final % | drop pt | ratio | fp32 | packed | model.onnx | max Δ logit reload (files) "
+        "| ONNX Δ | train s | import s | compress s |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [_row(r) for r in rows]
     ok = [r for r in rows if "error" not in r]
@@ -360,12 +360,30 @@ def run_model(spec: str, root: Path, project: Path, args: argparse.Namespace
     t = time.perf_counter()
     try:
         own, weights, steps = user_training(spec, root, project, args.epochs, args.seed)
-        row.update(user_accuracy=own, steps=steps,
+        row.update(user_accuracy=own, epochs=args.epochs, steps=steps,
                    train_seconds=round(time.perf_counter() - t, 1))
         row.update(xaicompress_side(spec, weights, root, project))
     except Exception as exc:  # a model that fails is a result, not a crash
         row["error"] = f"{type(exc).__name__}: {exc}"
     return row
+
+
+def merge(args: argparse.Namespace) -> None:
+    from _common import RESULTS
+
+    rows: dict[str, dict[str, Any]] = {}
+    runs = []
+    for name in args.merge.split(","):
+        data = json.loads((RESULTS / f"{name}.json").read_text())
+        runs.append(data["args"])
+        for r in data["rows"]:
+            rows[r["model"]] = {"epochs": data["args"]["epochs"], **r}
+    order = [m for m in MODELS if m in rows] + [m for m in rows if m not in MODELS]
+    merged = [rows[m] for m in order]
+    args.epochs = " / ".join(sorted({f"{r['epochs']:g}" for r in merged}))
+    args.train, args.test, args.seed = (runs[0][k] for k in ("train", "test", "seed"))
+    write_json(args.name, {"args": runs, "rows": merged})
+    write_section(args.name, _markdown(merged, args))
 
 
 def main() -> None:
@@ -376,7 +394,13 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="own_model", help="results file name")
+    ap.add_argument("--merge", help="comma-separated results names: write --name from their "
+                    "rows (a later file's row replaces an earlier one's for the same model, "
+                    "e.g. a model retrained for more epochs); runs nothing")
     args = ap.parse_args()
+    if args.merge:
+        merge(args)
+        return
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory(prefix="own-model-") as tmp:
