@@ -375,9 +375,11 @@ def merge(args: argparse.Namespace) -> None:
     runs = []
     for name in args.merge.split(","):
         data = json.loads((RESULTS / f"{name}.json").read_text())
-        runs.append(data["args"])
+        # a merged file lists its runs' arguments; its rows carry their epochs
+        given = data["args"] if isinstance(data["args"], list) else [data["args"]]
+        runs += given
         for r in data["rows"]:
-            rows[r["model"]] = {"epochs": data["args"]["epochs"], **r}
+            rows[r["model"]] = {"epochs": given[0]["epochs"], **r}
     order = [m for m in MODELS if m in rows] + [m for m in rows if m not in MODELS]
     merged = [rows[m] for m in order]
     args.epochs = " / ".join(sorted({f"{r['epochs']:g}" for r in merged}))
