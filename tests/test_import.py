@@ -102,6 +102,29 @@ def test_import_refuses_what_does_not_fit(user_model, tmp_path, run_cli, edit, n
     assert not (tmp_path / "c.safetensors").exists()
 
 
+BROKEN_FACTORY = "def build(num_classes):\n    raise ValueError('my factory is broken')\n"
+
+
+@pytest.mark.parametrize("model, needle", [
+    ("lenet300", "does not fit --model lenet300 (unexpected: conv1.weight"),  # another net
+    ("userbroken_import:build", "factory failed for input (1, 8, 8) and 10 classes (ValueError: "
+     "my factory is broken)"),
+    ("timm:nosuchmodel", "timm has no model 'nosuchmodel'"),
+    ("torchvision:nosuchmodel", "torchvision has no model 'nosuchmodel'"),
+])
+def test_import_refuses_the_wrong_model(user_model, tmp_path, run_cli, monkeypatch, model,
+                                        needle):
+    """Issue 14's bad-input list through the command: one line naming the input, exit 2."""
+    (tmp_path / "userbroken_import.py").write_text(BROKEN_FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.save(user_model[0].state_dict(), tmp_path / "w.pth")
+    code, _, err = run_cli("import", tmp_path / "w.pth", "--model", model, "--data", "digits",
+                           "--out", tmp_path / "c.safetensors")
+    assert code == 2 and needle in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "c.safetensors").exists()
+
+
 class _Payload:
     def __init__(self, marker: Path):
         self.marker = marker

@@ -234,6 +234,15 @@ def test_fidelity_can_be_switched_off(tmp_path):
                                        "ratio": 0.5}]})
     fid = run_pipeline(cfg, tmp_path / "o", plots=False).report["stages"][0]["fidelity"]
     assert "switched off" in fid["skipped"] and math.isnan(fid["top10_overlap"])
+    # report.json is strict JSON (a JavaScript or Go parser refuses NaN): null in the file
+    text = (tmp_path / "o" / "report.json").read_text()
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"not JSON: {token}")
+
+    written = json.loads(text, parse_constant=refuse)["stages"][0]["fidelity"]
+    assert written["cosine"] is None and written["top10_overlap"] is None
+    assert written["agreement"] == fid["agreement"]
 
 
 def test_compare_starting_from_a_checkpoint(tmp_path, run_cli):

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 import typer
@@ -11,6 +10,7 @@ from xaicompress.cli_app import JsonOpt, app, runtime_options
 from xaicompress.commands.compress import ConfigOpt, _echo
 from xaicompress.pipeline import load_config, run_compare
 from xaicompress.pipeline.compare import parse_list, pm
+from xaicompress.report.report import report_json
 
 
 @app.command("compare")
@@ -34,7 +34,7 @@ def compare_cmd(
     cfg = load_config(config).model_copy(update=runtime)
     result = run_compare(cfg, crit_list, seed_list, out, echo=_echo)
     if as_json:
-        print(json.dumps(result["summary"], indent=2))
+        print(report_json(result["summary"]), end="")
         return
     t = Table(title=f"{result['title']}: mean ± std over seeds {seeds}")
     for c in ("criterion", "accuracy %", "drop pt", "packed KB", "x smaller", "cosine",

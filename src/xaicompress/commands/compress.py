@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import json
 import os
 from typing import Annotated, Any
 
@@ -63,7 +62,9 @@ def run_compress(config: str, out: str, *, seed: int | None = None, as_json: boo
         cfg = cfg.with_run_options(validate_options(RunOptions, options, command="compress"))
     res = run_pipeline(cfg, out, echo=_echo)
     if as_json:
-        print(json.dumps(res.report, indent=2))
+        from xaicompress.report.report import report_json
+
+        print(report_json(res.report), end="")
         return
     # Piped output has no terminal width: give the table room instead of wrapping cells.
     con = Console() if Console().is_terminal else Console(width=140)

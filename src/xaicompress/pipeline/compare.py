@@ -8,7 +8,6 @@ std over seeds) and compare.png (accuracy vs packed size after each stage).
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from collections.abc import Callable, Sequence
@@ -18,6 +17,7 @@ from xaicompress.atomic import atomic_write_text
 from xaicompress.errors import XaiCompressError
 from xaicompress.pipeline.config import MAX_SEED, CriterionStage, PipelineConfig
 from xaicompress.pipeline.run import check_out_dir, prepare_out_dir, read_inputs, run_pipeline
+from xaicompress.report.report import report_json
 
 #: the most criteria or seeds one `compare` runs (each is a whole pipeline run)
 MAX_ITEMS = 100
@@ -90,7 +90,7 @@ def run_compare(config: PipelineConfig, criteria: Sequence[str], seeds: Sequence
     result = {"title": config.title(), "criteria": list(criteria), "seeds": list(seeds),
               "summary": summarise(runs, criteria), "curves": curves(runs, criteria),
               "runs": runs, "config": config.model_dump(mode="json")}
-    atomic_write_text(out / "compare.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "compare.json", report_json(result))
     atomic_write_text(out / "compare.md", compare_markdown(result))
     if plots:
         from xaicompress.report.plots import plot_compare

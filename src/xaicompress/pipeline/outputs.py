@@ -8,7 +8,6 @@ writers verify what they wrote before renaming it into place.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,13 @@ from xaicompress.checkpoint import Checkpoint, save_checkpoint
 from xaicompress.data import DatasetBundle
 from xaicompress.errors import XaiCompressError
 from xaicompress.export.packed import packed_report, write_packed
-from xaicompress.report.report import PLOT_NAMES, build_report, report_markdown
+from xaicompress.report.report import (
+    PLOT_NAMES,
+    build_report,
+    parse_report,
+    report_json,
+    report_markdown,
+)
 
 PACKED_NAME = "model.xcpk"  # the packed format's magic is b"XCPK"
 ONNX_NAME = "model.onnx"
@@ -100,7 +105,7 @@ def write_outputs(config: Any, out: Path, baseline: Checkpoint, steps: list[Chec
     files["report_md"] = out / "report.md"
     report = build_report(config, baseline, steps, packed_size, files, bits, deployables,
                           searches)
-    atomic_write_text(files["report_json"], json.dumps(report, indent=2) + "\n")
+    atomic_write_text(files["report_json"], report_json(report))
     atomic_write_text(files["report_md"], report_markdown(report))
     return files
 
@@ -139,6 +144,6 @@ def describe_files(files: dict[str, Path], baseline: Checkpoint, final: Checkpoi
 
 def load_report(path: str | Path) -> dict[str, Any]:
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return parse_report(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise XaiCompressError(f"{path}: cannot read report ({exc})") from None

@@ -19,10 +19,17 @@ report.json (all sizes in bytes, accuracy in %, latency in ms for a batch of 64 
   target, search         the accuracy budget and, per searched stage, its probes (value,
                          validation accuracy, packed bytes, passed) and the value chosen
   files, config, title, version
+
+What was not measured (the explanation cosine and top-10 overlap with `report: {fidelity:
+false}` or a model DeepLIFT cannot explain) is NaN in memory and null in the file:
+report.json is strict JSON (RFC 8259), which every parser reads (`report_json` /
+`parse_report`).
 """
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +42,38 @@ from xaicompress.version import __version__
 
 METRIC_KEYS = ("accuracy", "val_accuracy", "params", "nonzero_params", "macs", "size_bytes",
                "fp32_bytes", "latency_ms")
+#: fields that are NaN when not measured: written as null, read back as NaN
+UNMEASURED = ("cosine", "top10_overlap")
 PLOT_NAMES = {"stages": "stages.png", "layers": "layers.png", "heatmaps": "heatmaps.png",
               "search": "search.png"}
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def report_json(obj: Any) -> str:
+    """`obj` as strict JSON (no NaN / Infinity tokens: they are null), indented, one newline;
+    report.json, compare.json and `--json` output."""
+    return json.dumps(_finite(obj), indent=2, allow_nan=False) + "\n"
+
+
+def _unmeasured(d: dict[str, Any]) -> dict[str, Any]:
+    for k in UNMEASURED:
+        if k in d and d[k] is None:
+            d[k] = math.nan
+    return d
+
+
+def parse_report(text: str) -> dict[str, Any]:
+    """What `report_json` wrote, with the unmeasured fields (`UNMEASURED`) NaN again."""
+    return json.loads(text, object_hook=_unmeasured)
 
 
 def _metrics(ckpt: Checkpoint) -> dict[str, Any]:
