@@ -165,6 +165,31 @@ def _unparametrize(model: nn.Module, shared: dict[str, Codebook]) -> dict[str, t
     return new
 
 
+def train_step(net: nn.Module, batch: Any, opt: torch.optim.Optimizer, scaler: Any,
+               sched: Any, params: list[torch.Tensor], *, augment: int | None,
+               clip: float | None, amp: str) -> None:
+    """One optimiser step of a shared model's fine-tuning (centroids or QAT) on `batch`:
+    random shifts of up to `augment` pixels (None: 1/12 of the height), cross-entropy under
+    autocast, the global gradient norm clipped to `clip` (None: off), the scheduler stepped.
+    net: the model, or its DDP wrapper under torchrun."""
+    model = net.module if hasattr(net, "module") else net
+    device = model_device(model)
+    x, y = to_model_device(batch, model)
+    shift = x.shape[-2] // 12 if augment is None else augment
+    if shift:
+        x = random_shift(x, shift)
+    opt.zero_grad(set_to_none=True)
+    with autocast(device, amp):
+        loss = F.cross_entropy(net(x), y)
+    scaler.scale(loss).backward()
+    if clip is not None:
+        scaler.unscale_(opt)  # clip the true gradients, not scaled ones
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+
+
 @dataclass
 class _Run:
     """One fine-tuning run: the loop, and the best state by the loss on `select_set` (the
@@ -198,8 +223,7 @@ class _Run:
         params = [p for g in self.groups for p in g["params"]]
         opt = torch.optim.Adam(self.groups)
         net = _maybe_ddp(model)  # gradients averaged over ranks under torchrun
-        device = model_device(model)
-        scaler = grad_scaler(device, self.amp)
+        scaler = grad_scaler(model_device(model), self.amp)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
         per_epoch = len(loader)
         if self.keep_best:
@@ -212,20 +236,8 @@ class _Run:
                 if hasattr(loader.sampler, "set_epoch"):
                     loader.sampler.set_epoch(epoch)
                 for batch in loader:
-                    x, y = to_model_device(batch, model)
-                    shift = x.shape[-2] // 12 if self.augment is None else self.augment
-                    if shift:
-                        x = random_shift(x, shift)
-                    opt.zero_grad(set_to_none=True)
-                    with autocast(device, self.amp):
-                        loss = F.cross_entropy(net(x), y)
-                    scaler.scale(loss).backward()
-                    if self.clip is not None:
-                        scaler.unscale_(opt)  # clip the true gradients, not scaled ones
-                        torch.nn.utils.clip_grad_norm_(params, self.clip)
-                    scaler.step(opt)
-                    scaler.update()
-                    sched.step()
+                    train_step(net, batch, opt, scaler, sched, params, augment=self.augment,
+                               clip=self.clip, amp=self.amp)
                     self.others.apply(model)
                     self.step += 1
                     next(it, None)

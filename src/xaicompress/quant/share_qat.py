@@ -35,14 +35,13 @@ from itertools import pairwise
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import Dataset
 
 from xaicompress.checkpoint import Checkpoint
 from xaicompress.data import make_loader
-from xaicompress.device import autocast, grad_scaler, model_device, runtime, to_model_device
+from xaicompress.device import grad_scaler, model_device, runtime
 from xaicompress.distributed import world_size
 from xaicompress.encoding import CompressionState, LayerEncoding
 from xaicompress.errors import XaiCompressError
@@ -50,8 +49,9 @@ from xaicompress.quant.share_finetune import (
     BATCH_SIZE,
     CLIP_NORM,
     centroid_lr,
+    train_step,
 )
-from xaicompress.train import _maybe_ddp, accuracy, random_shift, seed_everything
+from xaicompress.train import _maybe_ddp, accuracy, seed_everything
 
 #: the fine-tunings of a shared model: centroids only (indices fixed, `share_finetune`) or
 #: quantization-aware with re-assignment (this module; entropy assignment only)
@@ -231,28 +231,15 @@ class _QatRun:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=sum(periods))
         net = _maybe_ddp(model)  # gradients averaged over ranks under torchrun
         params = [p for g in opt.param_groups for p in g["params"]]
-        device = model_device(model)
-        scaler = grad_scaler(device, self.amp)
+        scaler = grad_scaler(model_device(model), self.amp)
         others = CompressionState({n: lc for n, lc in self.out.state.layers.items()
                                    if n not in self.layers})
         self.record({"event": "start"}, {n: self.out.state.layers[n] for n in self.layers})
         for steps in periods:
             model.train()
             for _ in range(steps):
-                x, y = to_model_device(next(batches), model)
-                shift = x.shape[-2] // 12 if self.augment is None else self.augment
-                if shift:
-                    x = random_shift(x, shift)
-                opt.zero_grad(set_to_none=True)
-                with autocast(device, self.amp):
-                    loss = F.cross_entropy(net(x), y)
-                scaler.scale(loss).backward()
-                if self.clip is not None:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(params, self.clip)
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
+                train_step(net, next(batches), opt, scaler, sched, params,
+                           augment=self.augment, clip=self.clip, amp=self.amp)
                 others.apply(model)
                 self.step += 1
             self.do_reassign()
