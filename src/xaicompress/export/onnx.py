@@ -155,20 +155,18 @@ def onnx_bytes(ckpt: Checkpoint, *, opset: int = OPSET) -> bytes:
 ROUNDOFF_FACTOR = 4.0
 
 
-def float_roundoff(model: nn.Module, x: Tensor) -> float:
-    """max |fp32 forward - fp64 forward| of `model` on x: how far PyTorch's own float result
-    is from the exact one. Tiny for a trained network (~1e-7 relative); large for an
-    ill-conditioned one (random-weight squeeze-excitation models pruned and re-normalised
-    reach 6% of their logits of ~1e4, measured on torchvision efficientnet_b0), where no
-    fp32 runtime can agree with PyTorch more closely than this. 0.0 when the model cannot
-    run in double precision."""
-    from xaicompress.device import cpu_copy
-
-    m32 = cpu_copy(model).eval()
+def float_roundoff(model: nn.Module, x: Tensor, fp32: Tensor) -> float:
+    """max |fp32 - fp64 forward| of `model` on x, given its fp32 outputs `fp32` (the caller
+    has them already): how far PyTorch's own float result is from the exact one. Tiny for a
+    trained network (~1e-7 relative); large for an ill-conditioned one (random-weight
+    squeeze-excitation models pruned and re-normalised reach 6% of their logits of ~1e4,
+    measured on torchvision efficientnet_b0), where no fp32 runtime can agree with PyTorch
+    more closely than this. 0.0 when the model cannot run in double precision. `model` is
+    not modified (the fp64 forward runs on an eval-mode CPU copy)."""
     try:
-        m64 = copy.deepcopy(m32).double()
+        m64 = copy.deepcopy(model).to("cpu", torch.float64).eval()
         with torch.no_grad():
-            return float((m32(x) - m64(x.double())).abs().max())
+            return float((fp32.cpu().double() - m64(x.double())).abs().max())
     except (RuntimeError, TypeError):  # an op without a double kernel
         return 0.0
 
@@ -181,7 +179,7 @@ def verify_tolerance(ckpt: Checkpoint, reference: Tensor) -> float:
     the model's own fp32 round-off (`float_roundoff`), so an ill-conditioned network is held
     to what fp32 arithmetic can give, a well-conditioned one to 1e-4."""
     rel = 0.05 if ckpt.state.activations() else 1e-4
-    roundoff = float_roundoff(ckpt.model, probe_batch(ckpt.spec.input_shape))
+    roundoff = float_roundoff(ckpt.model, probe_batch(ckpt.spec.input_shape), reference)
     return rel * (1.0 + float(reference.abs().max())) + ROUNDOFF_FACTOR * roundoff
 
 

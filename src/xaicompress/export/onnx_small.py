@@ -204,7 +204,7 @@ def export_small(ckpt: Checkpoint, path: str | os.PathLike[str]) -> Path:
         want = net(x)
     data = small_bytes(ckpt)
     tolerance = (1e-4 * (1.0 + float(want.abs().max()))
-                 + ROUNDOFF_FACTOR * float_roundoff(net, x))
+                 + ROUNDOFF_FACTOR * float_roundoff(net, x, want))
 
     def verify(tmp: Path) -> None:
         try:
