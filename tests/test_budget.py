@@ -79,6 +79,31 @@ def test_nothing_passes_then_the_weakest_is_tried_and_the_stage_left_out():
     assert 8.0 in seen and r.chosen is None
 
 
+def test_a_saturated_stage_is_not_bisected_through_identical_files():
+    # entropy sharing at 2.5 bits and above gives one file (the codebooks need no more):
+    # once two failing probes gave the same file, settings between them are not run
+    s = Strength("avg_bits", 4.0, 0.5)
+    seen = []
+
+    def probe(v):
+        seen.append(v)
+        return (97.0 if v > 2.5 else 90.0), 0.0, (4639 if v > 2.5 else int(1000 * v)), False
+
+    r = bisect_strength(s, 2.7, 98.0, probe)
+    assert r.chosen is None and len(seen) == 3 and seen[-1] == 4.0  # start, one more, weakest
+    assert len({p.size_bytes for p in r.probes if p.value > 2.5}) == 1
+
+
+def test_a_size_budget_of_entropy_sharing_is_searched_as_coded_bits():
+    from xaicompress.pipeline import load_config
+    from xaicompress.pipeline.run import _with_value
+
+    share = load_config("configs/lenet5-mnist.yaml").stages[2]
+    assert share.size_kb is not None and strength_of(share).field == "avg_bits"
+    probe = _with_value(share, 1.5)  # once failed validation: both budgets set
+    assert probe.avg_bits == 1.5 and probe.size_kb is None
+
+
 def test_paired_drop_counts_only_the_images_the_two_disagree_on():
     import torch
 

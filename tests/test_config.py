@@ -41,7 +41,8 @@ def test_good_config_parses_with_defaults():
     assert cfg.stages[0].scope == "global" and cfg.stages[0].samples == 512
     assert cfg.stages[1].options() == {"samples": 512, "ratio": 0.9, "layers": "all",
                                        "scope": "global", "norm": "none",
-                                       "finetune_epochs": 0, "bn_recalibration": True}
+                                       "finetune_epochs": 0, "bn_recalibration": True,
+                                       "distill": 0.0}
     assert cfg.train.epochs == 2 and cfg.train.augment is None  # None: image height // 12
     assert cfg.export.packed and cfg.export.onnx
 

@@ -20,6 +20,7 @@ from xaicompress.device import (
     runtime,
     to_model_device,
 )
+from xaicompress.distill import LossFn, cross_entropy, distillation
 from xaicompress.errors import XaiCompressError
 from xaicompress.progress import track
 
@@ -45,6 +46,7 @@ def train(
     description: str = "train",
     augment: int | None = 0,
     amp: str | None = None,
+    loss: LossFn = cross_entropy,
 ) -> nn.Module:
     """Train `model` in place with a cosine schedule, on the model's device; returns it.
 
@@ -56,6 +58,8 @@ def train(
         training sets such as mnist5k's 4,000 images.
     amp: mixed precision, off | bf16 | fp16 (fp16 with a GradScaler, CUDA only); None = the
         running command's `--amp` (off outside one).
+    loss: loss(logits, x, y) of a batch (default cross-entropy; `distill.distillation` adds
+        a teacher's term).
     """
     if epochs <= 0:
         return model
@@ -80,7 +84,7 @@ def train(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     net = _maybe_ddp(model)
     net.train()
-    step_fn = _Step(net, opt, amp if amp is not None else runtime().amp)
+    step_fn = _Step(net, opt, amp if amp is not None else runtime().amp, loss)
     step = 0
     epoch = 0
     with _progress(total, description) as advance:
@@ -110,15 +114,16 @@ class _Step:
     under autocast, the backward pass through a GradScaler (enabled for fp16 only; off, it
     is exactly loss.backward(); opt.step())."""
 
-    def __init__(self, net: nn.Module, opt: torch.optim.Optimizer, amp: str) -> None:
-        self.net, self.opt, self.amp = net, opt, amp
+    def __init__(self, net: nn.Module, opt: torch.optim.Optimizer, amp: str,
+                 loss: LossFn = cross_entropy) -> None:
+        self.net, self.opt, self.amp, self.loss = net, opt, amp, loss
         self.device = model_device(net)
         self.scaler = grad_scaler(self.device, amp)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
         with autocast(self.device, self.amp):
-            loss = F.cross_entropy(self.net(x), y)
+            loss = self.loss(self.net(x), x, y)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.opt)
         self.scaler.update()
@@ -216,6 +221,7 @@ def train_checkpoint(model_name: str, data_spec: str, *, epochs: float = 15, see
 def finetune_checkpoint(ckpt, train_set: Dataset, *, epochs: float = 1, lr: float | None = None,  # noqa: ANN001
                         seed: int = 0, optimizer: str = "adam", batch_size: int = 64,
                         description: str = "fine-tune", augment: int | None = None,
+                        distill: float = 0.0, teacher: nn.Module | None = None,
                         ):  # noqa: ANN201
     """Fine-tune a copy of `ckpt` keeping its compression constraints (masks, codebooks,
     integer grids) by re-imposing them after every step. Returns the new Checkpoint.
@@ -223,6 +229,8 @@ def finetune_checkpoint(ckpt, train_set: Dataset, *, epochs: float = 1, lr: floa
     Weight sharing and QAT have their own, better fine-tuning (centroid training, STE);
     this projection is exact for pruning masks. augment: as in `train` (None = the same
     random shifts the default training uses, so fine-tuning does not overfit small sets).
+    distill: weight of distillation (`xaicompress.distill`; 0 = off) from `teacher`
+    (default: `ckpt`'s own model; a pruning step passes the model before its cut).
     """
     out = ckpt.copy()
     if epochs <= 0:
@@ -230,6 +238,7 @@ def finetune_checkpoint(ckpt, train_set: Dataset, *, epochs: float = 1, lr: floa
     out.state.apply(out.model)
     train(out.model, train_set, epochs=epochs, lr=lr if lr is not None else 5e-4, seed=seed,
           optimizer=optimizer, batch_size=batch_size, after_step=out.state.apply,
-          description=description, augment=augment)
+          description=description, augment=augment,
+          loss=distillation(teacher if teacher is not None else ckpt.model, distill))
     out.history.append({"stage": "finetune", "epochs": epochs, "seed": seed})
     return out

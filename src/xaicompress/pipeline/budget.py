@@ -134,7 +134,8 @@ def strength_of(stage: Any) -> Strength | None:
         if isinstance(stage.clusters, dict):
             return None
         if stage.assignment == "entropy":
-            return Strength("avg_bits", *ENTROPY_BITS)
+            # a size_kb budget is searched as coded bits per weight (it set them anyway)
+            return Strength("avg_bits", *ENTROPY_BITS, clear=("size_kb",))
         if stage.clusters is not None:
             return Strength("clusters", CLUSTER_GRID[0], CLUSTER_GRID[-1], CLUSTER_GRID)
         return Strength("avg_bits", 8.0, 1.0, clear=("size_kb",))
@@ -220,6 +221,12 @@ def bisect_strength(strength: Strength, start: float | None, floor: float,
             lo = max(lo, u)
         else:
             hi = min(hi, u)
+            if any(q is not p and not q.passed and q.size_bytes == p.size_bytes
+                   for q in result.probes):
+                # two settings gave the same file (the stage saturates: entropy sharing's
+                # 16-value codebooks code no more bits than they need), so every setting
+                # between them gives it too: bisecting on would re-run the same failure
+                break
         if hi - lo <= strength.resolution() + 1e-9:
             break
         u = (lo + hi) / 2

@@ -126,6 +126,13 @@ class _Stage(_Strict):
         return cls.model_fields["type"].annotation.__args__[0]  # type: ignore[union-attr]
 
 
+def _distill_field() -> Any:
+    return Field(0.0, ge=0, le=1, description=(
+        "Weight of knowledge distillation from the step's input model in its fine-tuning "
+        "loss: (1 - w) cross-entropy + w T^2 KL of the softened outputs (0 = off; 1 = no "
+        "labels used)."))
+
+
 class CriterionStage(_Stage):
     criterion: str = Field("deeplift", description=(
         "Relevance criterion name[:key=value,...]: deeplift, l1, taylor, gradxact, "
@@ -135,6 +142,7 @@ class CriterionStage(_Stage):
     bn_recalibration: bool = Field(True, description=(
         "Re-estimate the BatchNorm statistics on calibration samples after the step "
         "(adaptive BatchNorm; off: keep the stored ones)."))
+    distill: float = _distill_field()
 
     @field_validator("criterion")
     @classmethod
@@ -303,6 +311,7 @@ class FinetuneStage(_Stage):
         "Optimizer of masked fine-tuning."))
     batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH)] | None = Field(None, description=(
         "Batch size (default: that kind's own: 32 for centroids, 64 otherwise)."))
+    distill: float = _distill_field()
 
 
 STAGE_MODELS: tuple[type[_Stage], ...] = (PruneStructuredStage, PruneUnstructuredStage,

@@ -135,6 +135,7 @@ def _finetune(ckpt: Checkpoint, bundle: DatasetBundle, st: FinetuneStage,
     that training's own default."""
     layers = ckpt.state.layers.values()
     given = {k: v for k, v in (("lr", st.lr), ("batch_size", st.batch_size)) if v is not None}
+    given["distill"] = st.distill
     if any(lc.codebook is not None for lc in layers):
         from xaicompress.quant.share_finetune import finetune_shared
 

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from xaicompress.calibration import reconstruct_layers, reestimate_batchnorm
 from xaicompress.checkpoint import Checkpoint
 from xaicompress.device import model_device
+from xaicompress.distill import check_distill
 from xaicompress.errors import XaiCompressError
 from xaicompress.metrics import count_macs
 from xaicompress.progress import track
@@ -344,6 +345,7 @@ def prune_structured(
     max_layer_ratio: float | None = None,
     bn_recalibration: bool = True,
     reconstruct: bool = False,
+    distill: float = 0.0,
     seed: int = 0,
 ) -> Checkpoint:
     """Remove `ratio` of the channels (filters / neurons) of `ckpt`, or enough to cut MACs by
@@ -361,10 +363,13 @@ def prune_structured(
     (`calibration.reestimate_batchnorm`), before any fine-tuning. reconstruct: before that,
     refit every layer that lost input channels by least squares so that it reproduces the
     uncut layer's outputs on calibration samples (`calibration.reconstruct_layers`).
+    distill: weight of distillation from the input model in the fine-tuning loss
+    (`xaicompress.distill`; 0 = off).
     """
     crit = resolve_criterion(criterion)
     _check_structured_options(ckpt, ratio, scope, steps, finetune_epochs, finetune_lr, samples,
                               macs_ratio, min_channels, norm, max_layer_ratio)
+    check_distill(distill)
     lr = finetune_lr or PRUNE_FINETUNE_LR
     train_set = _as_train_set(bundle)
     out = ckpt.copy()
@@ -407,7 +412,8 @@ def prune_structured(
                          "bn_reestimated": bn})
         if finetune_epochs > 0:
             out = finetune_checkpoint(out, train_set, epochs=finetune_epochs, lr=lr,
-                                      seed=seed + k, description=f"fine-tune step {k + 1}/{steps}")
+                                      seed=seed + k, description=f"fine-tune step {k + 1}/{steps}",
+                                      distill=distill, teacher=ckpt.model)
             out.history.pop()  # recorded once, below, as part of this step
     final = _channels(out.model, example, ignored)
     out.model.eval()
@@ -417,6 +423,7 @@ def prune_structured(
         "finetune_lr": lr, "samples": samples, "macs_ratio": macs_ratio,
         "min_channels": min_channels, "norm": norm, "max_layer_ratio": max_layer_ratio,
         "bn_recalibration": bn_recalibration, "reconstruct": reconstruct, "seed": seed,
+        "distill": distill,
         "channels": {n: [original[n], final.get(n, 0)] for n in original},
         "macs_before": macs0, "macs_after": count_macs(out.model, shape), "schedule": step_log,
         "excluded": excluded,

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from xaicompress.calibration import reestimate_batchnorm
 from xaicompress.checkpoint import Checkpoint
+from xaicompress.distill import check_distill
 from xaicompress.encoding import Mask
 from xaicompress.errors import XaiCompressError
 from xaicompress.prune.importance import l1_normalise
@@ -110,6 +111,7 @@ def prune_unstructured(
     samples: int = 512,
     norm: str = "none",
     bn_recalibration: bool = True,
+    distill: float = 0.0,
     seed: int = 0,
 ) -> Checkpoint:
     """Zero `ratio` of the weights of the selected layers ("fc", "conv" or "all"), ranked by
@@ -121,6 +123,8 @@ def prune_unstructured(
     their layer's mean (L1-normalised times the layer's weight count), "none" raw scores
     (classic global magnitude pruning with the l1 criterion). bn_recalibration: re-estimate
     the BatchNorm statistics on calibration samples after the masks are applied.
+    distill: weight of distillation from the input model in the fine-tuning loss
+    (`xaicompress.distill`; 0 = off).
     """
     if norm not in NORMS:
         raise XaiCompressError(f"--norm {norm!r}: expected one of {', '.join(NORMS)}")
@@ -129,6 +133,7 @@ def prune_unstructured(
         raise XaiCompressError(f"criterion {criterion!r}: unstructured pruning needs an "
                                "xaicompress criterion (per-weight scores)")
     check_ratio(ratio, "--ratio")
+    check_distill(distill)
     check_scope(scope)
     check_options(steps=1, finetune_epochs=finetune_epochs, samples=samples,
                   finetune_lr=finetune_lr)
@@ -157,7 +162,8 @@ def prune_unstructured(
     if finetune_epochs > 0:
         out = finetune_checkpoint(out, train_set, epochs=finetune_epochs,
                                   lr=finetune_lr or PRUNE_FINETUNE_LR, seed=seed,
-                                  description="fine-tune (masks held)")
+                                  description="fine-tune (masks held)",
+                                  distill=distill, teacher=ckpt.model)
         out.history.pop()  # recorded below, as part of this step
     kept = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
@@ -166,7 +172,7 @@ def prune_unstructured(
         "layers": layers, "scope": scope, "norm": norm, "finetune_epochs": finetune_epochs,
         "finetune_lr": finetune_lr or PRUNE_FINETUNE_LR,
         "samples": samples, "seed": seed, "sparsity": 1 - kept / total,
-        "bn_recalibration": bn_recalibration, "bn_reestimated": bn,
+        "bn_recalibration": bn_recalibration, "bn_reestimated": bn, "distill": distill,
         "per_layer": {n: round(1 - float(m.float().mean()), 6) for n, m in masks.items()},
     })
     return out

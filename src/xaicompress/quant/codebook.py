@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from xaicompress.calibration import correct_bias, reestimate_batchnorm
 from xaicompress.checkpoint import Checkpoint
+from xaicompress.distill import check_distill
 from xaicompress.encoding import Codebook, LayerEncoding
 from xaicompress.encoding.bitpack import index_bits
 from xaicompress.encoding.codebook import CODEBOOK_BITS, CODEBOOK_DTYPES, round_to_dtype
@@ -190,7 +191,8 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
                   relevance: Relevance | None = None, init: str = "linear",
                   weight_power: float = WEIGHT_POWER, uniform_mix: float = 0.0,
                   assignment: str = "nearest", finetune: str = "centroids",
-                  bias_correction: bool = True, bn_recalibration: bool = True) -> Checkpoint:
+                  bias_correction: bool = True, bn_recalibration: bool = True,
+                  distill: float = 0.0) -> Checkpoint:
     """Share the weights of every Conv2d/Linear layer of a copy of `ckpt`.
 
     criterion: weights the k-means (`none` = plain k-means); bundle: a DatasetBundle (its
@@ -218,12 +220,14 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
     bias_correction / bn_recalibration: then, on calibration samples of the training data,
     shift every layer's bias so its per-channel output mean is the float model's, and
     re-estimate the BatchNorm statistics (`xaicompress.calibration`), before fine-tuning.
+    distill: weight of distillation from the input model in the fine-tuning loss (either
+    kind; `xaicompress.distill`, 0 = off).
     Result: `state.get(layer).codebook` float32 (k,), `.indices` int64 (weight shape), model
     weights = codebook[indices] * mask. The input is not modified.
     """
     _check_budget(clusters, avg_bits, assignment, size_kb)
     _check_options(codebook_dtype, finetune_epochs, init, weight_power, uniform_mix)
-    _check_finetune(finetune, assignment)
+    _check_finetune(finetune, assignment, distill)
     train_set: Dataset = getattr(bundle, "train", bundle)
     crit = get_criterion(criterion) if isinstance(criterion, str) else criterion
 
@@ -291,34 +295,38 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
                         "samples": samples,
                         "codebook_dtype": codebook_dtype, "seed": seed, "init": init,
                         "weight_power": weight_power, "uniform_mix": uniform_mix,
-                        "assignment": assignment, **calibrated, **table})
+                        "assignment": assignment, "distill": distill, **calibrated,
+                        **table})
     if finetune_epochs > 0:
         out = _finetune(out, bundle, finetune, finetune_epochs, finetune_lr, seed,
-                        (before, data, assigner))
+                        (before, data, assigner), (distill, ckpt.model))
     if assignment == "entropy" and codebook_dtype == "fp16":
         round_vectors(out, codebook_dtype)
     return out
 
 
 def _finetune(out: Checkpoint, bundle: Any, finetune: str, epochs: float, lr: float | None,
-              seed: int, qat: tuple[Mapping[str, torch.Tensor], Mapping[str, Any], Any]
-              ) -> Checkpoint:
+              seed: int, qat: tuple[Mapping[str, torch.Tensor], Mapping[str, Any], Any],
+              distill: tuple[float, torch.nn.Module]) -> Checkpoint:
     """Centroid fine-tuning, or (finetune qat) quantization-aware training from the weights
     before sharing with the entropy assignment: qat = (weights, the layers' (kept weights,
-    sample weights, flat keep), assigner)."""
+    sample weights, flat keep), assigner); distill = (weight, teacher: the model before
+    sharing)."""
     train_set: Dataset = getattr(bundle, "train", bundle)
     before, data, assigner = qat
     if finetune != "qat" or assigner is None:
         # the best fine-tuning state is chosen on the validation split when the bundle has one
         return finetune_shared(out, train_set, epochs=epochs, lr=lr, seed=seed,
-                               val_set=getattr(bundle, "val", None))
+                               val_set=getattr(bundle, "val", None), distill=distill[0],
+                               teacher=distill[1])
     rel = {}
     for n, (_, sw, keep) in data.items():
         r = np.zeros(keep.size, dtype=np.float32)
         r[keep] = sw
         rel[n] = torch.from_numpy(r).reshape(before[n].shape)
     return finetune_qat(out, before, rel, assigner, train_set, getattr(bundle, "val", None),
-                        epochs=epochs, lr=lr, seed=seed)
+                        epochs=epochs, lr=lr, seed=seed, distill=distill[0],
+                        teacher=distill[1])
 
 
 def round_vectors(ckpt: Checkpoint, codebook_dtype: str) -> None:
@@ -348,7 +356,8 @@ def _check_options(codebook_dtype: str, finetune_epochs: float, init: str,
         raise XaiCompressError(f"uniform mix {uniform_mix}: expected a number from 0 to 1")
 
 
-def _check_finetune(finetune: str, assignment: str) -> None:
+def _check_finetune(finetune: str, assignment: str, distill: float) -> None:
+    check_distill(distill)
     if finetune not in FINETUNES:
         raise XaiCompressError(f"--finetune {finetune!r}: expected one of "
                                f"{', '.join(FINETUNES)}")

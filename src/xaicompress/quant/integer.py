@@ -284,7 +284,7 @@ def quantize(ckpt: Checkpoint, criterion: Any, bundle: Any, *, avg_bits: float |
              size_kb: float | None = None, allocation: str = "milp", qat_epochs: float = 0,
              act_bits: int | None = None, samples: int = 512, seed: int = 0,
              clip: str = "mse", qat_lr: float = 1e-3, bias_correction: bool = True,
-             bn_recalibration: bool = True) -> Checkpoint:
+             bn_recalibration: bool = True, distill: float = 0.0) -> Checkpoint:
     """Mixed-precision integer quantization of a copy of `ckpt`.
 
     criterion: a `Criterion` (or its spec string) giving per-weight relevance R_w.
@@ -295,7 +295,8 @@ def quantize(ckpt: Checkpoint, criterion: Any, bundle: Any, *, avg_bits: float |
     allocation: "milp" (minimise sum R_w (w - Q_b(w))^2 exactly) or "uniform" (the most
         bits that fit, the same for every layer).
     qat_epochs: epochs of quantization-aware training (straight-through estimator, Adam at
-        qat_lr; 1e-3 measured best of 1e-4 / 5e-4 / 1e-3 on lenet5 at 2 bits).
+        qat_lr; 1e-3 measured best of 1e-4 / 5e-4 / 1e-3 on lenet5 at 2 bits); distill: its
+        weight of distillation from the float input model (`xaicompress.distill`, 0 = off).
     act_bits: quantize the inputs of every quantized layer to this many bits (PTQ,
         calibrated on `samples` training items).
     bias_correction: shift every quantized layer's bias so that its per-channel output mean
@@ -355,6 +356,7 @@ def quantize(ckpt: Checkpoint, criterion: Any, bundle: Any, *, avg_bits: float |
             out.state.get(name).activation = ActQuant(int(act_bits), s)
         out.state.install_hooks(out.model)
     if qat_epochs > 0:
-        qat_train(out, train_set, epochs=qat_epochs, lr=qat_lr, seed=seed)
+        qat_train(out, train_set, epochs=qat_epochs, lr=qat_lr, seed=seed, distill=distill,
+                  teacher=ckpt.model)
     out.history.append(entry(bits, info))
     return out

@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 from torch.utils.data import Dataset
 
 from xaicompress.checkpoint import Checkpoint
+from xaicompress.distill import distillation
 from xaicompress.encoding import IntGrid, Mask
 from xaicompress.train import train
 
@@ -35,11 +36,16 @@ class STEQuant(nn.Module):
 
 
 def qat_train(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1, lr: float = 1e-3,
-              seed: int = 0, batch_size: int = 64) -> Checkpoint:
+              seed: int = 0, batch_size: int = 64, distill: float = 0.0,
+              teacher: nn.Module | None = None) -> Checkpoint:
     """Train `ckpt` IN PLACE with the STE on its quantized layers; returns it.
+
+    distill: weight of distillation from `teacher` (default: the model as it is before the
+    training; `xaicompress.distill`, 0 = off).
 
     Activation quantizers installed on the model stay active (with their own STE).
     """
+    loss = distillation(teacher if teacher is not None else ckpt.model, distill)
     modules = dict(ckpt.model.named_modules())
     quantized = {n: lc for n, lc in ckpt.state.layers.items() if lc.grid is not None}
     for name, lc in quantized.items():
@@ -49,7 +55,7 @@ def qat_train(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1, lr: fl
         # amp off: the fake-quantized weights q * s must meet the inputs at float32, as the
         # runtime computes them (bf16 keeps 8 mantissa bits of s)
         train(ckpt.model, train_set, epochs=epochs, lr=lr, seed=seed, batch_size=batch_size,
-              description="QAT", amp="off")
+              description="QAT", amp="off", loss=loss)
     finally:
         for name in quantized:
             # Keep the latent float weights; the state re-derives the quantized ones from them.

@@ -30,6 +30,7 @@ from torch.utils.data import Dataset
 from xaicompress.checkpoint import Checkpoint
 from xaicompress.data import make_loader
 from xaicompress.device import autocast, grad_scaler, model_device, runtime, to_model_device
+from xaicompress.distill import LossFn, cross_entropy, distillation
 from xaicompress.distributed import world_size
 from xaicompress.encoding import Codebook, CompressionState
 from xaicompress.encoding.codebook import codebook_dtype_of, round_to_dtype
@@ -167,10 +168,11 @@ def _unparametrize(model: nn.Module, shared: dict[str, Codebook]) -> dict[str, t
 
 def train_step(net: nn.Module, batch: Any, opt: torch.optim.Optimizer, scaler: Any,
                sched: Any, params: list[torch.Tensor], *, augment: int | None,
-               clip: float | None, amp: str) -> None:
+               clip: float | None, amp: str, loss: LossFn = cross_entropy) -> None:
     """One optimiser step of a shared model's fine-tuning (centroids or QAT) on `batch`:
-    random shifts of up to `augment` pixels (None: 1/12 of the height), cross-entropy under
-    autocast, the global gradient norm clipped to `clip` (None: off), the scheduler stepped.
+    random shifts of up to `augment` pixels (None: 1/12 of the height), `loss` (default
+    cross-entropy; `distill.distillation` adds a teacher's term) under autocast, the
+    global gradient norm clipped to `clip` (None: off), the scheduler stepped.
     net: the model, or its DDP wrapper under torchrun."""
     model = net.module if hasattr(net, "module") else net
     device = model_device(model)
@@ -180,8 +182,8 @@ def train_step(net: nn.Module, batch: Any, opt: torch.optim.Optimizer, scaler: A
         x = random_shift(x, shift)
     opt.zero_grad(set_to_none=True)
     with autocast(device, amp):
-        loss = F.cross_entropy(net(x), y)
-    scaler.scale(loss).backward()
+        value = loss(net(x), x, y)
+    scaler.scale(value).backward()
     if clip is not None:
         scaler.unscale_(opt)  # clip the true gradients, not scaled ones
         torch.nn.utils.clip_grad_norm_(params, clip)
@@ -204,6 +206,7 @@ class _Run:
     keep_best: bool
     amp: str = "off"
     select_set: Dataset | None = None
+    loss: LossFn = cross_entropy
     losses: list[float] = field(default_factory=list)
     best: tuple[float, int, dict[str, torch.Tensor]] | None = None
     step: int = 0
@@ -237,7 +240,7 @@ class _Run:
                     loader.sampler.set_epoch(epoch)
                 for batch in loader:
                     train_step(net, batch, opt, scaler, sched, params, augment=self.augment,
-                               clip=self.clip, amp=self.amp)
+                               clip=self.clip, amp=self.amp, loss=self.loss)
                     self.others.apply(model)
                     self.step += 1
                     next(it, None)
@@ -257,7 +260,8 @@ def finetune_shared(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1,
                     lr_scale: float = LR_SCALE, other_lr: float = OTHER_LR,
                     clip: float | None = CLIP_NORM, keep_best: bool = True,
                     augment: int | None = 0, centroid_lrs: Mapping[str, float] | None = None,
-                    val_set: Dataset | None = None) -> Checkpoint:
+                    val_set: Dataset | None = None, distill: float = 0.0,
+                    teacher: nn.Module | None = None) -> Checkpoint:
     """Train the centroids of every shared layer of a copy of `ckpt` (indices fixed).
 
     train_set: (x (C, H, W), label) pairs. epochs may be fractional; the cosine schedule
@@ -268,11 +272,14 @@ def finetune_shared(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1,
     start and after every epoch and keep the best state: on `val_set` (the validation
     split) when given, else on `train_set`. augment: random shifts
     of up to this many pixels. centroid_lrs: layer -> codebook rate, for the layers it names
-    (overrides lr and lr_scale there). Pruned weights stay zero; centroids are rounded to their
-    codebook dtype at the end so packing stays lossless. The input is not modified.
+    (overrides lr and lr_scale there). distill: weight of distillation from `teacher`
+    (default `ckpt`'s model; `xaicompress.distill`, 0 = off). Pruned weights stay zero;
+    centroids are rounded to their codebook dtype at the end so packing stays lossless. The
+    input is not modified.
     """
     _check_options(epochs, {"--lr": lr, "lr_scale": lr_scale, "other_lr": other_lr,
                             "clip": clip})
+    loss = distillation(teacher if teacher is not None else ckpt.model, distill)
     out = ckpt.copy()
     if epochs == 0:
         return out
@@ -286,7 +293,7 @@ def finetune_shared(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1,
     others = CompressionState({n: lc for n, lc in out.state.layers.items() if n not in shared})
     run = _Run(out, train_set, _param_groups(out.model, shared, rates,
                                              lr if lr is not None else other_lr),
-               others, clip, augment, keep_best, runtime().amp, val_set)
+               others, clip, augment, keep_best, runtime().amp, val_set, loss)
     seed_everything(seed)
     # batch_size is the global batch, as in train.train: each of N ranks takes 1/N of it
     loader = make_loader(train_set, max(1, batch_size // world_size()), shuffle=True, seed=seed)
@@ -305,6 +312,7 @@ def finetune_shared(ckpt: Checkpoint, train_set: Dataset, *, epochs: float = 1,
     out.history.append({"stage": "finetune_shared", "epochs": epochs, "seed": seed,
                         "lr": lr, "lr_scale": lr_scale, "other_lr": other_lr, "clip": clip,
                         "centroid_lr": rates, "batch_size": batch_size, "augment": augment,
+                        "distill": distill,
                         "best_by": "val_loss" if val_set is not None else "train_loss",
                         ("val_loss" if val_set is not None else "train_loss"): run.losses,
                         "kept_step": run.best[1] if run.best else run.step})

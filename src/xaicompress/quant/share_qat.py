@@ -42,6 +42,7 @@ from torch.utils.data import Dataset
 from xaicompress.checkpoint import Checkpoint
 from xaicompress.data import make_loader
 from xaicompress.device import grad_scaler, model_device, runtime
+from xaicompress.distill import LossFn, cross_entropy, distillation
 from xaicompress.distributed import world_size
 from xaicompress.encoding import CompressionState, LayerEncoding
 from xaicompress.errors import XaiCompressError
@@ -166,6 +167,7 @@ class _QatRun:
     clip: float | None
     augment: int | None
     amp: str
+    loss: LossFn = cross_entropy
     #: (validation %, step, encodings, other tensors) of the best state so far
     best: tuple[float, int, dict[str, LayerEncoding], dict[str, torch.Tensor]] | None = None
     log: list[dict[str, Any]] = field(default_factory=list)
@@ -239,7 +241,8 @@ class _QatRun:
             model.train()
             for _ in range(steps):
                 train_step(net, next(batches), opt, scaler, sched, params,
-                           augment=self.augment, clip=self.clip, amp=self.amp)
+                           augment=self.augment, clip=self.clip, amp=self.amp,
+                           loss=self.loss)
                 others.apply(model)
                 self.step += 1
             self.do_reassign()
@@ -271,7 +274,8 @@ def finetune_qat(ckpt: Checkpoint, latents: Mapping[str, torch.Tensor], relevanc
                  seed: int = 0, batch_size: int = BATCH_SIZE, reassigns: int = REASSIGNS,
                  latent_scale: float = LATENT_SCALE, other_lr: float = QAT_OTHER_LR,
                  clip: float | None = CLIP_NORM,
-                 augment: int | None = 0) -> Checkpoint:
+                 augment: int | None = 0, distill: float = 0.0,
+                 teacher: nn.Module | None = None) -> Checkpoint:
     """Quantization-aware training of the shared layers of a copy of `ckpt` (see module).
 
     ckpt: entropy-constrained shared (its codebooks and zero-cluster masks are the start);
@@ -281,11 +285,14 @@ def finetune_qat(ckpt: Checkpoint, latents: Mapping[str, torch.Tensor], relevanc
     centroids) -> encodings within the budget (the share stage's assignment); val: the
     validation split the best state is chosen on (None: the last state). lr: one Adam rate
     for everything (overrides latent_scale * std of each layer's kept weights for the latent
-    weights and other_lr for biases and the rest). The input is not modified.
+    weights and other_lr for biases and the rest). distill: weight of distillation from
+    `teacher` (default `ckpt`'s model; `xaicompress.distill`, 0 = off). The input is not
+    modified.
     """
     if not math.isfinite(epochs) or epochs <= 0:
         raise XaiCompressError(f"--finetune-epochs {epochs}: quantization-aware sharing "
                                "needs a positive number of epochs")
+    loss = distillation(teacher if teacher is not None else ckpt.model, distill)
     out = ckpt.copy()
     names = [n for n, lc in out.state.layers.items() if lc.codebook is not None]
     if not names:
@@ -308,7 +315,7 @@ def finetune_qat(ckpt: Checkpoint, latents: Mapping[str, torch.Tensor], relevanc
             w.copy_(latents[name].to(w.device) * (rel > 0))
             layers[name] = LatentShared(out.state.layers[name], rel, lam).to(w.device)
             parametrize.register_parametrization(modules[name], "weight", layers[name])
-    run = _QatRun(out, layers, reassign, val, clip, augment, runtime().amp)
+    run = _QatRun(out, layers, reassign, val, clip, augment, runtime().amp, loss)
     seed_everything(seed)
     steps = len(make_loader(train_set, batch_size, shuffle=True, seed=seed))
     periods = periods_of(epochs, steps, reassigns)
@@ -330,7 +337,7 @@ def finetune_qat(ckpt: Checkpoint, latents: Mapping[str, torch.Tensor], relevanc
     out.model.eval()
     out.history.append({"stage": "finetune_qat", "epochs": epochs, "seed": seed, "lr": lr,
                         "reassigns_per_epoch": reassigns, "latent_lr": rates,
-                        "other_lr": other_lr,
+                        "other_lr": other_lr, "distill": distill,
                         "batch_size": batch_size, "periods": periods, "log": run.log,
                         "kept_step": kept_step,
                         "kept_val_accuracy": acc if math.isfinite(acc) else None})
