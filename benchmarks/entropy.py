@@ -125,6 +125,13 @@ def run(model: str, data: str, seed: int, tag: str, **variant: Any) -> dict[str,
                 for n, lay in r["layers"].items()}}
 
 
+def _number_or_word(v: str) -> float | str:
+    try:
+        return float(v)
+    except ValueError:
+        return v
+
+
 def _median_time(fn: Any, repeats: int = 5) -> float:
     times = []
     for _ in range(repeats):
@@ -345,8 +352,8 @@ def main() -> None:
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.qat:
-        QAT_KWARGS.update({k: float(v) for k, v in (kv.split("=") for kv in
-                                                     args.qat.split(","))})
+        QAT_KWARGS.update({k: _number_or_word(v) for k, v in (kv.split("=") for kv in
+                                                               args.qat.split(","))})
     if args.tune:
         tune(args.tune, seeds, [float(b) for b in args.budgets.split(",")],
              json.loads(args.share) if args.share else None,

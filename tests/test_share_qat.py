@@ -107,10 +107,15 @@ def test_qat_keeps_the_best_state_on_validation():
     qat = _share(_pruned(), SimpleNamespace(train=_data(64), val=val), finetune="qat",
                  finetune_epochs=1, finetune_lr=3e-3)
     h = qat.history[-1]
-    accs = [e["val_accuracy"] for e in h["log"] if "val_accuracy" in e]
-    assert len(accs) == 3  # start, after each of the two budgeted re-assignments
-    assert h["kept_val_accuracy"] == max(accs)
-    assert accuracy(qat.model, val) == pytest.approx(max(accs))
+    states = [e for e in h["log"] if e.get("val_loss") is not None]
+    assert len(states) == 3  # start, after each of the two budgeted re-assignments
+    # the kept state is the one of the lowest validation loss (SELECT_BY; the later one on
+    # a tie), and the model is that state: its accuracy is the one logged for it
+    best = min(states, key=lambda e: (e["val_loss"], -e["step"]))
+    assert h["select_by"] == "loss" and h["kept_step"] == best["step"]
+    assert h["kept_val_accuracy"] == best["val_accuracy"]
+    assert accuracy(qat.model, val) == pytest.approx(best["val_accuracy"])
+    assert len({e["val_loss"] for e in states}) == 3  # the states really differ
 
 
 def test_periods_split_the_steps():
