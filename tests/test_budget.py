@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -169,18 +170,26 @@ def test_margin_is_declared_once_and_a_budget_gets_a_larger_validation_split():
 
 def test_a_stage_that_keeps_the_budget_nowhere_backs_the_one_before_off():
     """The last searched stage's weaker passing probe is taken next (a larger file), once
-    per call, and the report record says so; nothing weaker left: no back-off."""
+    per call, and the report record says so; no weaker probe passed: halfway to the
+    weakest setting, then the weakest; nothing weaker left: no back-off."""
     from xaicompress.pipeline.budget import Probe, SearchResult
+    from xaicompress.pipeline.config import PruneUnstructuredStage
     from xaicompress.pipeline.run import _Searched
 
+    stage = PruneUnstructuredStage(type="prune_unstructured", ratio=0.9)
     res = SearchResult("ratio", 97.0, [Probe(0.8, 97.5, 300, True), Probe(0.9, 97.1, 200, True),
                                        Probe(0.95, 96.0, 100, False), Probe(0.5, 98.0, 500, True)],
                        chosen=0.9)
     record = {"chosen": 0.9}
-    prev = _Searched(1, None, "key", None, res, record)
+    prev = _Searched(1, stage, "key", None, res, record)
     assert prev.weaker() and res.chosen == 0.8 and record == {"chosen": 0.8, "backed_off": 1}
     assert prev.weaker() and res.chosen == 0.5 and record["backed_off"] == 2
-    assert not prev.weaker() and res.chosen == 0.5
+    halves = []
+    while prev.weaker():
+        halves.append(res.chosen)
+    assert halves[0] == pytest.approx(0.25, abs=0.01) and halves[-1] == 0.0
+    assert all(a > b for a, b in pairwise(halves)) and len(halves) <= 8
+    assert record["backed_off"] == 2 + len(halves) and res.chosen == 0.0
 
 
 def test_floors_spend_the_budget_evenly_over_searched_stages():
