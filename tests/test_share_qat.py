@@ -149,3 +149,34 @@ def test_size_kb_budget_holds_the_packed_file():
         share_weights(ck, "l1", bundle, size_kb=1.5, clusters=4)
     with pytest.raises(ValidationError, match="size_kb"):
         ShareStage(type="share", size_kb=2.0, avg_bits=0.9, assignment="entropy")
+
+
+def test_a_re_assignment_that_cannot_fit_skips_its_period(monkeypatch):
+    # a budgeted re-assignment that fails (the coder could not be brought within the
+    # budget) costs that period's measurement, not the run: training goes on and the kept
+    # state is one that fit
+    import xaicompress.quant.codebook as cb
+
+    real = cb.entropy_assigner
+
+    def flaky(*args, **kwargs):
+        inner, calls = real(*args, **kwargs), []
+
+        def assign(weights, starts=None):
+            calls.append(1)
+            if len(calls) == 2:  # the first re-assignment during training
+                raise XaiCompressError("--avg-bits 1.0: could not fit the entropy-coded "
+                                       "layers in the budget")
+            return inner(weights, starts)
+        return assign
+
+    monkeypatch.setattr(cb, "entropy_assigner", flaky)
+    val = _data(48, seed=1)
+    ck = _pruned()
+    qat = _share(ck, SimpleNamespace(train=_data(64), val=val), finetune="qat",
+                 finetune_epochs=1, finetune_lr=3e-3)
+    log = qat.history[-1]["log"]
+    assert [e["event"] for e in log] == ["start", "reassign_failed", "reassign"]
+    assert qat.history[-1]["kept_step"] in [e["step"] for e in log if e.get("val_loss")]
+    n = sum(m.weight.numel() for m in prunable_layers(ck.model).values())
+    assert _weight_bits(qat) <= AVG_BITS * n

@@ -214,8 +214,15 @@ class _QatRun:
             raise XaiCompressError("quantization-aware sharing diverged; try a smaller "
                                    "--finetune-lr")
         before = {n: p.nonzero.detach().cpu().bool() for n, p in self.layers.items()}
-        encs, info = self.reassign(latents, {n: p.codebook.detach().cpu().double().numpy()
-                                             for n, p in self.layers.items()})
+        try:
+            encs, info = self.reassign(latents, {n: p.codebook.detach().cpu().double().numpy()
+                                                 for n, p in self.layers.items()})
+        except XaiCompressError as exc:
+            # no budgeted state this period: keep training, measure nothing (the kept state
+            # is always one that fit: the start, or an earlier or later re-assignment)
+            self.log.append({"step": self.step, "event": "reassign_failed",
+                             "why": str(exc)})
+            return
         to_zero = from_zero = 0
         for name, p in self.layers.items():
             p.load(encs[name], float(info["lambda"]))
