@@ -279,3 +279,19 @@ def test_run_option_errors_name_the_flag(tmp_path, run_cli, args, match):
     cfg.write_text(yaml.safe_dump(TINY))
     code, _, err = run_cli("compress", "--config", cfg, "--out", tmp_path / "o", *args)
     assert code == 2 and match in err and "Traceback" not in err
+
+
+def test_a_stage_left_out_by_the_margin_says_how_to_let_it_in():
+    from xaicompress.pipeline.budget import Probe, SearchResult
+    from xaicompress.pipeline.run import _margin_note
+
+    # the weakest share loses 0.125 pt (floor 97.25 kept) but 0.45 pt of standard error
+    # leaves no room in a 0.5 pt budget on 800 images
+    held = SearchResult("avg_bits", 97.25, [Probe(2.25, 97.625, 9431, False, drop_se=0.45)],
+                        bound=97.25, margin=1.0)
+    note = _margin_note(held, 800)
+    assert "avg_bits=2.25 it kept its floor" in note and "800 validation images" in note
+    assert "(0.45 pt)" in note and "`val`" in note and "`margin`" in note
+    short = SearchResult("avg_bits", 97.25, [Probe(2.25, 96.0, 9431, False, drop_se=0.45)],
+                         bound=97.25, margin=1.0)
+    assert _margin_note(short, 800) == ""  # the floor itself failed: nothing to suggest

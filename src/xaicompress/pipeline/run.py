@@ -462,7 +462,8 @@ def _run_stages(config: PipelineConfig, cache: StageCache, steps: list[Checkpoin
             if searches is not None:
                 searches.append(record)
             if chosen is None:
-                say(f"stage {i + 1}/{n}: left out (no setting keeps the budget)")
+                say(f"stage {i + 1}/{n}: left out (no setting keeps the budget)"
+                    + _margin_note(search, len(bundle.val)))
                 prev = None
                 continue
             prev = _Searched(i, st, key, ckpt, search, record)
@@ -475,6 +476,19 @@ def _run_stages(config: PipelineConfig, cache: StageCache, steps: list[Checkpoin
         ckpt = hit
     steps.pop(0)
     return baseline, cached
+
+
+def _margin_note(search: SearchResult, images: int) -> str:
+    """Why a stage was left out, when its floor held but the margin did not: the user can
+    then give the budget more validation images or a smaller margin."""
+    held = [p for p in search.probes if p.val_accuracy >= search.floor]
+    if not held or search.bound is None:
+        return ""
+    best = max(held, key=lambda p: p.val_accuracy)
+    return (f"; at {search.field}={best.value} it kept its floor, but {search.margin:g} "
+            f"standard error(s) of its drop on {images} validation images "
+            f"({search.margin * best.drop_se:.2f} pt) left no room in the budget: more "
+            "validation images (`val`) or a smaller `margin` would let it in")
 
 
 #: how many times a searched stage that keeps the budget at no setting may make the stage
