@@ -277,6 +277,10 @@ def _paired(rows: list[dict[str, Any]]) -> list[str]:
     return [f"{m} `{d}` {fmt(v)} pt ({len(v)} seeds)" for (m, d), v in out]
 
 
+#: hand-written notes on the figures, appended to the section by every merge
+NOTES = ROOT / "benchmarks" / "notes" / "entropy.md"
+
+
 def merge() -> None:
     rows, notes = [], []
     for model in GOALS:
@@ -287,8 +291,11 @@ def merge() -> None:
             notes.append(f"{model}: seeds {', '.join(map(str, data['seeds']))}")
     seeds = sorted({r["seed"] for r in rows})
     write_json("entropy", {"seeds": seeds, "rows": rows})
+    # what the numbers say, written by hand (kept across regenerations)
+    hand = NOTES.read_text() if NOTES.is_file() else ""
     write_section("entropy", markdown(rows, seeds) + "\n\nRuns per model: " +
-                  "; ".join(notes) + ".\n\n" + _validation() + _speed())
+                  "; ".join(notes) + ".\n\n" + _validation() + _speed() +
+                  ("\n" + hand if hand else ""))
 
 
 def _validation() -> str:
