@@ -14,7 +14,8 @@ Steps:
     benchmarks/results/pipeline.json, docs/results/pipeline.md and docs/img/pipeline_*.png;
  3. read the benchmarks' JSON and decide per claim whether DeepLIFT improves (1) pruning,
     (2) weight sharing, (3) mixed precision (rule in `verdict`);
- 4. write docs/RESULTS.md = header + verdicts + every docs/results/*.md section.
+ 4. write docs/RESULTS.md = header + the hand-written benchmarks/notes/results.md (the state
+    of the work, the issue summaries) + verdicts + every docs/results/*.md section.
 """
 
 from __future__ import annotations
@@ -358,7 +359,10 @@ def write_results(quick: bool, status: dict[str, str]) -> Path:
             "Benchmarks run by this call: " + (", ".join(
                 f"{k} {v}" for k, v in status.items() if v != "not run") or
                 "none (sections from their scripts' own last runs)") + ".", ""]
-    body = [verdict_md] + [p.read_text().rstrip() + "\n" for p in sections]
+    # the hand-written state of the work and summaries (benchmarks/notes/results.md), first
+    notes = ROOT / "benchmarks" / "notes" / "results.md"
+    hand = [notes.read_text().rstrip() + "\n"] if notes.is_file() else []
+    body = hand + [verdict_md] + [p.read_text().rstrip() + "\n" for p in sections]
     text = "\n".join(head) + "\n" + "\n".join(body)
     atomic_write_text(ROOT / "docs" / "RESULTS.md", text)
     atomic_write_text(RESULTS / f"verdicts{'_quick' if quick else ''}.json",
