@@ -87,6 +87,38 @@ def test_global_scope_total_sparsity_and_no_empty_layer():
     assert per_layer["fc1"] > per_layer["fc3"]  # per-layer L1 normalisation: wide layers first
 
 
+def test_global_cap_spreads_the_cut_instead_of_stripping_one_layer():
+    from xaicompress.prune.unstructured import weight_masks
+
+    # layer "a" scores far below "b": uncapped, 90% of all weights empties "a" (one kept)
+    scores = {"a": torch.rand(100) * 1e-3, "b": torch.rand(100) + 1.0}
+    prior = {"a": None, "b": None}
+    free = weight_masks(scores, prior, 0.6, "global")
+    assert int(free["a"].sum()) == 1 and int(free["b"].sum()) == 79
+    capped = weight_masks(scores, prior, 0.6, "global", cap=0.8)
+    assert int(capped["a"].sum()) == 20  # a loses exactly the cap ...
+    assert int(capped["b"].sum()) == 60  # ... and b the rest, lowest scores first
+    b_gone = scores["b"][~capped["b"]]
+    assert b_gone.max() <= scores["b"][capped["b"]].min()
+    # a cap the target cannot be met within is exceeded, never leaving a layer empty
+    tight = weight_masks(scores, prior, 0.95, "global", cap=0.9)
+    assert sum(int(m.sum()) for m in tight.values()) == 10
+    assert all(m.any() for m in tight.values())
+
+
+def test_auto_cap_keeps_every_layer_of_a_global_deeplift_cut():
+    ck = _ckpt("lenet300")
+    free = prune_unstructured(ck, "l1", _fake(), ratio=0.95, layers="all", norm="l1",
+                              max_layer_ratio=1.0)
+    auto = prune_unstructured(ck, "l1", _fake(), ratio=0.95, layers="all", norm="l1",
+                              max_layer_ratio=None)
+    for out in (free, auto):
+        assert abs(out.history[-1]["sparsity"] - 0.95) < 1e-3
+    assert max(free.history[-1]["per_layer"].values()) > 0.975
+    assert max(auto.history[-1]["per_layer"].values()) <= 0.975 + 1e-6  # halfway to 1
+    assert auto.history[-1]["max_layer_ratio"] is None
+
+
 def test_default_is_classic_global_magnitude():
     ck = _ckpt("lenet300")
     out = prune_unstructured(ck, "l1", _fake(), ratio=0.9, layers="all")

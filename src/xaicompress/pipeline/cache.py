@@ -26,7 +26,7 @@ from xaicompress.errors import XaiCompressError
 from xaicompress.version import __version__
 
 #: bump when the meaning of a cache entry changes
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 def stable_hash(obj: Any) -> str:

@@ -150,6 +150,13 @@ class CriterionStage(_Stage):
         return _check_criterion(v)
 
 
+def _max_layer_ratio_field(default: float | None, what: str) -> Any:
+    """The per-layer cap of global-scope pruning (structured and unstructured)."""
+    return Field(default, description=(
+        f"Global scope: the most of any layer's {what} removed (none: halfway between the "
+        "ratio and 1; 1 = no cap, one weight or channel always stays)."))
+
+
 class PruneStructuredStage(CriterionStage):
     """Structured pruning (`xaicompress prune --structured`, `prune_structured`)."""
 
@@ -172,9 +179,8 @@ class PruneStructuredStage(CriterionStage):
         "Channels every layer keeps (below the widest layer's width)."))
     norm: Literal[STRUCTURED_NORMS] = Field("l1", description=(  # type: ignore[valid-type]
         "Global scope: how scores are compared across layers."))
-    max_layer_ratio: Annotated[float, Field(gt=0, le=1)] | None = Field(None, description=(
-        "Global scope: the most of any layer's channels removed (default: halfway between "
-        "the ratio and 1; 1 = no cap)."))
+    max_layer_ratio: Annotated[float, Field(gt=0, le=1)] | None = _max_layer_ratio_field(
+        None, "channels")
     reconstruct: bool = Field(False, description=(
         "After each cut, refit the layers that lost input channels by least squares to the "
         "uncut layers' outputs on calibration samples (ThiNet-style; post-training)."))
@@ -202,6 +208,8 @@ class PruneUnstructuredStage(CriterionStage):
         "layer: the ratio in every layer; global: one ranking over all layers."))
     norm: Literal[UNSTRUCTURED_NORMS] = Field("none", description=(  # type: ignore[valid-type]
         "Global scope: none (raw scores), l1 or mean (per-layer normalised)."))
+    max_layer_ratio: Annotated[float, Field(gt=0, le=1)] | None = _max_layer_ratio_field(
+        None, "weights")
     finetune_epochs: Epochs = Field(0, description="Fine-tuning epochs (masks held).")
     finetune_lr: LearningRate | None = Field(None, description=(
         "Adam learning rate of the fine-tuning (default 2e-3)."))

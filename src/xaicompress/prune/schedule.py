@@ -49,3 +49,19 @@ def check_scope(scope: str) -> str:
     if scope not in ("layer", "global"):
         raise XaiCompressError(f"--scope {scope!r}: expected 'layer' or 'global'")
     return scope
+
+
+def check_layer_cap(max_layer_ratio: float | None) -> None:
+    if max_layer_ratio is not None and not 0.0 < max_layer_ratio <= 1.0:
+        raise XaiCompressError(f"--max-layer-ratio {max_layer_ratio}: expected a fraction in "
+                               "(0, 1]")
+
+
+def layer_cap(fraction: float, max_layer_ratio: float | None) -> float:
+    """The largest fraction of any layer's (group's) channels or weights that global scope
+    may remove when `fraction` of all of them go: `max_layer_ratio`, or, when None
+    ("auto"), halfway between `fraction` and 1 (0.5 -> 0.75, 0.8 -> 0.9), never below
+    `fraction`."""
+    if max_layer_ratio is None:
+        return fraction + (1.0 - fraction) / 2
+    return max(float(max_layer_ratio), fraction)

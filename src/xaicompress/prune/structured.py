@@ -43,10 +43,12 @@ from xaicompress.prune.importance import (
 )
 from xaicompress.prune.schedule import (
     PRUNE_FINETUNE_LR,
+    check_layer_cap,
     check_options,
     check_ratio,
     check_scope,
     cumulative_targets,
+    layer_cap,
 )
 from xaicompress.prune.support import PruningGraph
 from xaicompress.relevance.base import UNITS, Criterion, compute_relevance
@@ -91,15 +93,6 @@ def group_scores(model: nn.Module, importance: tp.importance.Importance, example
 
 
 NORMS = ("l1", "mean", "max")
-
-
-def layer_cap(fraction: float, max_layer_ratio: float | None) -> float:
-    """The largest fraction of any group's original channels that global scope may remove
-    when `fraction` of all channels go: `max_layer_ratio`, or, when None ("auto"), halfway
-    between `fraction` and 1 (0.5 -> 0.75, 0.8 -> 0.9), never below `fraction`."""
-    if max_layer_ratio is None:
-        return fraction + (1.0 - fraction) / 2
-    return max(float(max_layer_ratio), fraction)
 
 
 def plan_removal(scores: dict[str, Tensor], original: dict[str, int], fraction: float,
@@ -294,9 +287,7 @@ def _check_structured_options(ckpt: Checkpoint, ratio: float, scope: str, steps:
                               max_layer_ratio: float | None) -> None:
     if norm not in NORMS:
         raise XaiCompressError(f"--norm {norm!r}: expected one of {', '.join(NORMS)}")
-    if max_layer_ratio is not None and not 0.0 < max_layer_ratio <= 1.0:
-        raise XaiCompressError(f"--max-layer-ratio {max_layer_ratio}: expected a fraction in "
-                               "(0, 1]")
+    check_layer_cap(max_layer_ratio)
     check_options(steps=steps, finetune_epochs=finetune_epochs, samples=samples,
                   finetune_lr=finetune_lr)
     check_scope(scope)
