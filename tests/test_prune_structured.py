@@ -221,8 +221,8 @@ def test_cli_structured(run_cli, tmp_path):
                       (("--structured", "--macs-ratio", "0.3", "--ratio", "0.5"),
                        "give either --ratio or --macs-ratio"),
                       (("--unstructured", "--ratio", "0.5", "--steps", "2"), "--steps"),
-                      (("--unstructured", "--ratio", "0.5", "--max-layer-ratio", "0.9"),
-                       "--max-layer-ratio"),
+                      (("--unstructured", "--ratio", "0.5", "--macs-ratio", "0.3"),
+                       "--macs-ratio"),
                       (("--structured", "--ratio", "0.5", "--norm", "none"), "--norm 'none'")]:
         code, _, err = run_cli("prune", src, "--criterion", "l1", *args, "--out", out)
         assert code == 2 and msg in err, err
