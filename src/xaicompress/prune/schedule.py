@@ -8,6 +8,8 @@ original MACs.
 
 from __future__ import annotations
 
+import torch
+
 from xaicompress.errors import XaiCompressError
 
 #: Adam learning rate of the fine-tuning after pruning when none is given. Measured on
@@ -65,3 +67,28 @@ def layer_cap(fraction: float, max_layer_ratio: float | None) -> float:
     if max_layer_ratio is None:
         return fraction + (1.0 - fraction) / 2
     return max(float(max_layer_ratio), fraction)
+
+
+#: one tier of candidates: (scores, owner layer index, index within the layer) per layer
+Tier = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def pick_lowest(tiers: tuple[Tier, Tier], n_remove: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `n_remove` lowest-scored candidates of a global ranking with a per-layer cap:
+    tier 0 (what each layer may lose within the cap) first, tier 1 only for what tier 0
+    could not supply. Returns (owners, indices); the sort is stable, so ties keep the order
+    the candidates were given in."""
+    owners, idxs = [], []
+    for tier in tiers:
+        if n_remove <= 0:
+            break
+        if not tier:
+            continue
+        sc, ow, ix = (torch.cat([t[k] for t in tier]) for k in range(3))
+        pick = torch.sort(sc, stable=True).indices[:n_remove]
+        owners.append(ow[pick])
+        idxs.append(ix[pick])
+        n_remove -= len(pick)
+    if not owners:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.cat(owners), torch.cat(idxs)

@@ -43,12 +43,14 @@ from xaicompress.prune.importance import (
 )
 from xaicompress.prune.schedule import (
     PRUNE_FINETUNE_LR,
+    Tier,
     check_layer_cap,
     check_options,
     check_ratio,
     check_scope,
     cumulative_targets,
     layer_cap,
+    pick_lowest,
 )
 from xaicompress.prune.support import PruningGraph
 from xaicompress.relevance.base import UNITS, Criterion, compute_relevance
@@ -130,7 +132,7 @@ def plan_removal(scores: dict[str, Tensor], original: dict[str, int], fraction: 
     if n_remove <= 0:
         return plan
     # tier 0: removable within the cap; tier 1: beyond the cap, down to the floor
-    tiers: list[list[tuple[Tensor, Tensor, Tensor]]] = [[], []]
+    tiers: tuple[Tier, Tier] = ([], [])
     for gi, (name, s) in enumerate(scores.items()):
         n0 = original.get(name, len(s))
         keep_cap = max(floors[name], n0 - int(cap * n0 + 1e-9))
@@ -138,16 +140,7 @@ def plan_removal(scores: dict[str, Tensor], original: dict[str, int], fraction: 
         split = max(0, len(s) - keep_cap)
         for t, idx in ((0, order[:split]), (1, order[split: len(s) - floors[name]])):
             tiers[t].append((s[idx], torch.full((len(idx),), gi, dtype=torch.long), idx))
-    picked_owner, picked_idx = [], []
-    for tier in tiers:
-        if n_remove <= 0:
-            break
-        sc, ow, ix = (torch.cat([t[k] for t in tier]) for k in range(3))
-        pick = torch.sort(sc, stable=True).indices[:n_remove]
-        picked_owner.append(ow[pick])
-        picked_idx.append(ix[pick])
-        n_remove -= len(pick)
-    owners, idxs = torch.cat(picked_owner), torch.cat(picked_idx)
+    owners, idxs = pick_lowest(tiers, n_remove)
     names = list(scores)
     for gi in owners.unique().tolist():
         plan[names[gi]] = sorted(idxs[owners == gi].tolist())

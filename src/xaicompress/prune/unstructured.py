@@ -35,11 +35,13 @@ from xaicompress.errors import XaiCompressError
 from xaicompress.prune.importance import l1_normalise
 from xaicompress.prune.schedule import (
     PRUNE_FINETUNE_LR,
+    Tier,
     check_layer_cap,
     check_options,
     check_ratio,
     check_scope,
     layer_cap,
+    pick_lowest,
 )
 from xaicompress.relevance.base import WEIGHTS, Criterion, Relevance, compute_relevance
 from xaicompress.relevance.registry import get_criterion
@@ -87,7 +89,7 @@ def weight_masks(scores: dict[str, Tensor], prior: dict[str, Tensor | None], rat
     flat = {n: ranked(n) for n in scores}
     # Each layer's best weight is exempt, so no layer is ever emptied. Tier 0: the weights
     # removable within the cap, lowest first; tier 1: the rest, only if tier 0 is too small.
-    tiers: list[list[tuple[Tensor, Tensor, Tensor]]] = [[], []]
+    tiers: tuple[Tier, Tier] = ([], [])
     for li, s in enumerate(flat.values()):
         best = int(torch.argmax(torch.nan_to_num(s, neginf=-1e30)))
         rank = torch.empty(s.numel(), dtype=torch.long)
@@ -99,17 +101,7 @@ def weight_masks(scores: dict[str, Tensor], prior: dict[str, Tensor | None], rat
             tiers[t].append((s[part], torch.full((part.numel(),), li, dtype=torch.long), part))
     total = sum(s.numel() for s in flat.values())
     n_remove = min(int(round(ratio * total)), total - len(flat))
-    picked_owner, picked_idx = [], []
-    for tier in tiers:
-        if n_remove <= 0:
-            break
-        sc, ow, ix = (torch.cat([t[k] for t in tier]) for k in range(3))
-        pick = torch.sort(sc, stable=True).indices[:n_remove]
-        picked_owner.append(ow[pick])
-        picked_idx.append(ix[pick])
-        n_remove -= len(pick)
-    owners = torch.cat(picked_owner) if picked_owner else torch.zeros(0, dtype=torch.long)
-    idxs = torch.cat(picked_idx) if picked_idx else torch.zeros(0, dtype=torch.long)
+    owners, idxs = pick_lowest(tiers, n_remove)
     for li, (name, s) in enumerate(flat.items()):
         keep = torch.ones(s.numel(), dtype=torch.bool)
         keep[idxs[owners == li]] = False
