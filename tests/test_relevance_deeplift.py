@@ -326,3 +326,29 @@ def test_agrees_with_captum_deeplift_where_captum_is_exact():
     assert float(delta.abs().max()) < 1e-8 * float(ours.delta_f.abs().mean())
     err = float((ours.inputs - theirs.detach()).abs().max() / theirs.abs().max())
     assert err < 1e-8
+
+
+def test_classmax_is_the_largest_per_class_mean():
+    """aggregate=classmax: per unit, the largest over the classes of the mean |contribution|
+    of that class's samples, i.e. of abs relevance scored on each class alone; the weights
+    stay abs. A unit one class needs scores at least its class's mean, not the diluted
+    mean over all samples."""
+    m = _model("lenet5", (1, 28, 28), {}).float()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(30, 1, 28, 28, generator=g), torch.arange(30) % 3
+    norm = {"pixel_mean": (0.13,), "pixel_std": (0.31,)}
+    rel = get_criterion("deeplift:aggregate=classmax", **norm).score(
+        m, DataLoader(TensorDataset(x, y), batch_size=7))
+    abs_all = get_criterion("deeplift", **norm).score(
+        m, DataLoader(TensorDataset(x, y), batch_size=7))
+    per_class = [get_criterion("deeplift", **norm).score(
+        m, DataLoader(TensorDataset(x[y == k], y[y == k]), batch_size=4)) for k in range(3)]
+    for name in rel.units:
+        want = torch.stack([r.units[name] for r in per_class]).max(0).values
+        torch.testing.assert_close(rel.units[name], want, rtol=1e-4, atol=1e-7)
+        assert (rel.units[name] >= abs_all.units[name] - 1e-6).all()
+        assert (rel.units[name] > abs_all.units[name] * 1.01).any(), name
+        torch.testing.assert_close(rel.weights[name], abs_all.weights[name])
+    bad = DataLoader(TensorDataset(x[:4], torch.tensor([0, 1, 2, 10])), batch_size=4)
+    with pytest.raises(XaiCompressError, match="classmax: a label outside 0..9"):
+        get_criterion("deeplift:aggregate=classmax", **norm).score(m, bad)

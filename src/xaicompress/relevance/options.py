@@ -71,8 +71,8 @@ def parse_target(value: Any) -> str | int:
     raise XaiCompressError(f"target={value!r}: expected true, pred, all or a class index")
 
 
-def parse_aggregate(value: Any) -> str:
-    return choice("aggregate", value, ("abs", "signed"))
+def parse_aggregate(value: Any, choices: Sequence[str] = ("abs", "signed")) -> str:
+    return choice("aggregate", value, choices)
 
 
 def per_channel(name: str, values: Any) -> tuple[float, ...] | None:
