@@ -133,10 +133,17 @@ def compress_once(kind: str, ckpt: Any, crit: str, calib: Any, setting: float, s
     return quantize(ckpt, c, calib, avg_bits=setting, seed=seed)
 
 
+#: DeepLIFT variants of the channel ranking only (classmax changes unit scores; its weight
+#: scores are abs's)
+DEEPLIFT_UNITS = ["deeplift:aggregate=classmax"]
+
+
 def criteria_for(kind: str) -> list[str]:
     others = [f"{c}:score=curvature" if kind == "quantize" and c in ("hessian", "fisher")
               else c for c in OTHERS]
-    return DEEPLIFT + others + (TP if kind.startswith("structured") else [])
+    structured = kind.startswith("structured")
+    return DEEPLIFT + (DEEPLIFT_UNITS if structured else []) + others + (TP if structured
+                                                                          else [])
 
 
 def run_grid(models: list[str], seeds: list[int], cells: Cells, kinds: list[str]) -> None:
