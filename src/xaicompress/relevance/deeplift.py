@@ -53,7 +53,7 @@ class _Run:
     ref: Reference | None = None
     group: int = 1
     reached: set[str] = field(default_factory=set)
-    #: aggregate=classmax: the labels of the rows being attributed, and the class count
+    #: aggregate=classmax: the labels of the samples being attributed, and the class count
     labels: Tensor | None = None
     classes: int = 0
 
@@ -141,7 +141,7 @@ class DeepLift(AccumulatingCriterion):
             if run.ref.per_sample is not None:
                 run.engine.set_reference(run.ref.per_sample(xs))
             if self.aggregate == "classmax":
-                self._count_classes(run, xs, ys, sums)
+                self._count_classes(run, ys, sums)
             rows = xs.repeat_interleave(group, 0) if group > 1 else xs
             res = run.engine.attribute(rows, opt.rows_target(self.target, ys, group),
                                        lambda p: self._on_layer(run, sums, p), inputs=False)
@@ -149,12 +149,11 @@ class DeepLift(AccumulatingCriterion):
             sums.add("rows", len(rows))
             sums.add("abs_delta_f", res.delta_f.abs().sum())
 
-    def _count_classes(self, run: _Run, xs: Tensor, ys: Tensor, sums: Sums) -> None:
-        """aggregate=classmax: remember the rows' labels; count the samples per class (the
-        model's outputs, read once from one sample, say how many classes there are)."""
+    def _count_classes(self, run: _Run, ys: Tensor, sums: Sums) -> None:
+        """aggregate=classmax: remember the rows' labels; count the samples per class (as
+        many classes as the reference pass gave the model outputs)."""
         if not run.classes:
-            with torch.no_grad():
-                run.classes = int(run.engine.model(xs[:1]).shape[1])
+            run.classes = run.engine.classes
             sums.zeros("class_samples", (run.classes,))
         labels = ys.long().to(sums.device)
         if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= run.classes):
@@ -169,7 +168,7 @@ class DeepLift(AccumulatingCriterion):
             c = pass_units(p.layer, p.z, p.z_ref, p.m, p.split)
             c = c.view(-1, group, c.shape[1]).mean(1)
             sums.add(f"{UNITS}/{p.name}", (c.abs() if absolute else c).sum(0))
-            if self.aggregate == "classmax" and run.labels is not None:
+            if self.aggregate == "classmax":
                 key = f"class_units/{p.name}"
                 if key not in sums.tensors:
                     sums.zeros(key, (run.classes, c.shape[1]))

@@ -331,6 +331,13 @@ class DeepLiftEngine:
         return self.inst.layer_names
 
     @property
+    def classes(self) -> int:
+        """The model's outputs per row, from the reference pass (set_reference first)."""
+        if self.inst.ref_out is None:
+            raise RuntimeError("set_reference must run before the classes are known")
+        return int(self.inst.ref_out.shape[1])
+
+    @property
     def heads(self) -> int:
         """How many nonlinearities can take RevealCancel (the rest use Rescale)."""
         return len(self.inst.canon.heads)
