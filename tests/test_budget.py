@@ -295,3 +295,53 @@ def test_a_stage_left_out_by_the_margin_says_how_to_let_it_in():
     short = SearchResult("avg_bits", 97.25, [Probe(2.25, 96.0, 9431, False, drop_se=0.45)],
                          bound=97.25, margin=1.0)
     assert _margin_note(short, 800) == ""  # the floor itself failed: nothing to suggest
+
+
+@pytest.mark.slow
+def test_a_stage_left_out_makes_an_earlier_stage_back_off(tmp_path, monkeypatch):
+    """Quantization costs 0.45 pt at any setting and keeps a 0.6 pt budget only when
+    structured pruning (0.4 pt per unit of ratio) stays at or below 0.375; unstructured
+    pruning (free) backing off cannot make room, so structured pruning backs off (cached
+    probes first) and the stages after it are searched again, until quantization fits.
+    Stages are stand-ins (run_stage records its option; accuracy and size follow from
+    them), the search is the real one."""
+    from xaicompress.pipeline import run as run_mod
+
+    def fake_stage(ckpt, bundle, st, seed):
+        new = ckpt.copy()
+        value = st.avg_bits if st.type == "quantize" else st.ratio
+        new.history.append({"fake": st.type, "value": value})
+        new.model._fake = list(new.history)
+        return new
+
+    def effect(history):
+        drop, size = 0.0, 10_000.0
+        for h in history:
+            if h.get("fake") == "prune_structured":
+                drop, size = drop + 0.4 * h["value"], size * (1 - h["value"])
+            elif h.get("fake") == "prune_unstructured":
+                size *= 1 - 0.9 * h["value"]
+            elif h.get("fake") == "quantize":
+                drop, size = drop + 0.45, size * h["value"] / 32
+        return drop, int(size)
+
+    def drop_of(self, model):
+        return self.baseline.metrics["val_accuracy"] - effect(model._fake)[0], 0.0
+
+    monkeypatch.setattr(run_mod, "run_stage", fake_stage)
+    monkeypatch.setattr(run_mod._StageRun, "drop_of", drop_of)
+    monkeypatch.setattr(run_mod, "packed_size", lambda ckpt: effect(ckpt.history)[1])
+    cfg = validate_config({**TINY, "train": {"epochs": 1},
+                           "target": {"max_drop": 0.6, "margin": 0}, "stages": [
+        {"type": "prune_structured", "ratio": 0.6},
+        {"type": "prune_unstructured", "ratio": 0.8},
+        {"type": "quantize", "criterion": "none", "avg_bits": 4, "samples": 64}]})
+    res = run_pipeline(cfg, tmp_path / "out", plots=False)
+    search = res.report["search"]
+    assert [s["stage"] for s in search] == [0, 1, 2]
+    structured, _, quant = search
+    assert quant["chosen"] is not None and structured["chosen"] <= 0.375
+    assert structured["backed_off"] >= 1
+    kinds = [h["fake"] for h in res.final.history if "fake" in h]
+    assert kinds == ["prune_structured", "prune_unstructured", "quantize"]
+    assert effect(res.final.history)[0] <= 0.6 + 1e-9

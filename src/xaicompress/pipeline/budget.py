@@ -18,10 +18,12 @@ and the stage keeps, among the probes that passed, the one with the smallest pac
 (`export.packed.packed_report(ckpt).file_bytes`, the one definition of size). When no probe
 passes, the weakest setting is tried; if that fails too, the searched stage just before it
 backs off to its next weaker passing probe and the stage is searched again
-(`pipeline.run.BACK_OFFS` times at most); only then is the stage left out. (Greedy
-stages spend the budget first come, first served: without the back-off, a pruning stage
-that took its whole share left entropy sharing, whose weakest setting still costs a few
-tenths of a point, no room, and the run ended at 10x.)
+(`pipeline.run.BACK_OFFS` times at most); if the stage still keeps the budget nowhere,
+the searched stage before that one backs off and every stage after it is searched again
+(`pipeline.run.CASCADES` times at most, the run with the smallest file kept); only then is
+the stage left out. (Greedy stages spend the budget first come, first served: without the
+back-off, a pruning stage that took its whole share left entropy sharing, whose weakest
+setting still costs a few tenths of a point, no room, and the run ended at 10x.)
 
 The probes are cached like stages (`OUT/cache`), keyed by the previous stage and the
 probe's options, so a rerun searches nothing twice; the test split is never read while
