@@ -2,7 +2,8 @@
 
     python benchmarks/entropy.py                       # 3 seeds, lenet5 + lenet300 (+ resnet20)
     python benchmarks/entropy.py --models lenet5 --seeds 0 --data 'mnist5k?split=2'
-    python benchmarks/entropy.py --tune lenet5         # the validation sweep (split 2)
+    python benchmarks/entropy.py --tune lenet5 --seeds 0,1,2,3,4,5 --size-kb 2.2,2.4,2.7
+                                                       # the validation sweep (split 2)
 
 For every model and seed, on the test split of `mnist5k` and of `mnist5k?split=1` (10,000
 other real digits' partition; the configs were chosen on `mnist5k?split=2`, `--tune`):
@@ -20,6 +21,23 @@ Also the encode (packed_bytes) and decode (packed_from_bytes) time of each final
 its bits per weight after coding per layer. Results: benchmarks/results/entropy.json and
 docs/results/entropy.md. Every pipeline stage is cached (benchmarks/results/cache/entropy),
 so the variants share their baseline and pruning stages and a rerun resumes.
+
+`--tune MODEL` is the validation sweep the configs were chosen from: the shipped config of
+MODEL on `mnist5k?split=2`, one run per seed and budget, with the share stage's budget set
+by `--size-kb` (its size_kb values, the packed file's size in KiB: lenet5's config budgets
+the file) or `--budgets` (its avg_bits values: lenet300, resnet20); the config's other
+budget, if it has one, is dropped. Without either, the config's own budget. `--share`,
+`--structured` and `--unstructured` take JSON options of the share / prune_structured /
+prune_unstructured stages (`--share` wins over the budget; a null drops an option), e.g.
+
+    python benchmarks/entropy.py --tune lenet5 --seeds 0,1,2,3,4,5 --size-kb 2.4 \
+        --structured '{"finetune_epochs": 4}' --unstructured '{"ratio": 0.75}'
+
+Each row (benchmarks/results/entropy_tune_MODEL.json, or `--tune-file`) records the
+validation drop (`val_drop`: baseline - final accuracy on the validation split carved from
+the training data, report.json `baseline.val_accuracy` - `final.val_accuracy`), on which
+the choices are made, and the test drop of that split (`drop`), only shown; the docs'
+validation table (`--merge`) has both, '-' for older rows without the validation drop.
 """
 
 from __future__ import annotations
@@ -116,9 +134,14 @@ def run(model: str, data: str, seed: int, tag: str, **variant: Any) -> dict[str,
     enc = _median_time(lambda: packed_bytes(res.final))
     dec = _median_time(lambda: packed_from_bytes(raw))
     r = res.report
+    base_val, final_val = r["baseline"].get("val_accuracy"), r["final"].get("val_accuracy")
     return {"model": model, "data": data, "seed": seed, "tag": tag, "variant": variant,
             "ratio": r["compression_ratio"], "drop": r["accuracy_drop"],
             "accuracy": r["final"]["accuracy"], "baseline_accuracy": r["baseline"]["accuracy"],
+            # on the validation split carved from the training data (None without one)
+            "val_drop": None if base_val is None or final_val is None else
+            round(base_val - final_val, 4),
+            "val_accuracy": final_val, "baseline_val_accuracy": base_val,
             "file_bytes": r["final"]["size_bytes"], "fp32_bytes": r["baseline"]["fp32_bytes"],
             "encode_ms": 1e3 * enc, "decode_ms": 1e3 * dec, "wall_s": wall,
             "layers": {n: {k: v for k, v in lay.items() if k in (
@@ -133,6 +156,10 @@ def _number_or_word(v: str) -> float | str:
         return v
 
 
+def _floats(text: str | None) -> list[float] | None:
+    return None if text is None else [float(v) for v in text.split(",")]
+
+
 def _median_time(fn: Any, repeats: int = 5) -> float:
     times = []
     for _ in range(repeats):
@@ -143,11 +170,49 @@ def _median_time(fn: Any, repeats: int = 5) -> float:
 
 
 def _share_stage(model: str) -> dict[str, Any]:
+    """The budget options of the shipped config's share stage."""
     from xaicompress.pipeline import load_config
 
     cfg = load_config(ROOT / "configs" / f"{model}-mnist.yaml")
     st = next(s for s in cfg.stages if s.type == "share")
-    return {"avg_bits": st.avg_bits, "clusters": st.clusters}
+    return {"avg_bits": st.avg_bits, "clusters": st.clusters, "size_kb": st.size_kb}
+
+
+BUDGET_KEYS = ("avg_bits", "size_kb")
+
+
+def _tune_shares(model: str, avg_bits: list[float] | None, size_kb: list[float] | None,
+                 share: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The share options of each budget of a sweep: avg_bits or size_kb values (neither:
+    the config's own budget, or the one --share sets), --share winning; the config's other
+    budget is dropped (None: avg_bits and size_kb cannot both be set)."""
+    if avg_bits is not None and size_kb is not None:
+        raise SystemExit("give --budgets (avg_bits) or --size-kb, not both")
+    st = _share_stage(model)
+    share = share or {}
+    if avg_bits is not None:
+        budgets = [{"avg_bits": b} for b in avg_bits]
+    elif size_kb is not None:
+        budgets = [{"size_kb": b} for b in size_kb]
+    elif any(k in share for k in BUDGET_KEYS):
+        budgets = [{}]
+    else:
+        budgets = [{k: st[k]} for k in BUDGET_KEYS if st[k] is not None][:1] or [{}]
+    out = []
+    for b in budgets:
+        opts = {**b, **share}  # share wins
+        for k, other in (BUDGET_KEYS, BUDGET_KEYS[::-1]):
+            if opts.get(k) is not None and st[other] is not None and other not in opts:
+                opts[other] = None
+        out.append(opts)
+    return out
+
+
+def _tag(variant: dict[str, Any]) -> str:
+    """A run folder's name: the share options, then the other stages' (prefixed)."""
+    return "tune-" + "-".join(
+        f"{'' if part == 'share' else part + '.'}{k}{'None' if v is None else v}"
+        for part, opts in variant.items() for k, v in sorted(opts.items()))
 
 
 def dc_at_size(model: str, data: str, seed: int, target_bytes: int,
@@ -195,30 +260,36 @@ def evaluate(models: list[str], seeds: list[int], splits: tuple[str, ...], dc: b
     return rows
 
 
-def tune(model: str, seeds: list[int], budgets: list[float], share: dict[str, Any] | None = None,
-         unstructured: dict[str, Any] | None = None,
-         structured: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The validation sweep: shipped config with other share budgets (and the share /
-    unstructured options given) on TUNE_SPLIT; appended to the sweep's earlier rows (a
-    row of the same options and seed is replaced)."""
-    path = RESULTS / f"entropy_tune_{model}.json"
+def tune(model: str, seeds: list[int], budgets: list[float] | None = None,
+         share: dict[str, Any] | None = None, unstructured: dict[str, Any] | None = None,
+         structured: dict[str, Any] | None = None, size_kb: list[float] | None = None,
+         path: Path | None = None) -> list[dict[str, Any]]:
+    """The validation sweep: the shipped config with other share budgets (`budgets`:
+    avg_bits, `size_kb`: the file's KiB; `_tune_shares`) and the share / unstructured /
+    structured options given, on TUNE_SPLIT; appended to the sweep's earlier rows in `path`
+    (default benchmarks/results/entropy_tune_<model>.json; a row of the same options and
+    seed is replaced). Each row has the validation drop (`val_drop`, the deciding one) and
+    the test drop of TUNE_SPLIT (`drop`)."""
+    from xaicompress.atomic import atomic_write_text
+
+    path = path or RESULTS / f"entropy_tune_{model}.json"
     rows: list[dict[str, Any]] = []
-    for b in budgets:
+    for opts in _tune_shares(model, budgets, size_kb, share):
         for seed in seeds:
-            variant = {"share": {"avg_bits": b, **(share or {})}}  # share wins
+            variant = {"share": opts}
             if unstructured:
                 variant["unstructured"] = unstructured
             if structured:
                 variant["structured"] = structured
-            tag = "tune-" + "-".join(f"{k}{v}" for part in variant.values()
-                                     for k, v in sorted(part.items()))
-            r = run(model, TUNE_SPLIT, seed, tag, **variant)
+            r = run(model, TUNE_SPLIT, seed, _tag(variant), **variant)
             rows.append(r)
             # read again just before writing: two sweeps may run side by side
             old = json.loads(path.read_text()) if path.is_file() else []
-            write_json(f"entropy_tune_{model}", [
-                x for x in old if (x["variant"], x["seed"]) != (r["variant"], seed)] + [r])
-            print(json.dumps({k: r[k] for k in ("model", "seed", "ratio", "drop",
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps([
+                x for x in old if (x["variant"], x["seed"]) != (r["variant"], seed)] + [r],
+                indent=2))
+            print(json.dumps({k: r[k] for k in ("model", "seed", "ratio", "val_drop", "drop",
                                                 "file_bytes", "wall_s")} | variant),
                   flush=True)
     return rows
@@ -303,13 +374,28 @@ def merge() -> None:
                   ("\n" + hand if hand else ""))
 
 
+def _val_drop(rs: list[dict[str, Any]]) -> str:
+    """Mean ± std of the rows' validation drops; '-' where no row has one (older rows), the
+    count where only some have."""
+    vals = [r["val_drop"] for r in rs if r.get("val_drop") is not None]
+    if not vals:
+        return "-"
+    return fmt(vals) + (f" ({len(vals)} of {len(rs)} seeds)" if len(vals) < len(rs) else "")
+
+
 def _validation() -> str:
-    """The validation runs (TUNE_SPLIT) the configs were chosen from, one row per variant."""
+    """The validation runs (TUNE_SPLIT) the configs were chosen from, one row per variant:
+    the validation drop decides, the test drop of TUNE_SPLIT is only shown."""
     lines = [f"Validation runs on `{TUNE_SPLIT}` (the share stage's options as changed from "
-             "the config of the time; `qat_kwargs`: `finetune_qat` constants of the run, "
+             "the config of the time, null = dropped, then those of other stages; "
+             "`qat_kwargs`: `finetune_qat` constants of the run, "
              "rows without them and with `finetune: qat` ran at the final defaults; older "
-             "rows predate the QAT share):", "",
-             "| model | options | seeds | x smaller | drop (pt) |", "|---|---|---|---:|---:|"]
+             "rows predate the QAT share). The configs are chosen on the validation drop "
+             "(baseline - final accuracy on the validation split carved from the training "
+             "data; '-': older rows, which did not record it); the test drop is that of "
+             f"`{TUNE_SPLIT}`'s test split, only shown:", "",
+             "| model | options | seeds | x smaller | validation drop (pt) | test drop (pt) |",
+             "|---|---|---|---:|---:|---:|"]
     for p in sorted(RESULTS.glob("entropy_tune_*.json")):
         groups: dict[str, list[dict[str, Any]]] = {}
         for r in json.loads(p.read_text()):
@@ -321,7 +407,7 @@ def _validation() -> str:
             model, opts = key.split("|", 1)
             seeds = ", ".join(str(r["seed"]) for r in rs)
             lines.append(f"| {model} | `{opts}` | {seeds} | {fmt([r['ratio'] for r in rs], 1)} "
-                         f"| {fmt([r['drop'] for r in rs])} |")
+                         f"| {_val_drop(rs)} | {fmt([r['drop'] for r in rs])} |")
     return "\n".join(lines) + "\n\n"
 
 
@@ -345,8 +431,16 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="drop the model's earlier rows "
                     "(default: keep those of other data / seeds / variants)")
     ap.add_argument("--tune", default=None, help="model: the validation sweep instead")
-    ap.add_argument("--budgets", default="0.3,0.4,0.5,0.6")
-    ap.add_argument("--share", default=None, help="with --tune: JSON of share options")
+    budget = ap.add_mutually_exclusive_group()
+    budget.add_argument("--budgets", default=None, help="with --tune: comma-separated "
+                        "avg_bits values of the share stage (a config's size_kb is dropped)")
+    budget.add_argument("--size-kb", default=None, help="with --tune: comma-separated "
+                        "size_kb values of the share stage, the packed file's KiB (a "
+                        "config's avg_bits is dropped); neither: the config's own budget")
+    ap.add_argument("--tune-file", type=Path, default=None, help="with --tune: the rows' "
+                    "JSON (default benchmarks/results/entropy_tune_<model>.json)")
+    ap.add_argument("--share", default=None, help="with --tune: JSON of share options "
+                    "(they win over the budget; null drops an option)")
     ap.add_argument("--qat", default=None, help="with --tune: finetune_qat keyword "
                     "arguments, e.g. latent_scale=0.05,other_lr=0.01,reassigns=4")
     ap.add_argument("--structured", default=None,
@@ -367,10 +461,11 @@ def main() -> None:
         QAT_KWARGS.update({k: _number_or_word(v) for k, v in (kv.split("=") for kv in
                                                                args.qat.split(","))})
     if args.tune:
-        tune(args.tune, seeds, [float(b) for b in args.budgets.split(",")],
+        tune(args.tune, seeds, _floats(args.budgets),
              json.loads(args.share) if args.share else None,
              json.loads(args.unstructured) if args.unstructured else None,
-             json.loads(args.structured) if args.structured else None)
+             json.loads(args.structured) if args.structured else None,
+             size_kb=_floats(args.size_kb), path=args.tune_file)
         return
     rows = evaluate(args.models.split(","), seeds, tuple(args.data.split(",")),
                     not args.no_dc, not args.no_plain)
