@@ -345,3 +345,5 @@ def test_a_stage_left_out_makes_an_earlier_stage_back_off(tmp_path, monkeypatch)
     kinds = [h["fake"] for h in res.final.history if "fake" in h]
     assert kinds == ["prune_structured", "prune_unstructured", "quantize"]
     assert effect(res.final.history)[0] <= 0.6 + 1e-9
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert f"| {structured['chosen']:g} | - | - | - | backed off" in md

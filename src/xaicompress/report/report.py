@@ -340,6 +340,10 @@ def _search_markdown(report: dict[str, Any]) -> list[str]:
             lines.append(f"| {rec['name']} (floor {rec['floor']:.2f}%) | {rec['field']} | "
                          f"{p['value']:g} | {p['val_accuracy']:.2f} | {drop} | "
                          f"{kb(p['size_bytes'])} | {mark} |")
+        if rec.get("backed_off"):
+            lines.append(f"| {rec['name']} | {rec['field']} | {rec['chosen']:g} | - | - | - | "
+                         f"backed off {rec['backed_off']}x: a later stage kept the budget "
+                         "at no setting |")
         if rec["chosen"] is None:
-            lines.append(f"| {rec['name']} | - | - | - | - | left out |")
+            lines.append(f"| {rec['name']} | - | - | - | - | - | left out |")
     return lines
