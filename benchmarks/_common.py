@@ -33,11 +33,12 @@ def fmt(values: list[float], digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def write_json(name: str, data: Any) -> Path:
+def write_json(name: str, data: Any, path: Path | None = None) -> Path:
+    """Write `data` to benchmarks/results/<name>.json, or to `path` when given."""
     from xaicompress.atomic import atomic_write_text
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    p = RESULTS / f"{name}.json"
+    p = path or RESULTS / f"{name}.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(p, json.dumps(data, indent=2))
     return p
 

@@ -270,8 +270,6 @@ def tune(model: str, seeds: list[int], budgets: list[float] | None = None,
     (default benchmarks/results/entropy_tune_<model>.json; a row of the same options and
     seed is replaced). Each row has the validation drop (`val_drop`, the deciding one) and
     the test drop of TUNE_SPLIT (`drop`)."""
-    from xaicompress.atomic import atomic_write_text
-
     path = path or RESULTS / f"entropy_tune_{model}.json"
     rows: list[dict[str, Any]] = []
     for opts in _tune_shares(model, budgets, size_kb, share):
@@ -285,10 +283,9 @@ def tune(model: str, seeds: list[int], budgets: list[float] | None = None,
             rows.append(r)
             # read again just before writing: two sweeps may run side by side
             old = json.loads(path.read_text()) if path.is_file() else []
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps([
+            write_json(f"entropy_tune_{model}", [
                 x for x in old if (x["variant"], x["seed"]) != (r["variant"], seed)] + [r],
-                indent=2))
+                path=path)
             print(json.dumps({k: r[k] for k in ("model", "seed", "ratio", "val_drop", "drop",
                                                 "file_bytes", "wall_s")} | variant),
                   flush=True)

@@ -450,16 +450,14 @@ def _run_stages(config: PipelineConfig, cache: StageCache, steps: list[Checkpoin
     # margin after unstructured pruning backed off twice, and the run ended at 13x.)
     forced: dict[int, int] = {}
     exhausted: set[int] = set()
-    best: tuple[int, list[Checkpoint], list[bool], list[dict[str, Any]]] | None = None
+    attempts: list[tuple[list[Checkpoint], list[bool], list[dict[str, Any]]]] = []
     for attempt in range(CASCADES + 1):
         del steps[1:]  # the baseline stays (an interruption counts what was kept)
         del cached[1:]
         a_searches: list[dict[str, Any]] = []
         left_out, searched, last_backed = _search_and_run(
             config, run, floors, key, steps, cached, a_searches, say, forced, exhausted)
-        size = packed_size(steps[-1]) if config.target is not None else 0
-        if best is None or size < best[0]:
-            best = (size, list(steps), list(cached), a_searches)
+        attempts.append((list(steps), list(cached), a_searches))
         candidates = [s for s in searched
                       if left_out is not None and s < left_out and s != last_backed
                       and s not in exhausted]
@@ -469,8 +467,9 @@ def _run_stages(config: PipelineConfig, cache: StageCache, steps: list[Checkpoin
         forced[k] = forced.get(k, 0) + 1
         say(f"stage {left_out + 1}/{len(config.stages)} was left out: stage {k + 1} backs off "
             "and the stages after it are searched again")
-    assert best is not None
-    _, kept_steps, kept_cached, kept_searches = best
+    # the smallest final file (the first on a tie); one pass, the usual case, packs nothing
+    kept_steps, kept_cached, kept_searches = (
+        attempts[0] if len(attempts) == 1 else min(attempts, key=lambda a: packed_size(a[0][-1])))
     steps[:], cached[:] = kept_steps, kept_cached
     if searches is not None:
         searches.extend(kept_searches)
@@ -525,9 +524,7 @@ def _search_and_run(config: PipelineConfig, run: _StageRun, floors: list[float |
                     break
             if forced.get(i):
                 say(f"stage {i + 1}/{n}: backs off to {search.field}={search.chosen}")
-                st = _with_value(st, search.chosen)
-            else:
-                st = chosen
+            st = _with_value(st, search.chosen)
             searched.append(i)
         else:
             prev = None
