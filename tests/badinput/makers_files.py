@@ -27,7 +27,14 @@ from xaicompress.checkpoint import (
 )
 from xaicompress.encoding import ActQuant, Codebook, IntGrid, Mask
 from xaicompress.export.packed import write_packed
-from xaicompress.export.xcpk_reader import HEADER_DICT, MAGIC, PREFIX, TRAILER, compress_header
+from xaicompress.export.xcpk_reader import (
+    HEADER_DICT,
+    MAGIC,
+    PREFIX,
+    TRAILER,
+    VERSION,
+    compress_header,
+)
 
 MARKER = "PAYLOAD_RAN"
 _ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -137,7 +144,7 @@ def xcpk_parts(path: Path) -> tuple[dict[str, Any], bytes]:
     return header, raw[PREFIX.size + hlen:len(raw) - TRAILER.size]
 
 
-def write_xcpk(path: Path, header: Any, payload: bytes, *, version: int = 2,
+def write_xcpk(path: Path, header: Any, payload: bytes, *, version: int = VERSION,
                crc: bool = True, compressed: bytes | None = None) -> Path:
     """Assemble a packed file (valid CRC unless crc=False)."""
     hdr = compressed if compressed is not None else compress_header(

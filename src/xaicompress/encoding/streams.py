@@ -5,9 +5,12 @@ A tensor is stored as a few streams, each a byte string with a *role* (what it h
 laid out). The packed header names both for every stream, so a new coding (an entropy
 coder, issue 18) is one more name here and in `docs/format.md`, not a new file format.
 
-Codings of format version 2 (all little-endian):
+Codings of format version 3 (all little-endian):
 
   float32, float16                 IEEE 754 values
+  fill16, fill32                   (dense values) one value that every value equals
+  grid8                            (dense values) binary16 scale, then int8 values
+                                   (`encoding.dense`; `xcpk_reader.decode_floats` reads)
   int64, int32, int16, int8, uint8 two's-complement / unsigned integers
   bool                             one byte per value, 0 or 1
   uint1 .. uint16                  unsigned integers of that many bits, bit-packed

@@ -3,7 +3,8 @@
 One format for every model the project writes (plain, pruned, shared, quantized), specified
 byte by byte in `docs/format.md`:
 
-  prefix   b"XCPK", format version 2 (1 byte), header length (uint32 little-endian)
+  prefix   b"XCPK", format version 3 (1 byte; version 2 is read too), header length
+           (uint32 little-endian)
   header   zlib-compressed JSON: model spec, the widths that differ from the registered
            architecture (structured pruning), data spec, every tensor's shape, encoding and
            streams (role, coding, byte length), and the quantized activations

@@ -1,4 +1,4 @@
-"""Standalone reader of xaicompress packed model files (`.xcpk`, format version 2).
+"""Standalone reader of xaicompress packed model files (`.xcpk`, format versions 2 and 3).
 
 Needs numpy and the Python standard library only (plus `constriction` 0.5.0, imported only
 for entropy-coded "range" streams): copy this one file into any project.
@@ -33,7 +33,10 @@ from typing import Any
 import numpy as np
 
 MAGIC = b"XCPK"
-VERSION = 2
+#: the version writers write; READ_VERSIONS are read (a version 2 file differs only by its
+#: header dictionary and has none of version 3's value codings)
+VERSION = 3
+READ_VERSIONS = (2, 3)
 #: magic, format version, length of the compressed header (little-endian)
 PREFIX = struct.Struct("<4sBI")
 #: CRC-32 (zlib.crc32) of every byte before it, little-endian
@@ -57,10 +60,8 @@ MAX_K = 1 << 16  # codebook entries
 INT_BITS = (2, 16)  # integer grid widths
 ACT_BITS = (2, 8)  # activation widths
 
-#: the preset zlib dictionary of version 2 headers (RFC 1950 FDICT): the key names and
-#: stream descriptions every header repeats, so they cost almost nothing (the demo's header
-#: takes 236 bytes with it, 408 without); docs/format.md lists it byte by byte
-HEADER_DICT = (
+#: the preset zlib dictionary of version 2 headers (RFC 1950 FDICT), read only
+HEADER_DICT_V2 = (
     b'{"model":{"name":"","input_shape":[3,32,32],"num_classes":10,"kwargs":{}},"data":null,'
     b'"widths":{"in":,"out":,"groups":1}},"activations":{"bits":8,"scale":0.0},'
     b'"tensors":{"layer1.0.downsample.features.classifier.bn1.conv1.fc1.running_mean":'
@@ -75,11 +76,49 @@ HEADER_DICT = (
     b'{"role":"indices","coding":"uint.weight":{"shape":[],"encoding":"dense","streams":'
     b'[{"role":"values","coding":"float32","bytes":}]},.bias":{"shape":[],"encoding":"dense",'
     b'"streams":[{"role":"values","coding":"float32","bytes":}]},')
+#: the preset zlib dictionary of version 3 headers (RFC 1950 FDICT): the key names, stream
+#: descriptions and model names headers repeat, the most frequent last (the nearest for
+#: deflate), so they cost almost nothing (the demo's header takes 281 bytes with it, 332 with
+#: version 2's, 488 without); docs/format.md lists it byte by byte
+HEADER_DICT = (
+    b'{"model":{"name":"resnet20","input_shape":[3,32,32],"num_classes":1000,"kwargs":'
+    b'{},"preprocess":{"mean":[0.485,0.456,0.406],"std":[0.229,0.224,0.225],"size":224'
+    b',"resize":256}},"data":null,"activations":{"bits":8,"scale":0.0},"widths":{"feat'
+    b'ures.classifier.downsample.layer1.0.layers.0.shortcut.0.bn1":{"in":1,"out":1,"gr'
+    b'oups":1},{"shape":[],"encoding":"intgrid","bits":,"masked":true,"streams":[{"rol'
+    b'e":"positions","coding":"relidx","bytes":},{"role":"scales","coding":"float32","'
+    b'bytes":},{"role":"values","coding":"uint{"role":"values","coding":"range","bytes'
+    b'":}]},"num_batches_tracked":{"shape":[],"encoding":"dense","streams":[{"role":"v'
+    b'alues","coding":"int64","bytes":8}]},"running_mean":{"shape":[],"encoding":"dens'
+    b'e","streams":[{"role":"values","coding":"float32","bytes":}]},"running_var":{"sh'
+    b'ape":[],"encoding":"dense","streams":[{"role":"values","coding":"float32","bytes'
+    b'":}]},"num_batches_tracked":{"shape":[],"encoding":"dense","streams":[{"role":"v'
+    b'alues","coding":"int8","bytes":1}]},"running_mean":{"shape":[],"encoding":"dense'
+    b'","streams":[{"role":"values","coding":"fill16","bytes":2}]},"running_var":{"sha'
+    b'pe":[],"encoding":"dense","streams":[{"role":"values","coding":"fill16","bytes":'
+    b'2}]},.weight":{"shape":[],"encoding":"dense","streams":[{"role":"values","coding'
+    b'":"float16","bytes":}]},"encoding":"codebook","k":,"masked":true,"streams":[{"ro'
+    b'le":"positions","coding":"bitmap","bytes":},{"role":"codebook","coding":"float16'
+    b'","bytes":},{"role":"indices","coding":"uint"encoding":"codebook","k":,"masked":'
+    b'true,"streams":[{"role":"positions","coding":"range","bytes":},{"role":"codebook'
+    b'","coding":"float16","bytes":},{"role":"indices","coding":"range","bytes":}]},"e'
+    b'ncoding":"codebook","k":,"masked":true,"streams":[{"role":"positions","coding":"'
+    b'zerocluster","bytes":0},{"role":"codebook","coding":"float16","bytes":},{"role":'
+    b'"indices","coding":"range","bytes":}]},.bias":{"shape":[],"encoding":"dense","st'
+    b'reams":[{"role":"values","coding":"grid8","bytes":}]},"tensors":{"conv1.bias":{"'
+    b'shape":[')
+HEADER_DICTS = {2: HEADER_DICT_V2, 3: HEADER_DICT}
 HEADER_KEYS = {"model", "widths", "data", "tensors", "activations"}
 RECORD_KEYS = {"shape", "encoding", "streams", "masked", "k", "bits"}
 STREAM_KEYS = {"role", "coding", "bytes"}
 ARRAY_CODINGS = {"float32": "<f4", "float16": "<f2", "int64": "<i8", "int32": "<i4",
                  "int16": "<i2", "int8": "i1", "uint8": "u1", "bool": "u1"}
+#: value codings of a dense tensor's float values besides float32 / float16 (version 3):
+#: "fill16" / "fill32" one binary16 / binary32 value that every value equals; "grid8" a
+#: binary16 scale s > 0, then one int8 q in -127..127 per value, value = float32(q) * s
+FILL_CODINGS = {"fill16": "float16", "fill32": "float32"}
+GRID8 = "grid8"
+GRID8_QMAX = 127
 POSITION_CODINGS = ("bitmap", "relidx", "range")
 
 # Entropy coding ("range" streams, docs/format.md "Range coding"): constriction's range coder
@@ -144,7 +183,7 @@ def parse_container(raw: bytes, source: str = "packed file") -> Container:
     decoded yet."""
     payload_start, payload_end = _check_frame(raw, source)
     hlen = payload_start - PREFIX.size
-    header = _inflate_json(raw[PREFIX.size:payload_start], source)
+    header = _inflate_json(raw[PREFIX.size:payload_start], source, raw[4])
     unknown = sorted(set(header) - HEADER_KEYS)
     if unknown:
         raise XcpkError(f"{source}: unknown header keys {unknown[:3]}")
@@ -164,9 +203,9 @@ def _check_frame(raw: bytes, source: str) -> tuple[int, int]:
     if version == 1:
         raise XcpkError(f"{source}: packed format version 1 is no longer read (it had no "
                         "checksum); export the model again from its .safetensors checkpoint")
-    if version != VERSION:
+    if version not in READ_VERSIONS:
         raise XcpkError(f"{source}: packed format version {version}, this reader supports "
-                        f"{VERSION}")
+                        f"{' and '.join(map(str, READ_VERSIONS))}")
     if len(raw) > MAX_FILE_BYTES:
         raise XcpkError(f"{source}: {len(raw)} bytes, more than the {MAX_FILE_BYTES}-byte cap")
     if hlen > MAX_HEADER_BYTES or PREFIX.size + hlen + TRAILER.size > len(raw):
@@ -188,14 +227,15 @@ def compress_header(text: bytes) -> bytes:
     return c.compress(text) + c.flush()
 
 
-def _inflate_json(data: bytes, source: str) -> dict[str, Any]:
+def _inflate_json(data: bytes, source: str, version: int = VERSION) -> dict[str, Any]:
     """The header JSON, inflated to at most MAX_HEADER_JSON bytes."""
+    zdict = HEADER_DICTS[version]
     # RFC 1950: FDICT (bit 5 of the second byte), then the dictionary's Adler-32
     if len(data) < 6 or not data[1] & 0x20 or \
-            int.from_bytes(data[2:6], "big") != zlib.adler32(HEADER_DICT):
-        raise XcpkError(f"{source}: header is not a zlib stream with the version 2 "
+            int.from_bytes(data[2:6], "big") != zlib.adler32(zdict):
+        raise XcpkError(f"{source}: header is not a zlib stream with the version {version} "
                         "dictionary (corrupt packed file header)")
-    d = zlib.decompressobj(zdict=HEADER_DICT)
+    d = zlib.decompressobj(zdict=zdict)
     try:
         text = d.decompress(data, MAX_HEADER_JSON)
         if d.unconsumed_tail or not d.eof:
@@ -310,6 +350,29 @@ def _array(stream: tuple[str, str, bytes], codings: tuple[str, ...], count: int,
         if not np.isfinite(arr).all():
             raise XcpkError(f"{where}: {role} stream holds NaN or Inf values")
     return arr
+
+
+def decode_floats(stream: tuple[str, str, bytes], count: int, where: str) -> np.ndarray:
+    """`count` float32 values of a dense tensor's "values" stream: float32, float16,
+    fill16, fill32 or grid8 (finite; docs/format.md, "Stream codings")."""
+    role, coding, data = stream
+    if coding in FILL_CODINGS:
+        if not count:
+            raise XcpkError(f"{where}: {role} stream coded {coding} for a tensor of no value")
+        one = _array((role, FILL_CODINGS[coding], data), (FILL_CODINGS[coding],), 1, where)
+        return np.full(count, one[0], dtype=np.float32)
+    if coding == GRID8:
+        if len(data) != 2 + count:
+            raise XcpkError(f"{where}: {role} stream coded {GRID8} of {len(data)} bytes, "
+                            f"expected 2 + {count}")
+        scale = np.frombuffer(data, "<f2", count=1).astype(np.float32)
+        q = np.frombuffer(data, "i1", offset=2, count=count)
+        if not (np.isfinite(scale[0]) and scale[0] > 0) or (
+                count and int(np.abs(q.astype(np.int64)).max()) > GRID8_QMAX):
+            raise XcpkError(f"{where}: {GRID8} stream needs a finite scale > 0 and integers "
+                            f"in -{GRID8_QMAX}..{GRID8_QMAX}")
+        return q.astype(np.float32) * scale[0]
+    return _array(stream, ("float32", "float16"), count, where)
 
 
 def unpack_uint(data: bytes, bits: int, count: int, where: str) -> np.ndarray:
@@ -502,11 +565,16 @@ def _decode_dense(rec: dict[str, Any], streams: dict[str, Any], shape: tuple[int
                   keep: np.ndarray, where: str) -> tuple[np.ndarray, dict[str, Any]]:
     del rec
     stream = _take(streams, "values", where)
-    vals = _array(stream, tuple(ARRAY_CODINGS), int(keep.sum()), where)
+    if stream[1] in FILL_CODINGS or stream[1] == GRID8:
+        vals = decode_floats(stream, int(keep.sum()), where)
+    else:
+        vals = _array(stream, tuple(ARRAY_CODINGS), int(keep.sum()), where)
     if stream[1] == "bool":
         if vals.size and int(vals.max()) > 1:
             raise XcpkError(f"{where}: bool values other than 0 and 1")
         vals = vals.astype(bool)
+    elif stream[1].startswith("int"):
+        vals = vals.astype(np.int64)  # stored in the narrowest signed coding that holds them
     full = np.zeros(keep.size, dtype=vals.dtype)
     full[keep] = vals
     return full.reshape(shape), {}
@@ -518,7 +586,8 @@ DECODERS = {"dense": _decode_dense, "codebook": _decode_codebook, "intgrid": _de
 def decode_tensor(rec: TensorRecord, source: str = "packed file"
                   ) -> tuple[np.ndarray, dict[str, Any]]:
     """(effective values, raw encoding) of one tensor. Float tensors come out as float32
-    (pruned weights 0), integer buffers in their own dtype."""
+    (pruned weights 0), signed integer buffers as int64 (whatever coding stored them),
+    uint8 and bool buffers as uint8 and bool."""
     where = f"{source}: tensor {rec.name!r}"
     decoder = DECODERS.get(rec.fields["encoding"])
     if decoder is None:
