@@ -26,7 +26,8 @@ from xaicompress.errors import XaiCompressError
 from xaicompress.version import __version__
 
 #: bump when the meaning of a cache entry changes
-CACHE_FORMAT = 3
+#: 4: packed format 3 (sizes measured in it; share rounds biases to an int8 grid)
+CACHE_FORMAT = 4
 
 
 def stable_hash(obj: Any) -> str:
