@@ -139,3 +139,34 @@ def test_quantize_budget_counts_entropy_coded_bits():
     # peaked weights code below their width, so the allocation affords wider integers
     assert sum(q.state.layers[k].grid.bits * m.weight.numel()
                for k, m in prunable_layers(q.model).items()) > 3 * n
+
+
+class _Fc2Matters(Criterion):
+    """Every weight of fc2 scores 100, every other weight 1 (uniform inside each layer)."""
+
+    name = "test-fc2"
+    needs_data = False
+
+    def score(self, model, loader=None):
+        w = {n: torch.full_like(m.weight.detach(), 100.0 if n == "fc2" else 1.0)
+             for n, m in prunable_layers(model).items()}
+        return Relevance(self.name, {n: v.sum(tuple(range(1, v.dim()))) for n, v in w.items()},
+                         w)
+
+
+def test_global_weight_scope_gives_the_layer_that_scores_higher_more_bits():
+    bits = {}
+    for scope in ("layer", "global"):
+        sh = share_weights(_peaked(), _Fc2Matters(), None, avg_bits=1.0, assignment="entropy",
+                           weight_power=1.0, weight_scope=scope)
+        tb = packed_report(sh).tensor_bits
+        bits[scope] = {n: tb[f"{n}.weight"] for n in prunable_layers(sh.model)}
+        assert sh.history[-1]["weight_scope"] == scope
+    # per layer the scores are uniform: layer scope is plain k-means everywhere; global scope
+    # weights fc2's squared error 100x, so under the same budget fc2 gets more bits
+    assert bits["global"]["fc2"] > 1.5 * bits["layer"]["fc2"]
+    assert sum(bits["global"].values()) <= 1.0 * sum(
+        m.weight.numel() for m in prunable_layers(_ckpt().model).values())
+    with pytest.raises(XaiCompressError, match="weight-scope"):
+        share_weights(_ckpt(), "none", None, avg_bits=1.0, assignment="entropy",
+                      weight_scope="model")

@@ -57,7 +57,13 @@ from xaicompress.pipeline.budget import MARGIN
 from xaicompress.prune.structured import NORMS as STRUCTURED_NORMS
 from xaicompress.prune.unstructured import LAYER_KINDS
 from xaicompress.prune.unstructured import NORMS as UNSTRUCTURED_NORMS
-from xaicompress.quant.codebook import ALLOC_BITS, CODEBOOK_DTYPES, INITS, WEIGHT_POWER
+from xaicompress.quant.codebook import (
+    ALLOC_BITS,
+    CODEBOOK_DTYPES,
+    INITS,
+    WEIGHT_POWER,
+    WEIGHT_SCOPES,
+)
 from xaicompress.quant.entropy_share import ASSIGNMENTS
 from xaicompress.quant.integer import ALLOCATIONS, BITS_CHOICES, CLIP_MODES
 from xaicompress.quant.share_qat import FINETUNES
@@ -251,6 +257,10 @@ class ShareStage(CriterionStage):
         "Exponent on the relevance sample weights of the k-means."))
     uniform_mix: Annotated[float, Field(ge=0, le=1)] = Field(0.0, description=(
         "Share of uniform weight mixed into the relevance sample weights."))
+    weight_scope: Literal[WEIGHT_SCOPES] = Field(  # type: ignore[valid-type]
+        "layer", description="Scale of the sample weights across layers: layer (mean 1 in "
+        "every layer) or global (mean 1 over all shared layers, so layers whose weights "
+        "score higher get more bits).")
     bias_correction: bool = Field(True, description=(
         "Shift each layer's bias so its per-channel output mean on calibration samples is "
         "the float model's (empirical bias correction)."))

@@ -49,6 +49,12 @@ MAX_CLUSTERS = 256
 WEIGHT_POWER = 0.5
 #: k-means initialisations (`initial_centroids`); linear is the default, as Deep Compression
 INITS = ("linear", "quantile", "kmeans++")
+#: how the criterion's per-weight scores are scaled across layers (`weight_scope`): "layer"
+#: to mean 1 in every layer (each layer's distortion counts as plain squared error, the
+#: scores only say which weights of a layer matter), "global" to mean 1 over the kept
+#: weights of all shared layers (a layer whose weights score higher gets more bits under
+#: the one lambda of entropy-constrained sharing: Hessian-weighted ECSQ, Choi et al. 2017)
+WEIGHT_SCOPES = ("layer", "global")
 #: the cluster counts `avg_bits` chooses from: k = 2^b, b = 1..8
 ALLOC_BITS = tuple(range(1, 9))
 # Why a floor: a weight with zero relevance must still be clustered (it is stored too), and
@@ -193,7 +199,7 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
                   weight_power: float = WEIGHT_POWER, uniform_mix: float = 0.0,
                   assignment: str = "nearest", finetune: str = "centroids",
                   bias_correction: bool = True, bn_recalibration: bool = True,
-                  distill: float = 0.0) -> Checkpoint:
+                  distill: float = 0.0, weight_scope: str = "layer") -> Checkpoint:
     """Share the weights of every Conv2d/Linear layer of a copy of `ckpt`.
 
     criterion: weights the k-means (`none` = plain k-means); bundle: a DatasetBundle (its
@@ -223,11 +229,14 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
     re-estimate the BatchNorm statistics (`xaicompress.calibration`), before fine-tuning.
     distill: weight of distillation from the input model in the fine-tuning loss (either
     kind; `xaicompress.distill`, 0 = off).
+    weight_scope: "layer" or "global" (`WEIGHT_SCOPES`): the sample weights normalised per
+    layer or over all shared layers.
     Result: `state.get(layer).codebook` float32 (k,), `.indices` int64 (weight shape), model
     weights = codebook[indices] * mask. The input is not modified.
     """
     _check_budget(clusters, avg_bits, assignment, size_kb)
-    _check_options(codebook_dtype, finetune_epochs, init, weight_power, uniform_mix)
+    _check_options(codebook_dtype, finetune_epochs, init, weight_power, uniform_mix,
+                   weight_scope)
     _check_finetune(finetune, assignment, distill)
     train_set: Dataset = getattr(bundle, "train", bundle)
     crit = get_criterion(criterion) if isinstance(criterion, str) else criterion
@@ -246,15 +255,7 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
         out.model, crit, bundle if hasattr(bundle, "train") else train_set, samples=samples,
         seed=seed)
 
-    data = {}
-    for name, m in layers.items():
-        w = m.weight.detach().float().reshape(-1).cpu().numpy()
-        lc = out.state.layers.get(name)
-        keep = (lc.mask.keep.reshape(-1).numpy() if lc is not None and lc.mask is not None
-                else np.ones(w.size, dtype=bool))
-        data[name] = (w[keep], layer_sample_weights(rel, name, tuple(m.weight.shape), keep,
-                                                      power=weight_power, mix=uniform_mix),
-                      keep)
+    data = _layer_data(out, layers, rel, weight_power, uniform_mix, weight_scope)
 
     results: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     table: dict[str, Any] = {}
@@ -296,6 +297,7 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
                         "samples": samples,
                         "codebook_dtype": codebook_dtype, "seed": seed, "init": init,
                         "weight_power": weight_power, "uniform_mix": uniform_mix,
+                        "weight_scope": weight_scope,
                         "assignment": assignment, "distill": distill, **calibrated,
                         **table})
     if finetune_epochs > 0:
@@ -304,6 +306,43 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
     if assignment == "entropy" and codebook_dtype == "fp16":
         round_vectors(out, codebook_dtype)
     return out
+
+
+def _layer_data(out: Checkpoint, layers: Mapping[str, Any], rel: Relevance,
+                weight_power: float, uniform_mix: float, weight_scope: str
+                ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """layer -> (kept weights, their sample weights, flat keep mask)."""
+    data = {}
+    for name, m in layers.items():
+        w = m.weight.detach().float().reshape(-1).cpu().numpy()
+        lc = out.state.layers.get(name)
+        keep = (lc.mask.keep.reshape(-1).numpy() if lc is not None and lc.mask is not None
+                else np.ones(w.size, dtype=bool))
+        data[name] = (w[keep], layer_sample_weights(rel, name, tuple(m.weight.shape), keep,
+                                                      power=weight_power, mix=uniform_mix),
+                      keep)
+    if weight_scope == "global":
+        _scale_across_layers(rel, data, weight_power)
+    return data
+
+
+def _scale_across_layers(rel: Relevance, data: dict[str, Any], power: float) -> None:
+    """Rescale every layer's sample weights (mean 1 in the layer) by the layer's mean
+    |score|^power over the mean of all shared layers' kept weights, in place: the scores'
+    scale across layers comes back. Layers without scores keep mean 1."""
+    means = {}
+    for name, (v, _, keep) in data.items():
+        r = rel.weights.get(name)
+        if r is None or not v.size:
+            continue
+        a = np.abs(r.detach().double().reshape(-1).numpy()[keep])
+        means[name] = (float(np.mean(np.nan_to_num(a, nan=0.0, posinf=0.0) ** power)), a.size)
+    total = sum(m * n for m, n in means.values()) / max(sum(n for _, n in means.values()), 1)
+    if not total > 0:
+        return
+    for name, (m, _) in means.items():
+        v, sw, keep = data[name]
+        data[name] = (v, np.maximum(sw * (m / total), _WEIGHT_FLOOR), keep)
 
 
 def _finetune(out: Checkpoint, bundle: Any, finetune: str, epochs: float, lr: float | None,
@@ -352,7 +391,8 @@ def round_vectors(ckpt: Checkpoint, codebook_dtype: str) -> None:
 
 
 def _check_options(codebook_dtype: str, finetune_epochs: float, init: str,
-                   weight_power: float, uniform_mix: float) -> None:
+                   weight_power: float, uniform_mix: float, weight_scope: str = "layer"
+                   ) -> None:
     if codebook_dtype not in CODEBOOK_DTYPES:
         raise XaiCompressError(f"--codebook {codebook_dtype!r}: expected fp16 or fp32")
     if finetune_epochs < 0:
@@ -363,6 +403,9 @@ def _check_options(codebook_dtype: str, finetune_epochs: float, init: str,
         raise XaiCompressError(f"weight power {weight_power}: expected a positive number")
     if not (math.isfinite(uniform_mix) and 0 <= uniform_mix <= 1):
         raise XaiCompressError(f"uniform mix {uniform_mix}: expected a number from 0 to 1")
+    if weight_scope not in WEIGHT_SCOPES:
+        raise XaiCompressError(f"--weight-scope {weight_scope!r}: expected one of "
+                               f"{', '.join(WEIGHT_SCOPES)}")
 
 
 def _check_finetune(finetune: str, assignment: str, distill: float) -> None:
