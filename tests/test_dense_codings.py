@@ -70,6 +70,7 @@ def test_grid8_rounding_falls_back_to_fp16_where_the_grid_is_not_exact():
 @pytest.mark.parametrize("dtype, value, coding", [
     (torch.int64, 7, "int8"), (torch.int64, 300, "int16"), (torch.int64, -70000, "int32"),
     (torch.int64, 1 << 40, "int64"), (torch.int32, 5, "int8"), (torch.uint8, 3, "uint8"),
+    (torch.bool, True, "bool"),
 ])
 def test_integer_buffers_take_the_narrowest_coding_and_keep_their_dtype(dtype, value, coding):
     t = torch.tensor([value, 0], dtype=dtype)

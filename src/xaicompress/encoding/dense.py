@@ -106,11 +106,13 @@ class Dense:
             flat = flat[keep]
         coding = self.coding_of(w.dtype)
         if coding != "float32":
-            for narrow in self.int_codings(w.dtype):
-                info = torch.iinfo(_SIGNED_DTYPES.get(narrow, w.dtype))
+            *narrower, own = self.int_codings(w.dtype)
+            for narrow in narrower:  # signed buffers only; uint8 / bool: their own coding
+                info = torch.iinfo(_SIGNED_DTYPES[narrow])
                 if not flat.numel() or (int(flat.min()) >= info.min and
                                         int(flat.max()) <= info.max):
                     return {}, [array_stream("values", flat, narrow)]
+            return {}, [array_stream("values", flat, own)]
         v = flat.float().cpu().numpy()
         return {}, [self._float_stream(v)]
 
