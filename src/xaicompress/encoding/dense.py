@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from xaicompress.encoding.codebook import codebook_dtype_of
 from xaicompress.encoding.streams import TORCH_CODINGS, Stream, Streams, array_stream
 from xaicompress.errors import XaiCompressError
 from xaicompress.export.xcpk_reader import (
@@ -29,7 +30,7 @@ _SIGNED_DTYPES = {"int8": torch.int8, "int16": torch.int16, "int32": torch.int32
 
 
 def _is_half(x: np.ndarray) -> bool:
-    return bool(np.array_equal(x.astype(np.float16).astype(np.float32), x))
+    return codebook_dtype_of(torch.from_numpy(np.ascontiguousarray(x))) == "fp16"
 
 
 def grid8_parts(values: np.ndarray) -> tuple[np.float32, np.ndarray] | None:

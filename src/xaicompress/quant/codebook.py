@@ -303,7 +303,7 @@ def share_weights(ckpt: Checkpoint, criterion: Criterion | str, bundle: Any, *,
     if finetune_epochs > 0:
         out = _finetune(out, bundle, finetune, finetune_epochs, finetune_lr, seed,
                         (before, data, assigner), (distill, ckpt.model))
-    if assignment == "entropy" and codebook_dtype == "fp16":
+    if assignment == "entropy":
         round_vectors(out, codebook_dtype)
     return out
 
@@ -460,8 +460,7 @@ def size_budget_bits(out: Checkpoint, layers: Mapping[str, Any],
     target = 8 * (1024 * size_kb - SIZE_MARGIN_BYTES)
     n = sum(d[2].size for d in data.values())
     trial = out.copy()
-    if codebook_dtype == "fp16":
-        round_vectors(trial, codebook_dtype)
+    round_vectors(trial, codebook_dtype)
     rep = packed_report(trial)
     bits = (target - (8 * rep.file_bytes - sum(rep.tensor_bits.get(f"{name}.weight", 0)
                                                 for name in layers))) / max(n, 1)
