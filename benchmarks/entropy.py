@@ -368,7 +368,7 @@ def merge() -> None:
     hand = NOTES.read_text() if NOTES.is_file() else ""
     write_section("entropy", markdown(rows, seeds) + "\n\nRuns per model: " +
                   "; ".join(notes) + ".\n\n" + _validation() + _speed() +
-                  ("\n" + hand if hand else ""))
+                  ("\n\n" + hand.lstrip("\n") if hand else ""))
 
 
 def _val_drop(rs: list[dict[str, Any]]) -> str:
