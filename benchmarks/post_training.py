@@ -136,14 +136,18 @@ def compress_once(kind: str, ckpt: Any, crit: str, calib: Any, setting: float, s
 #: DeepLIFT variants of the channel ranking only (classmax changes unit scores; its weight
 #: scores are abs's)
 DEEPLIFT_UNITS = ["deeplift:aggregate=classmax"]
+#: DeepLIFT variants of the weight ranking of unstructured pruning only: weights=layer lets
+#: relevance set each layer's share of the cut and magnitude pick the weights inside it
+DEEPLIFT_WEIGHTS = ["deeplift:reference=mean,weights=layer"]
 
 
 def criteria_for(kind: str) -> list[str]:
     others = [f"{c}:score=curvature" if kind == "quantize" and c in ("hessian", "fisher")
               else c for c in OTHERS]
     structured = kind.startswith("structured")
-    return DEEPLIFT + (DEEPLIFT_UNITS if structured else []) + others + (TP if structured
-                                                                          else [])
+    return DEEPLIFT + (DEEPLIFT_UNITS if structured else []) + (
+        DEEPLIFT_WEIGHTS if kind == "unstructured" else []) + others + (TP if structured
+                                                                       else [])
 
 
 def run_grid(models: list[str], seeds: list[int], cells: Cells, kinds: list[str]) -> None:

@@ -185,3 +185,22 @@ def test_cli_unstructured(run_cli, tmp_path):
     code, _, err = run_cli("prune", src, "--criterion", "l1", "--unstructured", "--ratio",
                            "0.9", "--macs-ratio", "0.5", "--out", out)
     assert code == 2 and "--macs-ratio" in err
+
+
+def test_deeplift_weights_layer_cuts_by_magnitude_inside_each_layer_by_relevance_across():
+    """deeplift:weights=layer (global scope): inside every layer the removed weights are
+    the smallest by magnitude, while the layers' sparsities follow the relevance (they
+    differ from global magnitude pruning's)."""
+    ck = _ckpt()
+    out = prune_unstructured(ck, "deeplift:reference=mean,weights=layer", _fake(), ratio=0.8,
+                             layers="all", samples=64)
+    mag = prune_unstructured(ck, "l1", _fake(), ratio=0.8, layers="all")
+    spars = {}
+    for name in ("conv1", "conv2", "fc1", "fc2", "fc3"):
+        keep = out.state.layers[name].mask.keep
+        ref = getattr(ck.model, name).weight.abs()
+        assert ref[~keep].max() <= ref[keep].min()
+        spars[name] = 1 - keep.float().mean().item()
+    assert abs(out.history[-1]["sparsity"] - 0.8) < 1e-3
+    assert max(abs(spars[n] - 1 + mag.state.layers[n].mask.keep.float().mean().item())
+               for n in spars) > 0.05

@@ -352,3 +352,65 @@ def test_classmax_is_the_largest_per_class_mean():
     bad = DataLoader(TensorDataset(x[:4], torch.tensor([0, 1, 2, 10])), batch_size=4)
     with pytest.raises(XaiCompressError, match="classmax: a label outside 0..9"):
         get_criterion("deeplift:aggregate=classmax", **norm).score(m, bad)
+
+
+def test_weights_layer_is_the_layer_rms_contribution_shared_by_magnitude():
+    """weights=layer: a layer's scores average to the mean over its weights of the
+    root-mean-square (over samples and positions) contribution m w dx, and rank its weights
+    by |w| (brute force on a padded, strided convolution)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(3 * 3 * 3, 4)).double().eval()
+    x = torch.randn(5, 2, 5, 5, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 0])
+    ref = torch.zeros(1, 2, 5, 5, dtype=torch.float64)
+    rel = get_criterion("deeplift:weights=layer", pixel_mean=(0.0, 0.0),
+                        pixel_std=(1.0, 1.0)).score(
+        m.float(), DataLoader(TensorDataset(x.float(), y), batch_size=2))
+    m = m.double()
+    layers, _ = layer_attributions(m, x, ref, y)
+    conv = m[0]
+    with torch.no_grad():
+        dz = conv(x) - conv(ref)
+    mult = layers["0"] / dz
+    energy = torch.zeros_like(conv.weight)
+    xp = torch.nn.functional.pad(x - ref, (1, 1, 1, 1))
+    for n in range(5):
+        for i in range(3):
+            for j in range(3):
+                patch = xp[n, :, 2 * i:2 * i + 3, 2 * j:2 * j + 3]
+                energy += (mult[n, :, i, j].view(3, 1, 1, 1) * conv.weight * patch) ** 2
+    rms = (energy / 5).sqrt()
+    s = rel.weights["0"].double()
+    torch.testing.assert_close(s.mean(), rms.mean(), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(s / s.mean(), conv.weight ** 2 / (conv.weight ** 2).mean(),
+                               rtol=1e-4, atol=1e-9)
+    # the linear layer: one position per sample
+    lin = m[3]
+    with torch.no_grad():
+        h = m[:3](x)
+        href = m[:3](ref)
+    mult_l = layers["3"] / (lin(h) - lin(href))
+    e_l = ((mult_l[:, :, None] * lin.weight[None] * (h - href)[:, None, :]) ** 2).mean(0)
+    torch.testing.assert_close(rel.weights["3"].double().mean(),
+                               e_l.sqrt().mean(), rtol=1e-4, atol=1e-9)
+    with pytest.raises(XaiCompressError, match="weights=layer"):
+        get_criterion("deeplift:weights=layer,aggregate=signed")
+
+
+def test_weights_layer_under_revealcancel_pairs_signs_as_pass_weights():
+    """weight_energy with RevealCancel's split multipliers: the square of a position's term
+    is (dx+ m+-)^2 + (dx- m-+)^2, compared with the squared per-position terms."""
+    from xaicompress.relevance.kernels import weight_energy
+
+    torch.manual_seed(1)
+    lin = nn.Linear(6, 4).double()
+    dx = torch.randn(7, 6, dtype=torch.float64)
+    mp, mn = torch.randn(7, 4, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
+    got = weight_energy(lin, dx, mp, split=(None, None, mp, mn))
+    w = lin.weight.detach()
+    xp, xn = dx.clamp(min=0), dx.clamp(max=0)
+    pos = mp[:, :, None] * xp[:, None] + mn[:, :, None] * xn[:, None]
+    neg = mn[:, :, None] * xp[:, None] + mp[:, :, None] * xn[:, None]
+    want = torch.where(w > 0, (pos ** 2).sum(0), (neg ** 2).sum(0))
+    torch.testing.assert_close(got, want)

@@ -132,6 +132,39 @@ def pass_weights(layer: nn.Module, dx: Tensor, m: Tensor, *, group: int = 1,
                        merged(xp, xn, mn, mp))
 
 
+def weight_energy(layer: nn.Module, dx: Tensor, m: Tensor, *, group: int = 1,
+                  split: tuple[Tensor, ...] | None = None) -> Tensor:
+    """Sum over rows and output positions of the squared contribution per unit weight,
+    Σ (m_i Δx_j)², shaped like `layer.weight` and divided by `group` (with K references the
+    mean over them of the squares). One weight-gradient GEMM of the squares: squaring each
+    position's term before the sum means a convolution weight's terms at different
+    positions cannot cancel. Under RevealCancel Δx⁺ and Δx⁻ never overlap, so the square
+    of a position's term is (Δx⁺ m^±)² + (Δx⁻ m^∓)², as `pass_weights` pairs them."""
+    w = layer.weight.detach()
+
+    def gram(x: Tensor, mm: Tensor) -> Tensor:
+        x2, m2 = x * x, mm * mm
+        if isinstance(layer, nn.Linear):
+            x2 = x2.expand(m2.shape[:-1] + (x2.shape[-1],)) if x2.shape[0] != m2.shape[0] \
+                else x2
+            return m2.reshape(-1, m2.shape[-1]).t() @ x2.reshape(-1, x2.shape[-1])
+        if not isinstance(layer, nn.Conv2d):
+            raise TypeError(type(layer).__name__)
+        inp, pad = conv_input(layer, x2, m2.shape[-2:])
+        if inp.shape[0] != m2.shape[0]:
+            inp = inp.expand(m2.shape[0], *inp.shape[1:])
+        return torch.nn.grad.conv2d_weight(inp, w.shape, m2, layer.stride, pad,
+                                           layer.dilation, layer.groups)
+
+    if split is None:
+        g = gram(dx, m)
+    else:
+        _, _, mp, mn = split
+        xp, xn = dx.clamp(min=0), dx.clamp(max=0)
+        g = torch.where(w > 0, gram(xp, mp) + gram(xn, mn), gram(xp, mn) + gram(xn, mp))
+    return g.reshape(w.shape) / group
+
+
 def _linear_weights(dx: Tensor, m: Tensor, group: int, absolute: bool, w: Tensor) -> Tensor:
     din, dout = dx.shape[-1], m.shape[-1]
     dx = dx.expand(m.shape[:-1] + (din,)) if dx.shape[0] != m.shape[0] else dx
