@@ -136,8 +136,8 @@ def compress_once(kind: str, ckpt: Any, crit: str, calib: Any, setting: float, s
 #: DeepLIFT variants of the channel ranking only (classmax changes unit scores; its weight
 #: scores are abs's)
 DEEPLIFT_UNITS = ["deeplift:aggregate=classmax"]
-#: DeepLIFT variants of the weight ranking of unstructured pruning only: weights=layer lets
-#: relevance set each layer's share of the cut and magnitude pick the weights inside it
+#: DeepLIFT variants of the weight scores (unstructured pruning, sharing, quantization):
+#: weights=layer lets relevance weigh the layers and magnitude the weights inside each
 DEEPLIFT_WEIGHTS = ["deeplift:reference=mean,weights=layer"]
 
 
@@ -146,7 +146,7 @@ def criteria_for(kind: str) -> list[str]:
               else c for c in OTHERS]
     structured = kind.startswith("structured")
     return DEEPLIFT + (DEEPLIFT_UNITS if structured else []) + (
-        DEEPLIFT_WEIGHTS if kind == "unstructured" else []) + others + (TP if structured
+        [] if structured else DEEPLIFT_WEIGHTS) + others + (TP if structured
                                                                        else [])
 
 
