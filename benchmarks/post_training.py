@@ -145,9 +145,8 @@ def criteria_for(kind: str) -> list[str]:
     others = [f"{c}:score=curvature" if kind == "quantize" and c in ("hessian", "fisher")
               else c for c in OTHERS]
     structured = kind.startswith("structured")
-    return DEEPLIFT + (DEEPLIFT_UNITS if structured else []) + (
-        [] if structured else DEEPLIFT_WEIGHTS) + others + (TP if structured
-                                                                       else [])
+    deeplift = DEEPLIFT + (DEEPLIFT_UNITS if structured else DEEPLIFT_WEIGHTS)
+    return deeplift + others + (TP if structured else [])
 
 
 def run_grid(models: list[str], seeds: list[int], cells: Cells, kinds: list[str]) -> None:

@@ -185,15 +185,15 @@ class DeepLift(AccumulatingCriterion):
                 if key not in sums.tensors:
                     sums.zeros(key, (run.classes, c.shape[1]))
                 sums.tensors[key].index_add_(0, run.labels, c.abs().to(torch.float64))
-        if WEIGHTS in run.need and self.weights == "layer":
-            sums.add(f"{WEIGHTS}/{p.name}", weight_energy(p.layer, p.x - p.x_ref, p.m,
-                                                          group=group, split=p.split))
-        elif WEIGHTS in run.need:
-            # weights=batch: signed sums over samples, |.| once at the end (one GEMM)
-            per_sample_abs = absolute and self.weights == "sample"
-            sums.add(f"{WEIGHTS}/{p.name}", pass_weights(
-                p.layer, p.x - p.x_ref, p.m, group=group, absolute=per_sample_abs,
-                split=p.split))
+        if WEIGHTS in run.need:
+            dx = p.x - p.x_ref
+            if self.weights == "layer":  # squares summed; shared out in `finish`
+                scores = weight_energy(p.layer, dx, p.m, group=group, split=p.split)
+            else:  # weights=batch: signed sums over samples, |.| once at the end (one GEMM)
+                scores = pass_weights(p.layer, dx, p.m, group=group,
+                                      absolute=absolute and self.weights == "sample",
+                                      split=p.split)
+            sums.add(f"{WEIGHTS}/{p.name}", scores)
         run.reached.add(p.name)
 
     def finish(self, run: _Run, sums: Sums, need: frozenset[str]) -> Relevance:

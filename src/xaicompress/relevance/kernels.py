@@ -100,6 +100,15 @@ def weight_contributions(layer: nn.Module, dx: Tensor, m: Tensor, *, group: int 
     reference) are averaged before the absolute value. `absolute` takes |.| per sample.
     """
     w = layer.weight.detach()
+    return _weight_sums(layer, dx, m, group, absolute) * (w.abs() if absolute else w)
+
+
+def _weight_sums(layer: nn.Module, dx: Tensor, m: Tensor, group: int, absolute: bool
+                 ) -> Tensor:
+    """`weight_contributions` without the weight factor: the sum over rows of m_i dx_j per
+    weight (over the positions that use it; |.| per sample when `absolute`), shaped like
+    `layer.weight`, divided by `group`."""
+    w = layer.weight.detach()
     if isinstance(layer, nn.Linear):
         g = _linear_weights(dx, m, group, absolute, w)
     elif isinstance(layer, nn.Conv2d):
@@ -107,8 +116,7 @@ def weight_contributions(layer: nn.Module, dx: Tensor, m: Tensor, *, group: int 
         g = _conv_weights(layer, inp, pad, m, group, absolute)
     else:
         raise TypeError(type(layer).__name__)
-    g = g.reshape(w.shape) / group
-    return g * (w.abs() if absolute else w)
+    return g.reshape(w.shape) / group
 
 
 def pass_weights(layer: nn.Module, dx: Tensor, m: Tensor, *, group: int = 1,
@@ -140,29 +148,15 @@ def weight_energy(layer: nn.Module, dx: Tensor, m: Tensor, *, group: int = 1,
     position's term before the sum means a convolution weight's terms at different
     positions cannot cancel. Under RevealCancel Δx⁺ and Δx⁻ never overlap, so the square
     of a position's term is (Δx⁺ m^±)² + (Δx⁻ m^∓)², as `pass_weights` pairs them."""
-    w = layer.weight.detach()
-
-    def gram(x: Tensor, mm: Tensor) -> Tensor:
-        x2, m2 = x * x, mm * mm
-        if isinstance(layer, nn.Linear):
-            x2 = x2.expand(m2.shape[:-1] + (x2.shape[-1],)) if x2.shape[0] != m2.shape[0] \
-                else x2
-            return m2.reshape(-1, m2.shape[-1]).t() @ x2.reshape(-1, x2.shape[-1])
-        if not isinstance(layer, nn.Conv2d):
-            raise TypeError(type(layer).__name__)
-        inp, pad = conv_input(layer, x2, m2.shape[-2:])
-        if inp.shape[0] != m2.shape[0]:
-            inp = inp.expand(m2.shape[0], *inp.shape[1:])
-        return torch.nn.grad.conv2d_weight(inp, w.shape, m2, layer.stride, pad,
-                                           layer.dilation, layer.groups)
+    def energy(x: Tensor, mm: Tensor) -> Tensor:  # the signed GEMM of the squares
+        return _weight_sums(layer, x * x, mm * mm, group, absolute=False)
 
     if split is None:
-        g = gram(dx, m)
-    else:
-        _, _, mp, mn = split
-        xp, xn = dx.clamp(min=0), dx.clamp(max=0)
-        g = torch.where(w > 0, gram(xp, mp) + gram(xn, mn), gram(xp, mn) + gram(xn, mp))
-    return g.reshape(w.shape) / group
+        return energy(dx, m)
+    _, _, mp, mn = split
+    xp, xn = dx.clamp(min=0), dx.clamp(max=0)
+    return torch.where(layer.weight.detach() > 0, energy(xp, mp) + energy(xn, mn),
+                       energy(xp, mn) + energy(xn, mp))
 
 
 def _linear_weights(dx: Tensor, m: Tensor, group: int, absolute: bool, w: Tensor) -> Tensor:
