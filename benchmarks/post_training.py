@@ -5,13 +5,14 @@ Parts (all on the real mnist5k digits, validation = 10% of the training split ca
 
 - grid: one-shot compression with no fine-tuning from 1,024 calibration images (BatchNorm
   re-estimated, biases corrected; criteria score 512 of them): structured 0.3 / 0.5 / 0.7
-  (global scope; `structured_rec`: the same with least-squares reconstruction of the cut
-  layers), unstructured 0.7 / 0.9 (all layers), sharing k = 4 / 8, mixed precision
-  3 / 4 average bits; DeepLIFT variants vs l1, taylor, gradxact, tp:magnitude, tp:taylor
-  (structured only), hessian and fisher (score=curvature for the bit allocation, HAWQ-V3's
-  objective). The best DeepLIFT variant per compression is chosen on the validation split
-  (mean over all its settings and seeds), then compared with the best other criterion
-  (chosen per setting on validation too) on the test split.
+  (global scope, every criterion with the cross-layer normalisation `norm` l1 and max,
+  written `criterion @norm=max`; `structured_rec`: the same with least-squares
+  reconstruction of the cut layers), unstructured 0.7 / 0.9 (all layers), sharing k = 4 / 8,
+  mixed precision 3 / 4 average bits; DeepLIFT variants vs l1, taylor, gradxact,
+  tp:magnitude, tp:taylor (structured only), hessian and fisher (score=curvature for the bit
+  allocation, HAWQ-V3's objective). The best DeepLIFT variant per compression is chosen on
+  the validation split (mean over all its settings and seeds), then compared with the best
+  other criterion (chosen per setting on validation too) on the test split.
 - bn: resnet20 one-shot global 0.5 with and without BatchNorm re-estimation.
 - budget: `compress --max-drop 0.5` with configs/lenet5-mnist.yaml on mnist5k and on a
   second split (mnist5k?split=1).
@@ -122,10 +123,12 @@ def compress_once(kind: str, ckpt: Any, crit: str, calib: Any, setting: float, s
     from xaicompress.quant.codebook import share_weights
     from xaicompress.quant.integer import quantize
 
+    crit, _, norm = crit.partition(NORM_TAG)
     c = stage_criterion(crit, seed)
     if kind in ("structured", "structured_rec"):
         return prune_structured(ckpt, c, calib, ratio=setting, scope="global", seed=seed,
-                                reconstruct=kind == "structured_rec", **extra)
+                                reconstruct=kind == "structured_rec", norm=norm or "l1",
+                                **extra)
     if kind == "unstructured":
         return prune_unstructured(ckpt, c, calib, ratio=setting, layers="all", seed=seed)
     if kind == "share":
@@ -141,12 +144,24 @@ DEEPLIFT_UNITS = ["deeplift:aggregate=classmax"]
 DEEPLIFT_WEIGHTS = ["deeplift:reference=mean,weights=layer"]
 
 
+#: global structured pruning compares channels across layers after a normalisation
+#: (`prune_structured(norm=)`): every criterion runs with each of these, written
+#: `criterion @norm=max` (l1, the default, unwritten), and the choice on validation covers
+#: the normalisation too, for DeepLIFT and the others alike ("mean" lost everywhere in a
+#: probe on lenet5 and resnet20 and is not run)
+NORM_TAG = " @norm="
+STRUCTURED_NORMS = ["max"]
+
+
 def criteria_for(kind: str) -> list[str]:
     others = [f"{c}:score=curvature" if kind == "quantize" and c in ("hessian", "fisher")
               else c for c in OTHERS]
     structured = kind.startswith("structured")
     deeplift = DEEPLIFT + (DEEPLIFT_UNITS if structured else DEEPLIFT_WEIGHTS)
-    return deeplift + others + (TP if structured else [])
+    crits = deeplift + others + (TP if structured else [])
+    if structured:
+        crits += [f"{c}{NORM_TAG}{n}" for n in STRUCTURED_NORMS for c in crits]
+    return crits
 
 
 def run_grid(models: list[str], seeds: list[int], cells: Cells, kinds: list[str]) -> None:
