@@ -115,7 +115,7 @@ def latency_part(models: list[str], scopes: list[str], rounds: int, per_round: i
             t0 = time.time()
             label = f"{name} {scope}"
             pruned = prune_structured(base, "l1", train_set, ratio=0.5, scope=scope,
-                                      samples=64)
+                                      samples=64, reconstruct=False)
             q = quantize(pruned, "none", train_set, avg_bits=8, allocation="uniform",
                          samples=64)
             files = {"fp32": tmp / f"{name}_fp32.onnx", "int8": tmp / f"{name}_int8.onnx"}

@@ -34,7 +34,8 @@ SETTINGS = [("structured", 0.5), ("structured", 0.7), ("unstructured", 0.9),
 
 def cut(kind: str, ratio: float, base, crit: str, bundle):  # noqa: ANN001, ANN201
     if kind == "structured":
-        return prune_structured(base, crit, bundle, ratio=ratio, scope="layer")
+        return prune_structured(base, crit, bundle, ratio=ratio, scope="layer",
+                                reconstruct=False)
     return prune_unstructured(base, crit, bundle, ratio=ratio, layers="fc")
 
 

@@ -189,9 +189,10 @@ def test_reconstruction_brings_the_cut_layers_outputs_back(lenet):
     bundle, ck = lenet
     calib = subset(bundle.train, 512, seed=2)
     x = torch.stack([calib[i][0] for i in range(len(calib))])
-    plain = prune_structured(ck, "l1", calib, ratio=0.6, scope="layer")
+    plain = prune_structured(ck, "l1", calib, ratio=0.6, scope="layer", reconstruct=False)
     fitted = prune_structured(ck, "l1", calib, ratio=0.6, scope="layer", reconstruct=True)
     assert fitted.history[-1]["reconstruct"] is True
+    assert plain.history[-1]["reconstruct"] is False
     assert plain.model.fc1.weight.shape == fitted.model.fc1.weight.shape
     # the logits (the classifier keeps all outputs) come closer to the uncut model's
     want = ck.model(x).detach()
@@ -199,3 +200,17 @@ def test_reconstruction_brings_the_cut_layers_outputs_back(lenet):
            (("plain", plain), ("fitted", fitted))}
     assert err["fitted"] < 0.5 * err["plain"], err
     assert accuracy(fitted.model, bundle.test) > accuracy(plain.model, bundle.test)
+
+
+def test_reconstruction_is_on_by_default_only_without_fine_tuning(lenet):
+    """One-shot cuts are refitted unless the user says no; a stage that fine-tunes is left
+    to its fine-tuning (the shipped configs were measured that way)."""
+    bundle, ck = lenet
+    calib = subset(bundle.train, 256, seed=3)
+    one_shot = prune_structured(ck, "l1", calib, ratio=0.6, scope="layer")
+    fitted = prune_structured(ck, "l1", calib, ratio=0.6, scope="layer", reconstruct=True)
+    tuned = prune_structured(ck, "l1", calib, ratio=0.6, scope="layer", finetune_epochs=0.1)
+    assert one_shot.history[-1]["reconstruct"] is True
+    assert tuned.history[-1]["reconstruct"] is False
+    for name, w in fitted.model.state_dict().items():
+        assert torch.equal(one_shot.model.state_dict()[name], w), name

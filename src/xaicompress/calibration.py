@@ -248,8 +248,8 @@ def reconstruct_layers(model: nn.Module, reference: nn.Module, dataset: Dataset,
     targets: dict[str, list[Tensor]] = {n: [] for n in todo}
     state = {"i": 0}
     hooks = [refs[n].register_forward_hook(
-        lambda mod, _a, out, n=n, j=j: targets[n].append(
-            _targets(mod, out.detach()[:, kept[n]], gen(state["i"], j))))
+        lambda mod, _a, out, n=n, j=j: targets[n].append(_targets(
+            mod, out.detach()[:, kept[n].to(out.device)].cpu(), gen(state["i"], j))))
         for j, n in enumerate(todo)]
     was = (model.training, reference.training)
     model.eval()
@@ -258,7 +258,7 @@ def reconstruct_layers(model: nn.Module, reference: nn.Module, dataset: Dataset,
         with torch.no_grad():
             for i, x in enumerate(batches):
                 state["i"] = i
-                reference(x)
+                reference(x.to(model_device(reference)))
             for j, n in enumerate(todo):
                 _refit(model, modules[n], batches, targets[n], lambda i, j=j: gen(i, j))
     finally:
@@ -277,18 +277,20 @@ def _refit(model: nn.Module, layer: nn.Module, batches: list[Tensor], targets: l
     state = {"i": 0}
 
     def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-        rows = _rows(layer, args[0].detach(), gen(state["i"]))
+        # the least squares run on the CPU in float64, whatever the model's device
+        rows = _rows(layer, args[0].detach().cpu(), gen(state["i"]))
         rows = torch.cat([rows, torch.ones(len(rows), 1)], 1).double()
         acc["gram"] = acc.get("gram", 0) + rows.t() @ rows
         acc["cross"] = acc.get("cross", 0) + rows.t() @ targets[state["i"]].double()
         raise _Stop
 
     h = layer.register_forward_pre_hook(hook)
+    device = model_device(model)
     try:
         for i, x in enumerate(batches):
             state["i"] = i
             try:
-                model(x)
+                model(x.to(device))
             except _Stop:
                 pass
     finally:

@@ -187,9 +187,10 @@ class PruneStructuredStage(CriterionStage):
         "Global scope: how scores are compared across layers."))
     max_layer_ratio: Annotated[float, Field(gt=0, le=1)] | None = _max_layer_ratio_field(
         None, "channels")
-    reconstruct: bool = Field(False, description=(
+    reconstruct: bool | None = Field(None, description=(
         "After each cut, refit the layers that lost input channels by least squares to the "
-        "uncut layers' outputs on calibration samples (ThiNet-style; post-training)."))
+        "uncut layers' outputs on calibration samples (ThiNet-style). Default: on when the "
+        "stage does not fine-tune (finetune_epochs 0), off when it does."))
 
     @field_validator("criterion")
     @classmethod
