@@ -116,8 +116,8 @@ def measure(ckpt: Any, bundle: Any) -> dict[str, float]:
             "bytes": packed_report(ckpt).file_bytes}
 
 
-def compress_once(kind: str, ckpt: Any, crit: str, calib: Any, setting: float, seed: int,
-                  **extra: Any) -> Any:
+def compress_once(kind: str, ckpt: Any, crit: str, calib: Any, setting: float, seed: int
+                  ) -> Any:
     from xaicompress.pipeline.stages import stage_criterion
     from xaicompress.prune import prune_structured, prune_unstructured
     from xaicompress.quant.codebook import share_weights
@@ -127,8 +127,7 @@ def compress_once(kind: str, ckpt: Any, crit: str, calib: Any, setting: float, s
     c = stage_criterion(crit, seed)
     if kind in ("structured", "structured_rec"):
         return prune_structured(ckpt, c, calib, ratio=setting, scope="global", seed=seed,
-                                reconstruct=kind == "structured_rec", norm=norm or "l1",
-                                **extra)
+                                reconstruct=kind == "structured_rec", norm=norm or "l1")
     if kind == "unstructured":
         return prune_unstructured(ckpt, c, calib, ratio=setting, layers="all", seed=seed)
     if kind == "share":

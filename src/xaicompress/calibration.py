@@ -248,17 +248,18 @@ def reconstruct_layers(model: nn.Module, reference: nn.Module, dataset: Dataset,
     targets: dict[str, list[Tensor]] = {n: [] for n in todo}
     state = {"i": 0}
     hooks = [refs[n].register_forward_hook(
-        lambda mod, _a, out, n=n, j=j: targets[n].append(_targets(
-            mod, out.detach()[:, kept[n].to(out.device)].cpu(), gen(state["i"], j))))
+        lambda mod, _a, out, n=n, j=j: targets[n].append(
+            _targets(mod, out.detach()[:, kept[n]].cpu(), gen(state["i"], j))))
         for j, n in enumerate(todo)]
     was = (model.training, reference.training)
     model.eval()
     reference.eval()
     try:
+        device = model_device(reference)
         with torch.no_grad():
             for i, x in enumerate(batches):
                 state["i"] = i
-                reference(x.to(model_device(reference)))
+                reference(x.to(device))
             for j, n in enumerate(todo):
                 _refit(model, modules[n], batches, targets[n], lambda i, j=j: gen(i, j))
     finally:
