@@ -266,8 +266,10 @@ def run_unstructured(model: str, layers: str, seeds: list[int], ratios: list[flo
                 key = f"unstructured|{model}|{layers}|{name}|{r}|{epochs}|{seed}|q{int(quick)}"
 
                 def cell(name=name, r=r, base=base, seed=seed) -> dict[str, Any]:
+                    # the plain cut, as published (the refit is measured in post_training)
                     p = prune_unstructured(base, make_criterion(name, bundle), bundle, ratio=r,
-                                           layers=layers, samples=samples, seed=seed)
+                                           layers=layers, samples=samples, seed=seed,
+                                           reconstruct=False)
                     a0 = accuracy(p.model, bundle.test)
                     f = finetune_checkpoint(p, bundle.train, epochs=epochs, lr=FT_LR,
                                             seed=seed)

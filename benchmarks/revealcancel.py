@@ -36,7 +36,7 @@ def cut(kind: str, ratio: float, base, crit: str, bundle):  # noqa: ANN001, ANN2
     if kind == "structured":
         return prune_structured(base, crit, bundle, ratio=ratio, scope="layer",
                                 reconstruct=False)
-    return prune_unstructured(base, crit, bundle, ratio=ratio, layers="fc")
+    return prune_unstructured(base, crit, bundle, ratio=ratio, layers="fc", reconstruct=False)
 
 
 def main() -> None:

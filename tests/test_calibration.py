@@ -7,7 +7,12 @@ import pytest
 import torch
 from torch import nn
 
-from xaicompress.calibration import batchnorm_layers, correct_bias, reestimate_batchnorm
+from xaicompress.calibration import (
+    batchnorm_layers,
+    correct_bias,
+    reestimate_batchnorm,
+    refit_masked_layers,
+)
 from xaicompress.checkpoint import Checkpoint, ModelSpec
 from xaicompress.data import load_dataset, subset
 from xaicompress.prune import prune_structured, prune_unstructured
@@ -214,3 +219,89 @@ def test_reconstruction_is_on_by_default_only_without_fine_tuning(lenet):
     assert tuned.history[-1]["reconstruct"] is False
     for name, w in fitted.model.state_dict().items():
         assert torch.equal(one_shot.model.state_dict()[name], w), name
+
+
+def test_masked_refit_recovers_weights_the_kept_ones_can_express():
+    """Reference outputs a sparse layer can reproduce exactly: the refit finds that layer's
+    weights again from perturbed ones, and writes 0 where the mask removed a weight."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 3))
+    keep = torch.rand(6, 12) > 0.5
+    with torch.no_grad():
+        ref[0].weight.mul_(keep)
+    model = Checkpoint(ref, None, None).copy().model
+    with torch.no_grad():
+        model[0].weight.add_(0.3 * torch.randn(6, 12) * keep)
+        model[0].bias.add_(0.2)
+    data = _fake((12,), n=256)
+    done = refit_masked_layers(model, ref, data, {"0": keep}, samples=256)
+    assert done == ["0"]
+    assert torch.equal(model[0].weight[~keep], torch.zeros(int((~keep).sum())))
+    assert torch.allclose(model[0].weight, ref[0].weight, atol=5e-3)
+    assert torch.allclose(model[0].bias, ref[0].bias, atol=5e-3)
+    assert torch.equal(model[2].weight, ref[2].weight)  # not masked: untouched
+
+
+def test_unstructured_refit_keeps_the_masks_and_brings_the_logits_back(lenet):
+    bundle, ck = lenet
+    calib = subset(bundle.train, 512, seed=2)
+    x = torch.stack([calib[i][0] for i in range(len(calib))])
+    plain = prune_unstructured(ck, "l1", calib, ratio=0.9, layers="all", reconstruct=False)
+    fitted = prune_unstructured(ck, "l1", calib, ratio=0.9, layers="all", reconstruct=True)
+    assert fitted.history[-1]["reconstruct"] is True and fitted.history[-1]["refitted"] == 5
+    assert plain.history[-1]["refitted"] == 0
+    for name, st in fitted.state.layers.items():
+        assert torch.equal(st.mask.keep, plain.state.layers[name].mask.keep), name
+        w = dict(fitted.model.named_modules())[name].weight
+        assert int((w[~st.mask.keep] != 0).sum()) == 0, name
+    want = ck.model(x).detach()
+    err = {k: float(((m.model(x) - want) ** 2).mean()) for k, m in
+           (("plain", plain), ("fitted", fitted))}
+    assert err["fitted"] < 0.5 * err["plain"], err
+    assert accuracy(fitted.model, bundle.test) > accuracy(plain.model, bundle.test)
+
+
+def test_unstructured_refit_is_on_by_default_only_without_fine_tuning(lenet):
+    bundle, ck = lenet
+    calib = subset(bundle.train, 256, seed=3)
+    one_shot = prune_unstructured(ck, "l1", calib, ratio=0.8)
+    tuned = prune_unstructured(ck, "l1", calib, ratio=0.8, finetune_epochs=0.1)
+    assert one_shot.history[-1]["reconstruct"] is True
+    assert tuned.history[-1]["reconstruct"] is False and tuned.history[-1]["refitted"] == 0
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_masked_refit_of_a_convolution_grouped_or_not(groups):
+    """Convolutions too, one least squares per group for a grouped (depthwise) one."""
+    torch.manual_seed(1)
+    ref = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=groups), nn.ReLU())
+    keep = torch.rand(ref[0].weight.shape) > 0.4
+    keep[:, 0, 1, 1] = True
+    with torch.no_grad():
+        ref[0].weight.mul_(keep)
+    model = Checkpoint(ref, None, None).copy().model
+    with torch.no_grad():
+        model[0].weight.add_(0.3 * torch.randn(model[0].weight.shape) * keep)
+    done = refit_masked_layers(model, ref, _fake((4, 8, 8), n=64), {"0": keep}, samples=64)
+    assert done == ["0"]
+    assert int((model[0].weight[~keep] != 0).sum()) == 0
+    assert torch.allclose(model[0].weight, ref[0].weight, atol=5e-3)
+    assert torch.allclose(model[0].bias, ref[0].bias, atol=5e-3)
+
+
+@pytest.mark.parametrize("padding,mode,stride", [("same", "zeros", 1), (1, "reflect", 1),
+                                                 (0, "zeros", 2)])
+def test_masked_refit_reads_the_patches_the_layer_pads(padding, mode, stride):
+    """The least squares rows are the layer's own patches: "same" and reflect padding too
+    (exact recovery fails if a row pairs the wrong positions)."""
+    torch.manual_seed(2)
+    ref = nn.Sequential(nn.Conv2d(3, 5, 3, padding=padding, padding_mode=mode, stride=stride))
+    keep = torch.rand(ref[0].weight.shape) > 0.5
+    keep[:, 0, 0, 0] = True
+    with torch.no_grad():
+        ref[0].weight.mul_(keep)
+    model = Checkpoint(ref, None, None).copy().model
+    with torch.no_grad():
+        model[0].weight.add_(0.3 * torch.randn(model[0].weight.shape) * keep)
+    refit_masked_layers(model, ref, _fake((3, 9, 9), n=64), {"0": keep}, samples=64)
+    assert torch.allclose(model[0].weight, ref[0].weight, atol=5e-3)

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from xaicompress.data import subset
 from xaicompress.device import model_device
 from xaicompress.errors import XaiCompressError
+from xaicompress.relevance.kernels import conv_input
 
 #: training images the calibrations read by default (the issue's post-training budget)
 CALIBRATION_SAMPLES = 1024
@@ -195,7 +196,12 @@ def _rows(layer: nn.Module, x: Tensor, g: torch.Generator) -> Tensor:
     Linear (N, in)."""
     if isinstance(layer, nn.Linear):
         return x.reshape(-1, x.shape[-1])
-    cols = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+    # padded as the layer pads (padding modes, "same", timm's Conv2dSame), so the patches
+    # are those of the output positions `_targets` picks
+    # (forward, not the call: no hooks; one image on the layer's device gives the size)
+    out_hw = layer.forward(x[:1].to(layer.weight.device, layer.weight.dtype)).shape[-2:]
+    x, pad = conv_input(layer, x, tuple(out_hw))
+    cols = F.unfold(x, layer.kernel_size, layer.dilation, pad, layer.stride)
     n, d, p = cols.shape
     k = min(p, RECONSTRUCT_POSITIONS)
     pick = torch.randint(0, p, (n, k), generator=g)
@@ -271,18 +277,29 @@ def reconstruct_layers(model: nn.Module, reference: nn.Module, dataset: Dataset,
 
 
 def _refit(model: nn.Module, layer: nn.Module, batches: list[Tensor], targets: list[Tensor],
-           gen: Any) -> None:
+           gen: Any, solve: Any = None) -> None:
     """Least squares of one layer: its inputs in `model` (one pass per batch, stopped at
-    the layer) against `targets` (one per batch)."""
+    the layer) against `targets` (one per batch); `solve(layer, gram, cross)` writes the
+    solution (default `_solve_into`: every weight free)."""
     acc: dict[str, Tensor] = {}
     state = {"i": 0}
 
+    groups = getattr(layer, "groups", 1)
+
     def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
         # the least squares run on the CPU in float64, whatever the model's device
-        rows = _rows(layer, args[0].detach().cpu(), gen(state["i"]))
-        rows = torch.cat([rows, torch.ones(len(rows), 1)], 1).double()
-        acc["gram"] = acc.get("gram", 0) + rows.t() @ rows
-        acc["cross"] = acc.get("cross", 0) + rows.t() @ targets[state["i"]].double()
+        rows = _rows(layer, args[0].detach().cpu(), gen(state["i"])).double()
+        y = targets[state["i"]].double()
+        if groups > 1:  # one least squares per group: (G, n, d/G + 1) against (G, n, o/G)
+            rows = rows.reshape(len(rows), groups, -1).transpose(0, 1)
+            rows = torch.cat([rows, rows.new_ones(groups, rows.shape[1], 1)], 2)
+            y = y.reshape(len(y), groups, -1).transpose(0, 1)
+            gram, cross = rows.transpose(1, 2) @ rows, rows.transpose(1, 2) @ y
+        else:
+            rows = torch.cat([rows, rows.new_ones(len(rows), 1)], 1)
+            gram, cross = rows.t() @ rows, rows.t() @ y
+        acc["gram"] = acc.get("gram", 0) + gram
+        acc["cross"] = acc.get("cross", 0) + cross
         raise _Stop
 
     h = layer.register_forward_pre_hook(hook)
@@ -297,7 +314,7 @@ def _refit(model: nn.Module, layer: nn.Module, batches: list[Tensor], targets: l
     finally:
         h.remove()
     if "gram" in acc:
-        _solve_into(layer, acc["gram"], acc["cross"])
+        (solve or _solve_into)(layer, acc["gram"], acc["cross"])
 
 
 def _solve_into(layer: nn.Module, gram: Tensor, cross: Tensor) -> None:
@@ -313,3 +330,89 @@ def _solve_into(layer: nn.Module, gram: Tensor, cross: Tensor) -> None:
             sol = torch.linalg.solve(gram[:-1, :-1] + ridge * torch.eye(
                 d - 1, dtype=gram.dtype), cross[:-1])
             layer.weight.copy_(sol.t().reshape(layer.weight.shape).to(layer.weight.dtype))
+
+
+def refit_masked_layers(model: nn.Module, reference: nn.Module, dataset: Dataset,
+                        masks: dict[str, Tensor], *, samples: int = RECONSTRUCT_SAMPLES,
+                        seed: int = 0) -> list[str]:
+    """Refit, in place, the kept weights (and bias) of every masked Conv2d / Linear of
+    `model` by least squares on `samples` items of `dataset`, so that each layer's outputs
+    on its inputs in the pruned network match the same layer of `reference` (the network
+    before the masks) on the reference's inputs; the removed weights stay exactly zero
+    (`masks[name]`: bool, weight shape, True = kept). Every output unit is its own least
+    squares over its kept inputs (AdaPrune, Hubara et al. 2021; the row-wise form of
+    SparseGPT's reconstruction without its approximate updates).
+
+    Layers are refitted one after the other in definition order, each on the inputs the
+    already refitted network gives it, as `reconstruct_layers` does. A grouped convolution
+    (MobileNet's depthwise ones) is one least squares per group. Returns the refitted
+    layers.
+    """
+    modules, refs = dict(model.named_modules()), dict(reference.named_modules())
+    todo = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))
+            and n in refs and n in masks and not bool(masks[n].all())]
+    if not todo:
+        return []
+    batches = [x.float() for x, _y in _loader(dataset, samples, seed)]
+
+    def gen(i: int, j: int) -> torch.Generator:  # the same positions in both networks
+        return torch.Generator().manual_seed(seed + 7919 * i + j)
+
+    targets: dict[str, list[Tensor]] = {n: [] for n in todo}
+    state = {"i": 0}
+    hooks = [refs[n].register_forward_hook(
+        lambda mod, _a, out, n=n, j=j: targets[n].append(
+            _targets(mod, out.detach().cpu(), gen(state["i"], j))))
+        for j, n in enumerate(todo)]
+    was = (model.training, reference.training)
+    model.eval()
+    reference.eval()
+    try:
+        device = model_device(reference)
+        with torch.no_grad():
+            for i, x in enumerate(batches):
+                state["i"] = i
+                reference(x.to(device))
+            for j, n in enumerate(todo):
+                keep = masks[n].reshape(masks[n].shape[0], -1).cpu()
+                _refit(model, modules[n], batches, targets[n], lambda i, j=j: gen(i, j),
+                       solve=lambda layer, gram, cross, keep=keep: _solve_masked_into(
+                           layer, gram, cross, keep))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was[0])
+        reference.train(was[1])
+    return todo
+
+
+def _solve_masked_into(layer: nn.Module, gram: Tensor, cross: Tensor, keep: Tensor) -> None:
+    """One ridge least squares per output unit over its kept inputs (+ the intercept where
+    the layer has a bias); the other weights are written as 0. A grouped layer's `gram` /
+    `cross` are per group, (G, d/G + 1, d/G + 1) / (G, d/G + 1, o/G)."""
+    if gram.dim() == 2:
+        gram, cross = gram[None], cross[None]
+    d = gram.shape[1] - 1
+    per_group = keep.shape[0] // gram.shape[0]
+    ridge = _RIDGE * gram[:, :d, :d].diagonal(dim1=1, dim2=2).mean(1) + 1e-12  # per group
+    has_bias = layer.bias is not None
+    w = torch.zeros(keep.shape, dtype=gram.dtype)
+    b = torch.zeros(keep.shape[0], dtype=gram.dtype)
+    for o in range(keep.shape[0]):
+        grp, col = divmod(o, per_group)
+        idx = keep[o].nonzero().flatten()
+        if has_bias:
+            idx = torch.cat([idx, torch.tensor([d])])
+        if len(idx) == 0:
+            continue
+        g = gram[grp][idx][:, idx]
+        g.diagonal().add_(ridge[grp])  # positive definite: a Cholesky solve
+        sol = torch.cholesky_solve(cross[grp][idx, col, None], torch.linalg.cholesky(g))[:, 0]
+        if has_bias:
+            w[o, idx[:-1]], b[o] = sol[:-1], sol[-1]
+        else:
+            w[o, idx] = sol
+    with torch.no_grad():
+        layer.weight.copy_(w.reshape(layer.weight.shape).to(layer.weight.dtype))
+        if has_bias:
+            layer.bias.copy_(b.to(layer.bias.dtype))

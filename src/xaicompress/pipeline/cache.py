@@ -27,7 +27,8 @@ from xaicompress.version import __version__
 
 #: bump when the meaning of a cache entry changes
 #: 4: packed format 3 (sizes measured in it; share rounds biases to an int8 grid)
-CACHE_FORMAT = 4
+#: 5: pruning stages that do not fine-tune refit the cut layers by default (least squares)
+CACHE_FORMAT = 5
 
 
 def stable_hash(obj: Any) -> str:

@@ -220,6 +220,10 @@ class PruneUnstructuredStage(CriterionStage):
     finetune_epochs: Epochs = Field(0, description="Fine-tuning epochs (masks held).")
     finetune_lr: LearningRate | None = Field(None, description=(
         "Adam learning rate of the fine-tuning (default 2e-3)."))
+    reconstruct: bool | None = Field(None, description=(
+        "After the cut, refit each masked layer's kept weights by least squares to the "
+        "unmasked layer's outputs on calibration samples (AdaPrune-style). Default: on "
+        "when the stage does not fine-tune (finetune_epochs 0), off when it does."))
 
 
 class ShareStage(CriterionStage):

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from xaicompress.calibration import reestimate_batchnorm
+from xaicompress.calibration import reestimate_batchnorm, refit_masked_layers
 from xaicompress.checkpoint import Checkpoint
 from xaicompress.distill import check_distill
 from xaicompress.encoding import Mask
@@ -123,6 +123,7 @@ def prune_unstructured(
     norm: str = "none",
     max_layer_ratio: float | None = None,
     bn_recalibration: bool = True,
+    reconstruct: bool | None = None,
     distill: float = 0.0,
     seed: int = 0,
 ) -> Checkpoint:
@@ -138,6 +139,9 @@ def prune_unstructured(
     `ratio` and 1, `schedule.layer_cap`; 1.0: no cap, one weight always stays).
     bn_recalibration: re-estimate
     the BatchNorm statistics on calibration samples after the masks are applied.
+    reconstruct: before that, refit every masked layer's kept weights by least squares to
+    the unmasked layer's outputs on calibration samples (`calibration.refit_masked_layers`);
+    None (default) = on when the stage does not fine-tune (`finetune_epochs` 0).
     distill: weight of distillation from the input model in the fine-tuning loss
     (`xaicompress.distill`; 0 = off).
     """
@@ -149,6 +153,8 @@ def prune_unstructured(
                                "xaicompress criterion (per-weight scores)")
     check_ratio(ratio, "--ratio")
     check_distill(distill)
+    if reconstruct is None:
+        reconstruct = finetune_epochs == 0
     check_scope(scope)
     check_layer_cap(max_layer_ratio)
     check_options(steps=1, finetune_epochs=finetune_epochs, samples=samples,
@@ -173,6 +179,8 @@ def prune_unstructured(
     for name, mask in masks.items():
         out.state.get(name).mask = Mask(mask)
     out.state.apply(model)
+    refitted = (refit_masked_layers(model, ckpt.model, train_set, masks, seed=seed)
+                if reconstruct and train_set is not None else [])
     bn = (reestimate_batchnorm(model, train_set, seed=seed)
           if bn_recalibration and train_set is not None else 0)
     if finetune_epochs > 0:
@@ -190,6 +198,7 @@ def prune_unstructured(
         "finetune_lr": finetune_lr or PRUNE_FINETUNE_LR,
         "samples": samples, "seed": seed, "sparsity": 1 - kept / total,
         "bn_recalibration": bn_recalibration, "bn_reestimated": bn, "distill": distill,
+        "reconstruct": reconstruct, "refitted": len(refitted),
         "per_layer": {n: round(1 - float(m.float().mean()), 6) for n, m in masks.items()},
     })
     return out
