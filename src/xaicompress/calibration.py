@@ -1,5 +1,5 @@
-"""Post-training calibration from a few training samples: BatchNorm re-estimation and
-bias correction.
+"""Post-training calibration from a few training samples: BatchNorm re-estimation, bias
+correction and least-squares refits.
 
 Both repair what a compression step does to the *statistics* of a network without
 training it:
@@ -14,6 +14,9 @@ training it:
   float layer's; the difference, measured on the same images, is added to the layer's
   bias. Layers without a bias are left to the BatchNorm that follows them (its re-estimated
   mean absorbs the same shift).
+- `reconstruct_layers` (after a channel cut, ThiNet) and `refit_masked_layers` (after
+  masks, AdaPrune) refit weights by least squares so each layer reproduces the outputs it
+  had before the step.
 
 Every rank under torchrun reads the same samples (no sharded sampler), so the statistics
 are identical everywhere without a collective.
