@@ -247,8 +247,21 @@ def reconstruct_layers(model: nn.Module, reference: nn.Module, dataset: Dataset,
     todo = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))
             and n in refs and n in kept and getattr(m, "groups", 1) == 1
             and m.weight.shape[1] < refs[n].weight.shape[1]]
+    return _refit_in_order(model, reference, dataset, todo, samples, seed,
+                           pick=lambda n, out: out[:, kept[n]],
+                           solver=lambda n: None)
+
+
+def _refit_in_order(model: nn.Module, reference: nn.Module, dataset: Dataset,
+                    todo: list[str], samples: int, seed: int, pick: Any,
+                    solver: Any) -> list[str]:
+    """The loop both refits share: one pass of `reference` records every layer's target
+    outputs (`pick(name, output)`: the channels kept), then the layers of `todo` are
+    refitted in order, each on the inputs the already refitted `model` gives it, solved by
+    `solver(name)` (None: every weight free)."""
     if not todo:
         return []
+    modules, refs = dict(model.named_modules()), dict(reference.named_modules())
     batches = [x.float() for x, _y in _loader(dataset, samples, seed)]
 
     def gen(i: int, j: int) -> torch.Generator:  # the same positions in both networks
@@ -258,7 +271,7 @@ def reconstruct_layers(model: nn.Module, reference: nn.Module, dataset: Dataset,
     state = {"i": 0}
     hooks = [refs[n].register_forward_hook(
         lambda mod, _a, out, n=n, j=j: targets[n].append(
-            _targets(mod, out.detach()[:, kept[n]].cpu(), gen(state["i"], j))))
+            _targets(mod, pick(n, out.detach()).cpu(), gen(state["i"], j))))
         for j, n in enumerate(todo)]
     was = (model.training, reference.training)
     model.eval()
@@ -270,7 +283,8 @@ def reconstruct_layers(model: nn.Module, reference: nn.Module, dataset: Dataset,
                 state["i"] = i
                 reference(x.to(device))
             for j, n in enumerate(todo):
-                _refit(model, modules[n], batches, targets[n], lambda i, j=j: gen(i, j))
+                _refit(model, modules[n], batches, targets[n], lambda i, j=j: gen(i, j),
+                       solve=solver(n))
     finally:
         for h in hooks:
             h.remove()
@@ -351,42 +365,16 @@ def refit_masked_layers(model: nn.Module, reference: nn.Module, dataset: Dataset
     (MobileNet's depthwise ones) is one least squares per group. Returns the refitted
     layers.
     """
-    modules, refs = dict(model.named_modules()), dict(reference.named_modules())
-    todo = [n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))
+    refs = dict(reference.named_modules())
+    todo = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
             and n in refs and n in masks and not bool(masks[n].all())]
-    if not todo:
-        return []
-    batches = [x.float() for x, _y in _loader(dataset, samples, seed)]
 
-    def gen(i: int, j: int) -> torch.Generator:  # the same positions in both networks
-        return torch.Generator().manual_seed(seed + 7919 * i + j)
+    def solver(n: str) -> Any:
+        keep = masks[n].reshape(masks[n].shape[0], -1).cpu()
+        return lambda layer, gram, cross: _solve_masked_into(layer, gram, cross, keep)
 
-    targets: dict[str, list[Tensor]] = {n: [] for n in todo}
-    state = {"i": 0}
-    hooks = [refs[n].register_forward_hook(
-        lambda mod, _a, out, n=n, j=j: targets[n].append(
-            _targets(mod, out.detach().cpu(), gen(state["i"], j))))
-        for j, n in enumerate(todo)]
-    was = (model.training, reference.training)
-    model.eval()
-    reference.eval()
-    try:
-        device = model_device(reference)
-        with torch.no_grad():
-            for i, x in enumerate(batches):
-                state["i"] = i
-                reference(x.to(device))
-            for j, n in enumerate(todo):
-                keep = masks[n].reshape(masks[n].shape[0], -1).cpu()
-                _refit(model, modules[n], batches, targets[n], lambda i, j=j: gen(i, j),
-                       solve=lambda layer, gram, cross, keep=keep: _solve_masked_into(
-                           layer, gram, cross, keep))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was[0])
-        reference.train(was[1])
-    return todo
+    return _refit_in_order(model, reference, dataset, todo, samples, seed,
+                           pick=lambda _n, out: out, solver=solver)
 
 
 #: a masked refit solves exactly (one Cholesky per output unit, (kept inputs)^3 / 3 flops
