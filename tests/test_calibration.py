@@ -191,6 +191,12 @@ def test_tracked_cut_reports_the_kept_channels_and_restores_biases():
                 assert torch.equal(m.bias, before[n][kept[n]]), n
 
 
+def _calibration_images(bundle) -> tuple[object, torch.Tensor]:
+    """512 seeded training items, and their images stacked (N, C, H, W)."""
+    calib = subset(bundle.train, 512, seed=2)
+    return calib, torch.stack([calib[i][0] for i in range(len(calib))])
+
+
 def _assert_refit_helps(ck, plain, fitted, x, test) -> None:
     """The refitted cut's logits are less than half as far from the uncut model's as the
     plain cut's, and it is more accurate on `test`."""
@@ -203,8 +209,7 @@ def _assert_refit_helps(ck, plain, fitted, x, test) -> None:
 
 def test_reconstruction_brings_the_cut_layers_outputs_back(lenet):
     bundle, ck = lenet
-    calib = subset(bundle.train, 512, seed=2)
-    x = torch.stack([calib[i][0] for i in range(len(calib))])
+    calib, x = _calibration_images(bundle)
     plain = prune_structured(ck, "l1", calib, ratio=0.6, scope="layer", reconstruct=False)
     fitted = prune_structured(ck, "l1", calib, ratio=0.6, scope="layer", reconstruct=True)
     assert fitted.history[-1]["reconstruct"] is True
@@ -255,8 +260,7 @@ def test_masked_refit_recovers_weights_the_kept_ones_can_express(solver, monkeyp
 
 def test_unstructured_refit_keeps_the_masks_and_brings_the_logits_back(lenet):
     bundle, ck = lenet
-    calib = subset(bundle.train, 512, seed=2)
-    x = torch.stack([calib[i][0] for i in range(len(calib))])
+    calib, x = _calibration_images(bundle)
     plain = prune_unstructured(ck, "l1", calib, ratio=0.9, layers="all", reconstruct=False)
     fitted = prune_unstructured(ck, "l1", calib, ratio=0.9, layers="all", reconstruct=True)
     assert fitted.history[-1]["reconstruct"] is True and fitted.history[-1]["refitted"] == 5
@@ -277,18 +281,26 @@ def test_unstructured_refit_is_on_by_default_only_without_fine_tuning(lenet):
     assert tuned.history[-1]["reconstruct"] is False and tuned.history[-1]["refitted"] == 0
 
 
-@pytest.mark.parametrize("groups", [1, 4])
-def test_masked_refit_of_a_convolution_grouped_or_not(groups):
-    """Convolutions too, one least squares per group for a grouped (depthwise) one."""
-    torch.manual_seed(1)
-    ref = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=groups), nn.ReLU())
-    keep = torch.rand(ref[0].weight.shape) > 0.4
-    keep[:, 0, 1, 1] = True
+def _sparse_and_perturbed(ref: nn.Sequential, drop: float,
+                          tap: tuple[int, int]) -> tuple[nn.Module, torch.Tensor]:
+    """Mask `drop` of ref[0]'s weights at random (input 0's `tap` always kept, so no unit
+    is empty) in place, and return a copy with the kept weights perturbed, and the mask."""
+    keep = torch.rand(ref[0].weight.shape) > drop
+    keep[:, 0, tap[0], tap[1]] = True
     with torch.no_grad():
         ref[0].weight.mul_(keep)
     model = Checkpoint(ref, None, None).copy().model
     with torch.no_grad():
         model[0].weight.add_(0.3 * torch.randn(model[0].weight.shape) * keep)
+    return model, keep
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_masked_refit_of_a_convolution_grouped_or_not(groups):
+    """Convolutions too, one least squares per group for a grouped (depthwise) one."""
+    torch.manual_seed(1)
+    ref = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=groups), nn.ReLU())
+    model, keep = _sparse_and_perturbed(ref, 0.4, (1, 1))
     done = refit_masked_layers(model, ref, _fake((4, 8, 8), n=64), {"0": keep}, samples=64)
     assert done == ["0"]
     assert int((model[0].weight[~keep] != 0).sum()) == 0
@@ -303,12 +315,6 @@ def test_masked_refit_reads_the_patches_the_layer_pads(padding, mode, stride):
     (exact recovery fails if a row pairs the wrong positions)."""
     torch.manual_seed(2)
     ref = nn.Sequential(nn.Conv2d(3, 5, 3, padding=padding, padding_mode=mode, stride=stride))
-    keep = torch.rand(ref[0].weight.shape) > 0.5
-    keep[:, 0, 0, 0] = True
-    with torch.no_grad():
-        ref[0].weight.mul_(keep)
-    model = Checkpoint(ref, None, None).copy().model
-    with torch.no_grad():
-        model[0].weight.add_(0.3 * torch.randn(model[0].weight.shape) * keep)
+    model, keep = _sparse_and_perturbed(ref, 0.5, (0, 0))
     refit_masked_layers(model, ref, _fake((3, 9, 9), n=64), {"0": keep}, samples=64)
     assert torch.allclose(model[0].weight, ref[0].weight, atol=5e-3)
