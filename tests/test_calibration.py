@@ -318,3 +318,40 @@ def test_masked_refit_reads_the_patches_the_layer_pads(padding, mode, stride):
     model, keep = _sparse_and_perturbed(ref, 0.5, (0, 0))
     refit_masked_layers(model, ref, _fake((3, 9, 9), n=64), {"0": keep}, samples=64)
     assert torch.allclose(model[0].weight, ref[0].weight, atol=5e-3)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_cg_with_fewer_rows_than_inputs_multiplies_by_the_rows_to_the_same_weights(bias):
+    """A wide layer seen by few rows (resnet18's last stage at 32 x 32: one row an image):
+    the conjugate gradients multiply by the rows instead of their Gram matrix and end at
+    the same weights; a refit with that few rows takes that path."""
+    torch.manual_seed(3)
+    layer = nn.Linear(96, 5, bias=bias)
+    keep = torch.rand(5, 96) > 0.3
+    rows = torch.randn(40, 96).double()
+    rows = torch.cat([rows, rows.new_ones(40, 1)], 1)
+    target = torch.randn(40, 5).double()
+    gram, cross = rows.t() @ rows, rows.t() @ target
+    results = []
+    for given in (None, rows):
+        copy = Checkpoint(nn.Sequential(layer), None, None).copy().model[0]
+        calibration._solve_masked_cg(copy, gram, cross, keep, steps=15, rows=given)
+        results.append(copy)
+    assert not torch.equal(results[0].weight, layer.weight)  # it moved
+    assert torch.allclose(results[0].weight, results[1].weight, atol=1e-5)
+    assert int((results[1].weight[~keep] != 0).sum()) == 0
+    if bias:
+        assert torch.allclose(results[0].bias, results[1].bias, atol=1e-5)
+
+
+def test_a_refit_passes_the_rows_only_when_they_are_fewer_than_the_inputs(monkeypatch):
+    seen = []
+    monkeypatch.setattr(calibration, "_solve_masked_into",
+                        lambda layer, gram, cross, keep, rows=None: seen.append(rows))
+    ref = nn.Sequential(nn.Linear(48, 4))
+    keep = torch.rand(4, 48) > 0.5
+    for n in (16, 128):
+        model = Checkpoint(ref, None, None).copy().model
+        refit_masked_layers(model, ref, _fake((48,), n=n), {"0": keep}, samples=n)
+    assert seen[0] is not None and seen[0].shape == (16, 49)
+    assert seen[1] is None
