@@ -20,6 +20,32 @@ DOCS_RESULTS = ROOT / "docs" / "results"
 IMG = ROOT / "docs" / "img"
 
 
+def machine() -> str:
+    """The CPU and torch thread count a row was measured with: training on another CPU
+    rounds differently and the difference grows over the epochs (docs/design.md), so rows
+    of one seed from two machines are not paired."""
+    import os
+    import platform
+
+    import torch
+
+    cpu, isa = platform.processor() or platform.machine(), ""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        info = []
+    for line in info:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            cpu = value.strip()
+        elif key.strip() == "flags":
+            flags = value.split()
+            isa = " avx512" if "avx512f" in flags else " avx2" if "avx2" in flags else ""
+            break
+    return (f"{cpu}{isa}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} thread(s)")
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     if not values:
         return float("nan"), float("nan")

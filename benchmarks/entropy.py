@@ -51,7 +51,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, ROOT, fmt, write_json, write_section  # noqa: E402
+from _common import RESULTS, ROOT, fmt, machine, write_json, write_section  # noqa: E402
 
 CACHE = RESULTS / "cache" / "entropy"
 GOALS = {"lenet5": (100, 0.5), "lenet300": (100, 0.5), "resnet20": (40, 0.5)}
@@ -143,7 +143,7 @@ def run(model: str, data: str, seed: int, tag: str, **variant: Any) -> dict[str,
             round(base_val - final_val, 4),
             "val_accuracy": final_val, "baseline_val_accuracy": base_val,
             "file_bytes": r["final"]["size_bytes"], "fp32_bytes": r["baseline"]["fp32_bytes"],
-            "encode_ms": 1e3 * enc, "decode_ms": 1e3 * dec, "wall_s": wall,
+            "encode_ms": 1e3 * enc, "decode_ms": 1e3 * dec, "wall_s": wall, "machine": machine(),
             "layers": {n: {k: v for k, v in lay.items() if k in (
                 "weights", "sparsity", "clusters", "coded_bits_per_weight")}
                 for n, lay in r["layers"].items()}}
