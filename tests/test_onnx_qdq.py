@@ -73,6 +73,17 @@ def _int8_grid(ckpt: Checkpoint, layers=None) -> Checkpoint:
     return out
 
 
+def _integers(inits: dict, name: str) -> np.ndarray:
+    """A layer's integer weights as the file stores them: int8 with zero point 0, or (wider
+    than +-64, which x86 U8S8 kernels could saturate) uint8 with zero point 128."""
+    got, zero = inits[f"{name}.weight_quantized"], inits[f"{name}.weight_zero_point"]
+    if got.dtype == np.uint8:
+        assert (zero == 128).all(), zero
+        return got.astype(np.int16) - 128
+    assert got.dtype == np.int8 and not zero.any()
+    return got.astype(np.int16)
+
+
 def test_mse_range_clips_a_heavy_tail():
     rng = np.random.default_rng(0)
     v = rng.laplace(size=200_000)
@@ -97,8 +108,10 @@ def test_lenet5_runs_on_integer_kernels_with_the_models_integers(lenet5, bundle,
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
     for name, lc in q.state.items():
         w = dict(q.model.named_parameters())[f"{name}.weight"].detach()
-        got = inits[f"{name}.weight_quantized"]
-        assert got.dtype == np.int8
+        got = _integers(inits, name)
+        # int8 up to 7 bits; the 8-bit layer's integers reach 127: uint8 (no saturation)
+        assert inits[f"{name}.weight_quantized"].dtype == (np.uint8 if lc.grid.bits == 8
+                                                           else np.int8), name
         assert np.array_equal(got, lc.grid.quantize(w).numpy()), name  # exactly the library's
         assert int(np.abs(got).max()) <= lc.grid.qmax
     test = subset(bundle.test, 500, seed=1)
@@ -131,9 +144,28 @@ def test_resnet_batchnorm_folded_and_every_layer_integer(resnet, bundle, calibra
     params = dict(q.model.named_parameters())
     for name, lc in q.state.items():
         want = lc.grid.quantize(params[f"{name}.weight"].detach()).numpy()
-        assert np.array_equal(np.abs(inits[f"{name}.weight_quantized"]), np.abs(want)), name
+        assert np.array_equal(np.abs(_integers(inits, name)), np.abs(want)), name
     got = ort_predict(qpath, x)
     assert float((got.argmax(1) == q.model(x).argmax(1)).float().mean()) >= 0.9
+
+
+def test_full_range_8bit_weights_do_not_saturate(lenet5, calibration, tmp_path):
+    # The worst case of x86 U8S8 kernels without VNNI (AVX2): every input at the top of its
+    # uint8 range times weights at +127 (pairs of products overflow int16). conv1's weights
+    # all positive and equal, the input the brightest image: the integer file must give
+    # the float model's logits (before the uint8 storage, on an AVX2 CPU, conv1's outputs
+    # came out at about half).
+    ck = lenet5.copy()
+    with torch.no_grad():
+        ck.model.conv1.weight.fill_(0.05)
+    q = _int8_grid(ck)
+    bright = torch.full((1, *calibration.shape[1:]), float(calibration.max()))
+    path = export_qdq(q, tmp_path / "q.onnx", torch.cat([calibration, bright]))
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    assert (_integers(inits, "conv1") == 127).all()
+    want = q.model.eval()(bright).detach()
+    got = ort_predict(path, bright)
+    assert torch.allclose(got, want, rtol=0.05, atol=0.05 * float(want.abs().max())), (got, want)
 
 
 def test_layers_without_an_integer_grid_stay_float(lenet5, calibration):
@@ -218,6 +250,6 @@ def test_negative_and_zero_batchnorm_factors(resnet, calibration):
     proto = qdq_model(q, calibration[:16])  # raises if an int8 weight is not the library's
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     want = q.state.get("conv1").grid.quantize(q.model.conv1.weight.detach()).numpy()
-    got = inits["conv1.weight_quantized"]
+    got = _integers(inits, "conv1")
     assert np.array_equal(got[0], -want[0]) and not got[1].any()
     assert np.array_equal(got[2:], want[2:])

@@ -31,8 +31,8 @@ def export_cmd(
     fmt: Annotated[str, typer.Option("--format", help=(
         "onnx (float kernels; Q/DQ weights for quantized layers), onnx-small (each weight "
         "stored as its encoding: int4/int8, codebook + packed indices, sparse; what "
-        "`compress` writes as model.onnx), onnx-int8 (BatchNorm folded, int8 weights and "
-        "calibrated uint8 activations: onnxruntime runs integer kernels) or packed (the "
+        "`compress` writes as model.onnx), onnx-int8 (BatchNorm folded, 8-bit integer weights "
+        "and calibrated uint8 activations: onnxruntime runs integer kernels) or packed (the "
         "packed model file)."))] = "onnx",
     data: CkptDataOpt = None,
     seed: SeedOpt = 0,

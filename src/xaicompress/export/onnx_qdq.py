@@ -7,9 +7,11 @@ with every integer-quantized layer (`LayerEncoding.grid`) in full QDQ form:
                                                      ^- DequantizeLinear <- bias int32
         -> QuantizeLinear -> DequantizeLinear -> ...
 
-- weights: the library's integers q (int8 holds every width 2..8) with zero point 0 and
-  one scale per output channel, scale[c] * |a[c]| where a is the folded BatchNorm factor
-  (q changes sign where a < 0): the ONNX weights are exactly the quantized model's;
+- weights: the library's integers q with one scale per output channel, scale[c] * |a[c]|
+  where a is the folded BatchNorm factor (q changes sign where a < 0): int8 with zero
+  point 0 where |q| <= 64 (grids of up to 7 bits), uint8 q + 128 with zero point 128 where
+  q is wider (8-bit grids: x86 U8S8 kernels without VNNI saturate on them, see
+  `SATURATION_FREE`); either way the ONNX weights are exactly the quantized model's;
 - activations: uint8, asymmetric, one scale per tensor, calibrated on samples
   (export/calibration.py: minmax, percentile, mse), on every quantized layer's input and
   output and on the operators between them (Add, pooling, Flatten...) so no float island
@@ -53,6 +55,8 @@ from xaicompress.export.onnx_graph import float_onnx
 from xaicompress.export.runtime import INTEGER_OPS, integer_op_counts, ort_predict
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+#: the largest |integer weight| an int8 (U8S8) kernel multiplies without int16 saturation
+SATURATION_FREE = 64
 __all__ = ["CALIBRATION_METHODS", "INTEGER_OPS", "export_qdq", "integer_op_counts",
            "ort_predict", "qdq_bytes"]
 
@@ -67,7 +71,8 @@ def _weight_axis(node: Any) -> int:
 
 def _integer_layers(ckpt: Checkpoint, proto: Any,
                     folds: dict[str, np.ndarray]) -> tuple[dict[str, Any], list[str], dict]:
-    """(per-channel weight overrides, float weight-op node names, expected int8 weights)."""
+    """(per-channel weight overrides, float weight-op node names, expected weight
+    initializers: int8, or uint8 + 128)."""
     from onnxruntime.quantization import QuantType
 
     inits = {i.name: i for i in proto.graph.initializer}
@@ -94,16 +99,27 @@ def _integer_layers(ckpt: Checkpoint, proto: Any,
         scale = lc.grid.scale.numpy().astype(np.float64) * np.abs(a)
         scale = np.where(scale > 0, scale, lc.grid.scale.numpy())  # a == 0: w' == 0
         axis = _weight_axis(node)
-        want = (q * sign).astype(np.int8)
+        want = (q * sign).astype(np.int16)
+        # x86 U8S8 kernels without VNNI (AVX2) add pairs of uint8 x int8 products in int16
+        # and saturate (255 * 127 * 2 > 32767; measured: a QLinearConv of 8-bit weights gave
+        # 112 where the exact result is 200). Integers within +-64 cannot saturate
+        # (255 * 64 * 2 = 32640): int8. Wider ones are stored uint8 with zero point 128
+        # (U8U8 kernels widen to int16 before multiplying): the same integers, exact on
+        # every CPU.
+        wide = int(np.abs(want).max(initial=0)) > SATURATION_FREE
+        zero = 128 if wide else 0
+        want = (want + zero).astype(np.uint8 if wide else np.int8)
         expected[w_name] = want.T if axis == 1 else want  # MatMul / Gemm keep (in, out)
-        overrides[w_name] = [{"axis": axis, "scale": np.float32(s), "zero_point": 0,
-                              "quant_type": QuantType.QInt8} for s in scale]
+        overrides[w_name] = [{"axis": axis, "scale": np.float32(s),
+                              "zero_point": np.uint8(zero) if wide else np.int8(0),
+                              "quant_type": QuantType.QUInt8 if wide else QuantType.QInt8}
+                             for s in scale]
     excluded = [n.name for w, n in nodes.items() if w not in overrides]
     return overrides, excluded, expected
 
 
 def _check_weights(proto: Any, expected: dict[str, np.ndarray]) -> None:
-    """The int8 initializers onnxruntime wrote are exactly the library's integers."""
+    """The weight initializers onnxruntime wrote are exactly the library's integers."""
     from onnx import numpy_helper
 
     got = {i.name: i for i in proto.graph.initializer}
