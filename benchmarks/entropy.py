@@ -399,7 +399,9 @@ def _validation() -> str:
             opts = {k: v for k, v in r["variant"].items() if k != "share"}
             key = json.dumps(r["variant"].get("share", {})) + (
                 f" {json.dumps(opts)}" if opts else "")
-            groups.setdefault(f"{r['model']}|{key}", []).append(r)
+            # rows of another machine are other models for the same seed (docs/design.md)
+            model = r["model"] + (f" ({r['machine']})" if r.get("machine") else "")
+            groups.setdefault(f"{model}|{key}", []).append(r)
         for key, rs in groups.items():
             model, opts = key.split("|", 1)
             seeds = ", ".join(str(r["seed"]) for r in rs)
