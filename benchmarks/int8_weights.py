@@ -24,12 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_json  # noqa: E402
-from deploy import LATENCY_MODELS, _random_set, build, time_files  # noqa: E402
+from deploy import LATENCY_MODELS, _random_set, build, pruned_int8, time_files  # noqa: E402
 
 from xaicompress.export import onnx_qdq  # noqa: E402
-from xaicompress.export.runtime import integer_op_counts, ort_predict  # noqa: E402
-from xaicompress.prune import prune_structured  # noqa: E402
-from xaicompress.quant.integer import quantize  # noqa: E402
+from xaicompress.export.runtime import INTEGER_OPS, integer_op_counts, ort_predict  # noqa: E402
 
 
 def export(q, path: Path, samples, wide: bool) -> Path:
@@ -66,11 +64,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             base = build(name)
-            train_set = _random_set(128, 0)
-            pruned = prune_structured(base, "l1", train_set, ratio=0.5, scope="global",
-                                      samples=64, reconstruct=False)
-            q = quantize(pruned, "none", train_set, avg_bits=8, allocation="uniform",
-                         samples=64)
+            _, q = pruned_int8(base, _random_set(128, 0), "global")
             calib = _random_set(64, 1).tensors[0]
             # the worst case: inputs at the top of the calibrated range
             bright = torch.full((4, *calib.shape[1:]), float(calib.max()))
@@ -85,8 +79,8 @@ def main() -> None:
                 want = emulated(p, x)
                 got = ort_predict(p, x).numpy()
                 err[k] = float(np.abs(got - want).max() / np.abs(want).max())
-            fused = {k: sum(v for op, v in integer_op_counts(p).items() if op.startswith("QLinear")
-                            or op == "QGemm") for k, p in files.items()}
+            fused = {k: sum(v for op, v in integer_op_counts(p).items() if op in INTEGER_OPS)
+                     for k, p in files.items()}
             lat = time_files(files, rounds=args.rounds, per_round=args.per_round)
             rows[name] = {"max_error_rel": err, "integer_ops": fused, "latency_ms": lat}
             print(name, rows[name], flush=True)

@@ -106,14 +106,13 @@ def _integer_layers(ckpt: Checkpoint, proto: Any,
         # (255 * 64 * 2 = 32640): int8. Wider ones are stored uint8 with zero point 128
         # (U8U8 kernels widen to int16 before multiplying): the same integers, exact on
         # every CPU.
-        wide = int(np.abs(want).max(initial=0)) > SATURATION_FREE
-        zero = 128 if wide else 0
-        want = (want + zero).astype(np.uint8 if wide else np.int8)
+        dtype, qtype, zero = ((np.uint8, QuantType.QUInt8, 128)
+                              if int(np.abs(want).max(initial=0)) > SATURATION_FREE
+                              else (np.int8, QuantType.QInt8, 0))
+        want = (want + zero).astype(dtype)
         expected[w_name] = want.T if axis == 1 else want  # MatMul / Gemm keep (in, out)
-        overrides[w_name] = [{"axis": axis, "scale": np.float32(s),
-                              "zero_point": np.uint8(zero) if wide else np.int8(0),
-                              "quant_type": QuantType.QUInt8 if wide else QuantType.QInt8}
-                             for s in scale]
+        overrides[w_name] = [{"axis": axis, "scale": np.float32(s), "zero_point": dtype(zero),
+                              "quant_type": qtype} for s in scale]
     excluded = [n.name for w, n in nodes.items() if w not in overrides]
     return overrides, excluded, expected
 
