@@ -69,11 +69,18 @@ BUDGET_VAL = 0.2
 class Cells:
     """JSON cache of finished cells (written after each one)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, known: dict[str, Any] | None = None) -> None:
         self.path = path
         self.data: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+        #: cells finished in the other cell files (not recomputed, not written here)
+        self.known = known or {}
+
+    def has(self, key: str) -> bool:
+        return key in self.data or key in self.known
 
     def get(self, key: str, fn: Any) -> Any:
+        if key in self.known and key not in self.data:
+            return self.known[key]
         if key not in self.data:
             self.data[key] = fn()
             RESULTS.mkdir(parents=True, exist_ok=True)
@@ -132,7 +139,7 @@ def compress_once(kind: str, ckpt: Any, crit: str, calib: Any, setting: float, s
                                 reconstruct=kind == "structured_rec", norm=norm or "l1")
     if kind in ("unstructured", "unstructured_rec"):
         return prune_unstructured(ckpt, c, calib, ratio=setting, layers="all", seed=seed,
-                                  reconstruct=kind == "unstructured_rec")
+                                  reconstruct=kind == "unstructured_rec", norm=norm or "none")
     if kind == "share":
         return share_weights(ckpt, c, calib, clusters=int(setting), seed=seed)
     return quantize(ckpt, c, calib, avg_bits=setting, seed=seed)
@@ -153,6 +160,10 @@ DEEPLIFT_WEIGHTS = ["deeplift:reference=mean,weights=layer"]
 #: probe on lenet5 and resnet20 and is not run)
 NORM_TAG = " @norm="
 STRUCTURED_NORMS = ["max"]
+#: the same for the global unstructured ranking (`prune_unstructured(norm=)`, default
+#: "none": raw scores compared across layers); "l1" (each layer's scores L1-normalised) was
+#: added after a one-seed probe of mobilenet_v2's 90% refitted cut (docs/relevance.md)
+UNSTRUCTURED_NORMS = ["l1"]
 
 
 def criteria_for(kind: str) -> list[str]:
@@ -163,6 +174,8 @@ def criteria_for(kind: str) -> list[str]:
     crits = deeplift + others + (TP if structured else [])
     if structured:
         crits += [f"{c}{NORM_TAG}{n}" for n in STRUCTURED_NORMS for c in crits]
+    elif kind.startswith("unstructured"):
+        crits += [f"{c}{NORM_TAG}{n}" for n in UNSTRUCTURED_NORMS for c in crits]
     return crits
 
 
@@ -173,7 +186,15 @@ def run_grid(models: list[str], seeds: list[int], cells: Cells, kinds: list[str]
     for model in models:
         for seed in seeds:
             base = baseline(model, seed, bundle)
-            cells.get(f"{model}|{seed}|base", lambda b=base: measure(b, bundle))
+            stored = cells.get(f"{model}|{seed}|base", lambda b=base: measure(b, bundle))
+            now = measure(base, bundle)
+            if (now["val"], now["test"]) != (stored["val"], stored["test"]):
+                # the same seed trains another model on another CPU (docs/design.md): new
+                # cells would not be comparable with the stored ones (bytes may differ: the
+                # packed format has changed since some cells were stored)
+                raise SystemExit(f"{model} seed {seed}: the baseline trained here ({now}) "
+                                 f"is not the stored one ({stored}); run this model's grid "
+                                 "into a new --cells file with the others moved away")
             calib = calibration_bundle(bundle, CALIBRATION, seed=seed)
             for kind in kinds:
                 for setting in SETTINGS[kind]:
@@ -185,7 +206,7 @@ def run_grid(models: list[str], seeds: list[int], cells: Cells, kinds: list[str]
                                  ) -> dict[str, Any]:
                             return measure(compress_once(k, b, c, cb, s, sd), bundle)
 
-                        hit = key in cells.data
+                        hit = cells.has(key)
                         r = cells.get(key, cell)
                         if not hit:
                             print(f"{key}: val {r['val']:.2f} test {r['test']:.2f} "
@@ -214,7 +235,7 @@ def run_bn(seeds: list[int], cells: Cells) -> None:
                                                reconstruct=rc)
                         return measure(out, bundle)
 
-                    hit = key in cells.data
+                    hit = cells.has(key)
                     r = cells.get(key, cell)
                     if not hit:
                         print(f"{key}: val {r['val']:.2f} test {r['test']:.2f}", flush=True)
@@ -285,7 +306,7 @@ def run_budget(seeds: list[int], cells: Cells, specs: list[str], out_root: Path,
                     row["population"] = probe_population(out, res.baseline, bundle)
                 return row
 
-            hit = key in cells.data
+            hit = cells.has(key)
             r = cells.get(key, cell)
             if not hit:
                 print(f"{key}: {r['ratio']:.1f}x test drop {r['test_drop']:.2f} val drop "
@@ -514,7 +535,11 @@ def main(argv: list[str] | None = None) -> None:
     seeds = args.seeds
     models, kinds = args.models.split(","), args.kinds.split(",")
     parts, specs = args.parts.split(","), args.budget_data.split(",")
-    cells = Cells(Path(args.cells))
+    known: dict[str, Any] = {}
+    for other in sorted(RESULTS.glob("post_training_cells*.json")):
+        if other.resolve() != Path(args.cells).resolve():
+            known.update(json.loads(other.read_text()))
+    cells = Cells(Path(args.cells), known)
     if not args.report_only:
         if "bn" in parts:
             run_bn(seeds, cells)
