@@ -7,8 +7,9 @@ Parts (all on the real mnist5k digits, validation = 10% of the training split ca
   re-estimated, biases corrected; criteria score 512 of them): structured 0.3 / 0.5 / 0.7
   (global scope, every criterion with the cross-layer normalisation `norm` l1 and max,
   written `criterion @norm=max`; `structured_rec`: the same with least-squares
-  reconstruction of the cut layers), unstructured 0.7 / 0.9 (all layers; `unstructured_rec`:
-  the kept weights refitted by least squares), sharing k = 4 / 8,
+  reconstruction of the cut layers), unstructured 0.7 / 0.9 (all layers, every criterion
+  with the norm none and l1, `criterion @norm=l1`; `unstructured_rec`: the kept weights
+  refitted by least squares), sharing k = 4 / 8,
   mixed precision 3 / 4 average bits; DeepLIFT variants vs l1, taylor, gradxact,
   tp:magnitude, tp:taylor (structured only), hessian and fisher (score=curvature for the bit
   allocation, HAWQ-V3's objective). The best DeepLIFT variant per compression is chosen on
