@@ -19,8 +19,11 @@ Parts (all on the real mnist5k digits, validation = 10% of the training split ca
 - budget: `compress --max-drop 0.5` with configs/lenet5-mnist.yaml on mnist5k and on a
   second split (mnist5k?split=1).
 
-Every cell is cached in benchmarks/results/post_training_cells.json, so a rerun only
-computes what is missing. torch runs on one thread.
+Every cell is cached in benchmarks/results/post_training_cells.json (or the `--cells` file),
+so a rerun only computes what is missing; cells already in any other
+benchmarks/results/post_training_cells*.json are reused, not recomputed, and a grid run
+stops if a baseline it retrains differs from the stored one (another CPU trains another
+model from the same seed). torch runs on one thread.
 
 Run: python benchmarks/post_training.py --parts grid,bn,budget --seeds 0,1,2
 """
